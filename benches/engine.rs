@@ -1,0 +1,118 @@
+//! Engine throughput on the default model. Prints numbers, asserts nothing.
+//!
+//! `cargo bench --bench engine` (model from `SOFTPROMPT_MODEL`, default
+//! `models/all-MiniLM-L6-v2`; fetch it with `scripts/fetch_model.sh`).
+//!
+//! Prints: the f32 matmul rate at the model's own shapes; tokens/s and
+//! achieved GFLOP/s for a single-task batch (32 rows × 64 text tokens, one
+//! shallow task) and for a mixed batch of the same rows over 8 tasks
+//! (4 shallow, 4 deep, prompt lengths 5–32).
+
+use candle_core::{Device, Tensor};
+use softprompt::engine::synthetic::{Kind, random_input, random_task};
+use softprompt::engine::{Engine, Row, TaskModel};
+use softprompt::model::{Model, ModelConfig};
+use std::sync::Arc;
+use std::time::Instant;
+
+const ROWS: usize = 32;
+const TEXT: usize = 64;
+
+fn main() -> anyhow::Result<()> {
+    let dir = std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
+    let device = Device::Cpu;
+    let model = Arc::new(Model::load(std::path::Path::new(&dir), &device)?);
+    let cfg = model.config().clone();
+    let engine = Engine::new(model);
+    println!("model {dir}; threads {}", rayon_threads());
+
+    let matmul = matmul_rate(&cfg, &device)?;
+    println!("matmul f32 at model shapes: {matmul:.1} GFLOP/s");
+
+    let inputs: Vec<_> = (0..ROWS).map(|i| random_input(&cfg, TEXT, i as u64)).collect();
+    let single = random_task(&cfg, &device, Kind::Shallow, 20, 2, 1)?;
+    let single_rows: Vec<Row> = inputs.iter().map(|input| Row { input, task: &single }).collect();
+
+    let lens = [5, 12, 20, 32, 8, 16, 24, 30];
+    let tasks: Vec<TaskModel> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let kind = if i % 2 == 0 { Kind::Shallow } else { Kind::Deep };
+            random_task(&cfg, &device, kind, n, 2 + i % 3, 100 + i as u64)
+        })
+        .collect::<Result<_, _>>()?;
+    let mixed_rows: Vec<Row> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| Row { input, task: &tasks[i % tasks.len()] })
+        .collect();
+
+    let s = measure(&engine, &single_rows, &cfg)?;
+    let m = measure(&engine, &mixed_rows, &cfg)?;
+    println!(
+        "single-task {ROWS}x{TEXT}: {:.0} text tokens/s, {:.1} GFLOP/s ({:.0}% of matmul)",
+        s.0, s.1, 100.0 * s.1 / matmul
+    );
+    println!(
+        "mixed 8 tasks {ROWS}x{TEXT}: {:.0} text tokens/s, {:.1} GFLOP/s ({:.0}% of matmul)",
+        m.0, m.1, 100.0 * m.1 / matmul
+    );
+    println!("mixed / single throughput: {:.3}", m.0 / s.0);
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Useful FLOPs of one row: linears over every query position, attention
+/// over every (query, key) pair, nothing for padding.
+pub fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize) -> f64 {
+    let h = cfg.hidden_size as f64;
+    let i = cfg.intermediate_size as f64;
+    let l = cfg.num_hidden_layers as f64;
+    let (q, k) = (positions as f64, keys as f64);
+    l * (q * 2.0 * (4.0 * h * h + 2.0 * h * i) + 4.0 * q * k * h)
+}
+
+fn measure(engine: &Engine, rows: &[Row], cfg: &ModelConfig) -> anyhow::Result<(f64, f64)> {
+    let flops: f64 = rows
+        .iter()
+        .map(|r| {
+            let q = r.input.len() + r.task.shallow_len();
+            row_flops(cfg, q, q + r.task.deep_len())
+        })
+        .sum();
+    let text: usize = rows.iter().map(|r| r.input.len()).sum();
+    engine.classify(rows)?; // warm-up
+    let iters = 10;
+    let t = Instant::now();
+    for _ in 0..iters {
+        engine.classify(rows)?;
+    }
+    let secs = t.elapsed().as_secs_f64() / iters as f64;
+    Ok((text as f64 / secs, flops / secs / 1e9))
+}
+
+fn matmul_rate(cfg: &ModelConfig, device: &Device) -> anyhow::Result<f64> {
+    let n = ROWS * (TEXT + 20);
+    let h = cfg.hidden_size;
+    let i = cfg.intermediate_size;
+    let shapes = [(h, 3 * h), (h, h), (h, i), (i, h)];
+    let mut total_flops = 0.0;
+    let mut total_secs = 0.0;
+    for (k, m) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (n, k), device)?;
+        let w = Tensor::randn(0f32, 1.0, (m, k), device)?;
+        x.matmul(&w.t()?)?; // warm-up
+        let iters = 20;
+        let t = Instant::now();
+        for _ in 0..iters {
+            x.matmul(&w.t()?)?;
+        }
+        total_secs += t.elapsed().as_secs_f64();
+        total_flops += 2.0 * (n * k * m) as f64 * iters as f64;
+    }
+    Ok(total_flops / total_secs / 1e9)
+}

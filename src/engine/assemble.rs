@@ -1,0 +1,223 @@
+//! Turns rows of different tasks into the padded tensors of one forward pass.
+//!
+//! Each row's sequence is its template laid out (virtual tokens and text);
+//! rows are right-padded to the longest. Embeddings come from two gathers
+//! (word vectors for text, a per-batch table of virtual vectors) so that no
+//! row's layout depends on another's. Deep prompts are gathered once for all
+//! layers from a per-batch table, padded to the longest prefix and masked.
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+
+use super::task_model::TaskModel;
+use super::template::Segment;
+use super::{EngineError, Row};
+use crate::model::{Encoded, ModelConfig};
+
+/// Additive mask value for keys a query must not see (as HF uses finfo.min).
+pub const MASKED: f32 = f32::MIN;
+
+/// Tensors for one forward pass.
+pub struct Assembled {
+    pub batch: usize,
+    pub seq: usize,
+    /// Longest deep prefix in the batch (0 when no row has one).
+    pub prefix_len: usize,
+    /// `[B*S, hidden]` input vectors before type/position embeddings.
+    pub inputs: Tensor,
+    pub type_ids: Tensor,
+    pub position_ids: Tensor,
+    /// `[B, 1, 1, P + S]` additive attention mask.
+    pub mask: Tensor,
+    /// `[L, 2, B, heads, P, head_dim]`, when any row has a deep prompt.
+    pub prefix: Option<Tensor>,
+    /// `[B, S]`: 1.0 on text tokens (for mean pooling).
+    pub text_mask: Tensor,
+    /// Distinct tasks of the batch, in first-seen order, with their rows.
+    pub groups: Vec<(usize, Vec<u32>)>,
+}
+
+/// One laid-out position of a row.
+#[derive(Clone, Copy)]
+enum Slot {
+    Virtual(u32),
+    Text { id: u32, ty: u32 },
+}
+
+fn layout(input: &Encoded, task: &TaskModel) -> Vec<Slot> {
+    let text = |range: std::ops::Range<usize>| {
+        range.map(|i| Slot::Text {
+            id: input.ids[i],
+            ty: input.type_ids[i],
+        })
+    };
+    let n = input.ids.len();
+    let Some(sp) = &task.shallow else {
+        return text(0..n).collect();
+    };
+    let split = match input.pair_start {
+        Some(p) if sp.template.has_pair_slot() => p,
+        _ => n,
+    };
+    let mut out = Vec::with_capacity(n + sp.template.num_virtual());
+    let mut v = 0u32;
+    for seg in sp.template.segments() {
+        match *seg {
+            Segment::Virtual(k) => {
+                out.extend((v..v + k as u32).map(Slot::Virtual));
+                v += k as u32;
+            }
+            Segment::Text => out.extend(text(0..split)),
+            Segment::Pair => out.extend(text(split..n)),
+        }
+    }
+    out
+}
+
+/// Builds the batch tensors; refuses a row that does not fit the model's
+/// positions.
+pub fn assemble(
+    rows: &[Row<'_>],
+    config: &ModelConfig,
+    word_embeddings: &Tensor,
+    device: &Device,
+) -> Result<Assembled, EngineError> {
+    if rows.is_empty() {
+        return Err(EngineError::EmptyBatch);
+    }
+    let hidden = config.hidden_size;
+    let b = rows.len();
+
+    // Distinct tasks by identity, and their offsets into the batch tables.
+    let mut index: HashMap<*const TaskModel, usize> = HashMap::new();
+    let mut tasks: Vec<&TaskModel> = Vec::new();
+    let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
+    let mut task_of_row = Vec::with_capacity(b);
+    for (r, row) in rows.iter().enumerate() {
+        let t = *index.entry(row.task as *const _).or_insert_with(|| {
+            tasks.push(row.task);
+            groups.push((r, Vec::new()));
+            tasks.len() - 1
+        });
+        groups[t].1.push(r as u32);
+        task_of_row.push(t);
+    }
+    let mut virt_offset = vec![0u32; tasks.len()];
+    let mut deep_offset = vec![0u32; tasks.len()];
+    let (mut nv, mut nd) = (1u32, 1u32); // row 0 of each table is zeros
+    for (i, t) in tasks.iter().enumerate() {
+        virt_offset[i] = nv;
+        deep_offset[i] = nd;
+        nv += t.shallow_len() as u32;
+        nd += t.deep_len() as u32;
+    }
+
+    let layouts: Vec<Vec<Slot>> = rows.iter().map(|r| layout(r.input, r.task)).collect();
+    let max_seq = config.max_sequence();
+    for (r, (l, row)) in layouts.iter().zip(rows).enumerate() {
+        let total = l.len() + row.task.deep_len();
+        if total > max_seq {
+            return Err(EngineError::RowTooLong {
+                row: r,
+                len: total,
+                max: max_seq,
+            });
+        }
+    }
+    let s = layouts.iter().map(Vec::len).max().unwrap_or(0);
+    let p = rows.iter().map(|r| r.task.deep_len()).max().unwrap_or(0);
+    let offset = config.position_offset() as u32;
+
+    let mut word_ids = vec![0u32; b * s];
+    let mut virt_ids = vec![0u32; b * s];
+    let mut is_text = vec![0f32; b * s];
+    let mut types = vec![0u32; b * s];
+    let mut positions = vec![offset; b * s];
+    let mut mask = vec![MASKED; b * (p + s)];
+    let mut deep_ids = vec![0u32; b * p];
+    for (r, l) in layouts.iter().enumerate() {
+        let t = task_of_row[r];
+        let nd_row = rows[r].task.deep_len();
+        for j in 0..nd_row {
+            deep_ids[r * p + j] = deep_offset[t] + j as u32;
+            mask[r * (p + s) + j] = 0.0;
+        }
+        for (i, slot) in l.iter().enumerate() {
+            let k = r * s + i;
+            positions[k] = offset + (nd_row + i) as u32;
+            mask[r * (p + s) + p + i] = 0.0;
+            match *slot {
+                Slot::Virtual(v) => virt_ids[k] = virt_offset[t] + v,
+                Slot::Text { id, ty } => {
+                    word_ids[k] = id;
+                    types[k] = ty;
+                    is_text[k] = 1.0;
+                }
+            }
+        }
+    }
+    for (k, &id) in word_ids.iter().enumerate() {
+        if id as usize >= config.vocab_size {
+            return Err(EngineError::BadToken {
+                row: k / s.max(1),
+                id,
+                vocab: config.vocab_size,
+            });
+        }
+    }
+
+    let u32s = |v: Vec<u32>| Tensor::from_vec(v, (b * s,), device);
+    let text_mask = Tensor::from_vec(is_text, (b * s,), device)?;
+    let words = word_embeddings.index_select(&u32s(word_ids)?, 0)?;
+    let inputs = if nv > 1 {
+        let mut table = vec![Tensor::zeros((1, hidden), candle_core::DType::F32, device)?];
+        table.extend(
+            tasks
+                .iter()
+                .filter_map(|t| t.shallow.as_ref().map(|sp| sp.embeddings.clone())),
+        );
+        let table = Tensor::cat(&table, 0)?;
+        let virt = table.index_select(&u32s(virt_ids)?, 0)?;
+        (words.broadcast_mul(&text_mask.unsqueeze(1)?)? + virt)?
+    } else {
+        words
+    };
+
+    let prefix = if p > 0 {
+        let width = config.num_hidden_layers * 2 * hidden;
+        let mut table = vec![Tensor::zeros((1, width), candle_core::DType::F32, device)?];
+        table.extend(tasks.iter().filter_map(|t| t.deep.clone()));
+        let table = Tensor::cat(&table, 0)?;
+        let ids = Tensor::from_vec(deep_ids, (b * p,), device)?;
+        let heads = config.num_attention_heads;
+        let gathered = table
+            .index_select(&ids, 0)?
+            .reshape((b, p, config.num_hidden_layers * 2, heads, config.head_dim()))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?
+            .reshape((
+                config.num_hidden_layers,
+                2,
+                b,
+                heads,
+                p,
+                config.head_dim(),
+            ))?;
+        Some(gathered)
+    } else {
+        None
+    };
+
+    Ok(Assembled {
+        batch: b,
+        seq: s,
+        prefix_len: p,
+        inputs,
+        type_ids: u32s(types)?,
+        position_ids: u32s(positions)?,
+        mask: Tensor::from_vec(mask, (b, 1, 1, p + s), device)?,
+        prefix,
+        text_mask: text_mask.reshape((b, s))?,
+        groups,
+    })
+}

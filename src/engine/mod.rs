@@ -1,0 +1,129 @@
+//! The batched forward: rows of different tasks (shallow, deep or plain),
+//! different prompt and text lengths, in one pass through the frozen model.
+
+pub mod assemble;
+pub mod synthetic;
+pub mod task_model;
+pub mod template;
+
+use candle_core::{D, Tensor};
+use std::sync::Arc;
+
+use crate::model::{Encoded, Encoder, Model, ModelError, OpsMode};
+pub use task_model::{Head, Pooling, ShallowPrompt, TaskModel};
+pub use template::{Segment, Template};
+
+/// Why a batch could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("empty batch")]
+    EmptyBatch,
+    #[error("row {row}: {len} positions (prompt + text) but the model has {max}")]
+    RowTooLong { row: usize, len: usize, max: usize },
+    #[error("row {row}: token id {id} outside the vocabulary of {vocab}")]
+    BadToken { row: usize, id: u32, vocab: usize },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("tensor op: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// One row of a batch: a tokenized input and the task it is for.
+#[derive(Clone, Copy)]
+pub struct Row<'a> {
+    pub input: &'a Encoded,
+    pub task: &'a TaskModel,
+}
+
+/// Logits of the rows of one task (all rows of a task share a head).
+pub struct TaskLogits {
+    /// Row indices into the batch, in batch order.
+    pub rows: Vec<u32>,
+    /// `[rows.len(), num_labels]`.
+    pub logits: Tensor,
+}
+
+/// Runs batches on the resident model. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    model: Arc<Model>,
+}
+
+impl Engine {
+    /// Wraps a loaded model.
+    pub fn new(model: Arc<Model>) -> Self {
+        Engine { model }
+    }
+
+    /// The resident model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Logits for every row, in row order (each row has its task's label
+    /// count).
+    pub fn classify(&self, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let mut out = vec![Vec::new(); rows.len()];
+        for g in self.forward(rows, OpsMode::Serve)? {
+            let values: Vec<Vec<f32>> = g.logits.to_vec2()?;
+            for (r, v) in g.rows.iter().zip(values) {
+                out[*r as usize] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The differentiable forward: logits grouped by task. Training calls
+    /// this with [`OpsMode::Train`]; serving goes through [`Engine::classify`].
+    pub fn forward(&self, rows: &[Row<'_>], mode: OpsMode) -> Result<Vec<TaskLogits>, EngineError> {
+        let enc: &Encoder = &self.model.encoder;
+        let a = assemble::assemble(rows, &enc.config, enc.word_embeddings(), enc.device())?;
+        let x = enc.embed(
+            &a.inputs,
+            &a.type_ids,
+            &a.position_ids,
+            (a.batch, a.seq),
+            mode,
+        )?;
+        let hidden = enc.encode(&x, &a.mask, a.prefix.as_ref(), mode)?;
+
+        let needs = |p: Pooling| a.groups.iter().any(|(first, _)| rows[*first].task.pooling == p);
+        let first = Encoder::first_token(&hidden)?;
+        let pooled = if needs(Pooling::Pooler) {
+            Some(enc.pool(&first)?)
+        } else {
+            None
+        };
+        let mean = if needs(Pooling::Mean) {
+            let m = a.text_mask.unsqueeze(2)?;
+            let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+            Some(sum.broadcast_div(&a.text_mask.sum_keepdim(1)?)?)
+        } else {
+            None
+        };
+
+        let mut out = Vec::with_capacity(a.groups.len());
+        for (first_row, members) in a.groups {
+            let task = rows[first_row].task;
+            let features = match task.pooling {
+                Pooling::Pooler => pooled.as_ref(),
+                Pooling::First => Some(&first),
+                Pooling::Mean => mean.as_ref(),
+            }
+            .expect("features computed for every pooling in use");
+            let feats = if members.len() == a.batch {
+                features.clone()
+            } else {
+                let idx = Tensor::new(members.as_slice(), enc.device())?;
+                features.index_select(&idx, 0)?
+            };
+            let logits = task.head.forward(&feats)?;
+            debug_assert_eq!(logits.dim(D::Minus1)?, task.num_labels());
+            out.push(TaskLogits {
+                rows: members,
+                logits,
+            });
+        }
+        Ok(out)
+    }
+}

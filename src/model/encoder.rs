@@ -1,0 +1,263 @@
+//! The frozen BERT/RoBERTa encoder, written so that every row of a batch can
+//! carry its own key/value prefix in every layer.
+//!
+//! The forward takes already-assembled input embeddings (see
+//! `engine::assemble`): shallow prompts live in the embeddings, deep prompts
+//! come in as one gathered tensor that each layer slices.
+
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+
+use super::ModelError;
+use super::config::ModelConfig;
+use super::weights::Weights;
+
+/// Which kernels to use. Serving uses candle's fused layer norm and softmax;
+/// training needs composed versions because the fused ones have no backward
+/// (their gradients silently come back as `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsMode {
+    Serve,
+    Train,
+}
+
+/// A dense layer stored as `[out, in]`, as in the checkpoint.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    /// `x @ W^T + b` over the last dimension of a 2-D input.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+
+    fn load(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Self, ModelError> {
+        Ok(Linear {
+            weight: w.get(&format!("{name}.weight"), &[out, inp])?,
+            bias: w.get(&format!("{name}.bias"), &[out])?,
+        })
+    }
+}
+
+/// Layer norm parameters.
+#[derive(Clone)]
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn load(w: &Weights, name: &str, hidden: usize, eps: f64) -> Result<Self, ModelError> {
+        // Old TF-converted checkpoints call them gamma/beta.
+        let (weight, bias) = match w.get_opt(&format!("{name}.weight"), &[hidden])? {
+            Some(weight) => (weight, w.get(&format!("{name}.bias"), &[hidden])?),
+            None => (
+                w.get(&format!("{name}.gamma"), &[hidden])?,
+                w.get(&format!("{name}.beta"), &[hidden])?,
+            ),
+        };
+        Ok(Norm { weight, bias, eps })
+    }
+
+    fn forward(&self, x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
+        match mode {
+            OpsMode::Serve => {
+                candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+            }
+            OpsMode::Train => {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let centered = x.broadcast_sub(&mean)?;
+                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                normed
+                    .broadcast_mul(&self.weight)?
+                    .broadcast_add(&self.bias)
+            }
+        }
+    }
+}
+
+fn softmax_last(x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
+    match mode {
+        OpsMode::Serve => candle_nn::ops::softmax_last_dim(x),
+        OpsMode::Train => candle_nn::ops::softmax(x, D::Minus1),
+    }
+}
+
+struct Layer {
+    /// Query, key and value fused into one `[3*hidden, hidden]` matmul.
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: Norm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: Norm,
+}
+
+/// The frozen encoder: embeddings, transformer layers and (when the
+/// checkpoint has one) the BERT pooler.
+pub struct Encoder {
+    pub config: ModelConfig,
+    device: Device,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embed_norm: Norm,
+    layers: Vec<Layer>,
+    pooler: Option<Linear>,
+}
+
+impl Encoder {
+    /// Builds the encoder from a checkpoint's tensors.
+    pub fn new(config: ModelConfig, w: &Weights, device: &Device) -> Result<Self, ModelError> {
+        let h = config.hidden_size;
+        let i = config.intermediate_size;
+        let eps = config.layer_norm_eps;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            let q = Linear::load(w, &format!("{p}.attention.self.query"), h, h)?;
+            let k = Linear::load(w, &format!("{p}.attention.self.key"), h, h)?;
+            let v = Linear::load(w, &format!("{p}.attention.self.value"), h, h)?;
+            let cat = |a: [&Tensor; 3]| Tensor::cat(&a, 0).map_err(ModelError::from);
+            let qkv = Linear {
+                weight: cat([&q.weight, &k.weight, &v.weight])?,
+                bias: cat([&q.bias, &k.bias, &v.bias])?,
+            };
+            layers.push(Layer {
+                qkv,
+                attn_out: Linear::load(w, &format!("{p}.attention.output.dense"), h, h)?,
+                attn_norm: Norm::load(w, &format!("{p}.attention.output.LayerNorm"), h, eps)?,
+                intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), i, h)?,
+                output: Linear::load(w, &format!("{p}.output.dense"), h, i)?,
+                out_norm: Norm::load(w, &format!("{p}.output.LayerNorm"), h, eps)?,
+            });
+        }
+        let pooler = match w.get_opt("pooler.dense.weight", &[h, h])? {
+            Some(weight) => Some(Linear {
+                weight,
+                bias: w.get("pooler.dense.bias", &[h])?,
+            }),
+            None => None,
+        };
+        Ok(Encoder {
+            word_embeddings: w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            position_embeddings: w.get(
+                "embeddings.position_embeddings.weight",
+                &[config.max_position_embeddings, h],
+            )?,
+            token_type_embeddings: w.get(
+                "embeddings.token_type_embeddings.weight",
+                &[config.type_vocab_size, h],
+            )?,
+            embed_norm: Norm::load(w, "embeddings.LayerNorm", h, eps)?,
+            layers,
+            pooler,
+            device: device.clone(),
+            config,
+        })
+    }
+
+    /// The device every tensor of this encoder lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The word embedding matrix `[vocab, hidden]` (prompt init from text or
+    /// vocabulary samples, and the model fingerprint).
+    pub fn word_embeddings(&self) -> &Tensor {
+        &self.word_embeddings
+    }
+
+    /// Whether the checkpoint carries a BERT pooler.
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    /// Embedding layer on pre-gathered input vectors `[B*S, hidden]`:
+    /// adds token-type and position embeddings, then layer norm.
+    pub fn embed(
+        &self,
+        inputs: &Tensor,
+        type_ids: &Tensor,
+        position_ids: &Tensor,
+        shape: (usize, usize),
+        mode: OpsMode,
+    ) -> candle_core::Result<Tensor> {
+        let types = self.token_type_embeddings.index_select(type_ids, 0)?;
+        let pos = self.position_embeddings.index_select(position_ids, 0)?;
+        let x = ((inputs + types)? + pos)?;
+        let x = x.reshape((shape.0, shape.1, self.config.hidden_size))?;
+        self.embed_norm.forward(&x, mode)
+    }
+
+    /// Runs all layers.
+    ///
+    /// * `x`: `[B, S, hidden]` embeddings.
+    /// * `mask`: additive `[B, 1, 1, P + S]` (0 = attend, very negative = skip).
+    /// * `prefix`: deep prompts `[L, 2, B, heads, P, head_dim]` (key = 0,
+    ///   value = 1), already padded to the batch's longest prefix P.
+    pub fn encode(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        prefix: Option<&Tensor>,
+        mode: OpsMode,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let heads = self.config.num_attention_heads;
+        let d = self.config.head_dim();
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut x = x.reshape((b * s, h))?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let qkv = layer.qkv.forward(&x)?;
+            let qkv = qkv
+                .reshape((b, s, 3, heads, d))?
+                .permute((2, 0, 3, 1, 4))?
+                .contiguous()?;
+            let q = (qkv.get(0)? * scale)?;
+            let mut k = qkv.get(1)?;
+            let mut v = qkv.get(2)?;
+            if let Some(p) = prefix {
+                let pl = p.get(l)?;
+                k = Tensor::cat(&[&pl.get(0)?, &k], 2)?;
+                v = Tensor::cat(&[&pl.get(1)?, &v], 2)?;
+            }
+            let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+            let probs = softmax_last(&scores, mode)?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b * s, h))?;
+            let attn = layer.attn_out.forward(&ctx)?;
+            let x1 = layer.attn_norm.forward(&(attn + &x)?, mode)?;
+            let inter = layer.intermediate.forward(&x1)?.gelu_erf()?;
+            let out = layer.output.forward(&inter)?;
+            x = layer.out_norm.forward(&(out + x1)?, mode)?;
+        }
+        x.reshape((b, s, h))
+    }
+
+    /// BERT pooler (`tanh(W h + b)`) over given vectors `[N, hidden]`.
+    pub fn pool(&self, first: &Tensor) -> Result<Tensor, ModelError> {
+        let p = self.pooler.as_ref().ok_or_else(|| {
+            ModelError::Missing(
+                "tensor \"pooler.dense.weight\": this task pools through the BERT pooler but the checkpoint has none".into(),
+            )
+        })?;
+        Ok(p.forward(first)?.tanh()?)
+    }
+
+    /// Vectors at sequence position 0 of each row: `[B, hidden]`.
+    pub fn first_token(hidden: &Tensor) -> candle_core::Result<Tensor> {
+        hidden.i((.., 0, ..))?.contiguous()
+    }
+
+    /// Zero tensor helper on this encoder's device.
+    pub fn zeros(&self, shape: &[usize]) -> candle_core::Result<Tensor> {
+        Tensor::zeros(shape, DType::F32, &self.device)
+    }
+}
