@@ -5,5 +5,7 @@
 //! mixed-task batched forward).
 
 pub mod engine;
+pub mod logging;
 pub mod model;
+pub mod registry;
 pub mod task;

@@ -1,1 +1,36 @@
-fn main() {}
+//! The `softprompt` command line. Each subcommand lives in its module; this
+//! file only parses arguments and dispatches.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "softprompt", version, about = "Serve and train soft-prompt classification tasks on one frozen transformer")]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "SOFTPROMPT_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print what a task file or a directory of task files holds.
+    Inspect(softprompt::task::cli::InspectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    softprompt::logging::init(cli.log_json);
+    let result = match cli.command {
+        Command::Inspect(args) => softprompt::task::cli::inspect(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

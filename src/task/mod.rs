@@ -2,6 +2,7 @@
 //! adapter directory), how it is read, written and checked against the
 //! loaded model.
 
+pub mod cli;
 pub mod native;
 pub mod peft;
 pub mod validate;
