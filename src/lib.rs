@@ -9,3 +9,4 @@ pub mod logging;
 pub mod model;
 pub mod registry;
 pub mod task;
+pub mod train;

@@ -18,6 +18,10 @@ struct Cli {
 enum Command {
     /// Print what a task file or a directory of task files holds.
     Inspect(softprompt::task::cli::InspectArgs),
+    /// Train a soft-prompt task on labeled data (the base model stays frozen).
+    Train(softprompt::train::cli::TrainArgs),
+    /// Accuracy, macro-F1 and confusion matrix of a task on labeled data.
+    Eval(softprompt::train::cli::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -25,6 +29,8 @@ fn main() -> ExitCode {
     softprompt::logging::init(cli.log_json);
     let result = match cli.command {
         Command::Inspect(args) => softprompt::task::cli::inspect(args),
+        Command::Train(args) => softprompt::train::cli::train(args),
+        Command::Eval(args) => softprompt::train::cli::eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,349 @@
+//! `softprompt train` and `softprompt eval`.
+
+use anyhow::Context;
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::data::{self, Example};
+use super::params::{Method, Params, PromptInit, Reparam, Spec};
+use super::{Metrics, TrainConfig, predict, write_atomic};
+use crate::engine::{Engine, Pooling, Template};
+use crate::model::{DEFAULT_MODEL_DIR, Model};
+use crate::task::{BaseModelRef, Limits, Provenance, Task, TaskMeta, native, validate};
+
+/// How the prompt starts (command-line form of [`PromptInit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InitArg {
+    Random,
+    Vocab,
+    Text,
+}
+
+/// Pooling choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolingArg {
+    Mean,
+    Pooler,
+    First,
+}
+
+impl From<PoolingArg> for Pooling {
+    fn from(p: PoolingArg) -> Self {
+        match p {
+            PoolingArg::Mean => Pooling::Mean,
+            PoolingArg::Pooler => Pooling::Pooler,
+            PoolingArg::First => Pooling::First,
+        }
+    }
+}
+
+/// Arguments of `softprompt train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Base model directory.
+    #[arg(long, default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Training data: JSONL (`{"text", "text_pair"?, "label"}`) or CSV with a header.
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Validation data; without it, `--val-fraction` of the training data is held out.
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+    /// Share of the training data held out for validation (seeded).
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Labeled test data, scored once after training (result goes into the task's provenance).
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+    /// Where to write the native task file.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value = "prompt-tuning")]
+    pub method: Method,
+    /// Virtual tokens (shallow) or prefix length (p-tuning-v2).
+    #[arg(long, default_value_t = 20)]
+    pub virtual_tokens: usize,
+    /// Reparameterization encoder [default: mlp for p-tuning, none otherwise].
+    #[arg(long, value_enum)]
+    pub reparam: Option<Reparam>,
+    /// Hidden width of the encoder [default: the model's hidden size, as PEFT].
+    #[arg(long)]
+    pub encoder_hidden: Option<usize>,
+    /// LSTM layers of the P-Tuning encoder.
+    #[arg(long, default_value_t = 2)]
+    pub encoder_layers: usize,
+    /// Prompt init [default: vocab, or random for p-tuning-v2 without encoder].
+    #[arg(long, value_enum)]
+    pub init: Option<InitArg>,
+    /// Text for `--init text`.
+    #[arg(long)]
+    pub init_text: Option<String>,
+    /// Placement of shallow virtual tokens, e.g. `[P:10] {text} [P:10]` (default: all before the text).
+    #[arg(long)]
+    pub template: Option<String>,
+    #[arg(long, value_enum, default_value = "mean")]
+    pub pooling: PoolingArg,
+    /// Label names in head order (default: the sorted labels of the data).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// Most text tokens per row, specials included (longer texts are cut).
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate of the prompt (and encoder).
+    #[arg(long, default_value_t = 3e-2)]
+    pub lr: f64,
+    /// Peak learning rate of the head [default: --lr].
+    #[arg(long)]
+    pub head_lr: Option<f64>,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Total optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Fraction of steps for linear warm-up.
+    #[arg(long, default_value_t = 0.06)]
+    pub warmup: f64,
+    /// Validate every N steps (0: once per epoch).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Stop after N validations without improvement.
+    #[arg(long)]
+    pub patience: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Checkpoint file [default: <output>.ckpt].
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Continue from the checkpoint if it exists.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Name recorded as the task's data source (default: the training file name).
+    #[arg(long)]
+    pub data_name: Option<String>,
+}
+
+/// Arguments of `softprompt eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Base model directory.
+    #[arg(long, default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// A native task file or a PEFT adapter directory.
+    pub task: PathBuf,
+    /// Labeled data (JSONL or CSV).
+    pub data: PathBuf,
+    /// Label names for a PEFT adapter (which stores none), in head order.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// Most text tokens per row (default: all that fit next to the prompt).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Print the metrics as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load_model(dir: &Path) -> anyhow::Result<Arc<Model>> {
+    Ok(Arc::new(Model::load(dir, &Device::Cpu)?))
+}
+
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// Runs `softprompt train`.
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let model = load_model(&args.model)?;
+    let engine = Engine::new(model.clone());
+    let all_train = data::read_examples(&args.train)?;
+    let (train_ex, val_ex): (Vec<Example>, Vec<Example>) = match &args.val {
+        Some(p) => (all_train, data::read_examples(p)?),
+        None => data::split(&all_train, args.val_fraction, args.seed),
+    };
+    let labels = match &args.labels {
+        Some(l) => l.clone(),
+        None => data::label_set(&[train_ex.as_slice(), val_ex.as_slice()].concat()),
+    };
+    let reparam = args.reparam.unwrap_or(if args.method == Method::PTuning { Reparam::Mlp } else { Reparam::None });
+    let n = args.virtual_tokens;
+    let template = match (&args.template, args.method.is_deep()) {
+        (Some(t), _) => t.clone(),
+        (None, false) => Template::prefix(n).to_string(),
+        (None, true) => Template::prefix(0).to_string(),
+    };
+    let spec = Spec {
+        method: args.method,
+        num_virtual: n,
+        reparam,
+        encoder_hidden: args.encoder_hidden.unwrap_or(model.config().hidden_size),
+        encoder_layers: args.encoder_layers,
+        template,
+        pooling: args.pooling.into(),
+        num_labels: labels.len(),
+    };
+    let deep_raw = args.method.is_deep() && reparam == Reparam::None;
+    let init = match args.init.unwrap_or(if deep_raw { InitArg::Random } else { InitArg::Vocab }) {
+        InitArg::Random => PromptInit::Random,
+        InitArg::Vocab => PromptInit::Vocab,
+        InitArg::Text => PromptInit::Text(args.init_text.clone().context("--init text needs --init-text")?),
+    };
+    let params = Params::init(spec, &model, &init, args.seed)?;
+    let budget = model.config().max_sequence().saturating_sub(n).min(args.max_tokens);
+    let tok = &model.tokenizer;
+    let train_s = data::encode(tok, &train_ex, &labels, budget, &args.train.display().to_string())?;
+    let val_s = data::encode(tok, &val_ex, &labels, budget, "validation")?;
+    tracing::info!(
+        method = args.method.as_str(),
+        train = train_s.len(),
+        validation = val_s.len(),
+        labels = ?labels,
+        trainable = params.num_trainable(),
+        "training"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // Only one handler per process; a second train() in-process keeps the first.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+    let mut ckpt = args.output.as_os_str().to_owned();
+    ckpt.push(".ckpt");
+    let cfg = TrainConfig {
+        batch_size: args.batch_size,
+        lr: args.lr,
+        head_lr: args.head_lr.unwrap_or(args.lr),
+        weight_decay: args.weight_decay,
+        epochs: args.epochs,
+        max_steps: args.steps,
+        warmup: args.warmup,
+        eval_every: args.eval_every,
+        patience: args.patience,
+        seed: args.seed,
+        checkpoint: Some(args.checkpoint.clone().unwrap_or_else(|| PathBuf::from(ckpt))),
+        resume: args.resume,
+        progress: !args.quiet,
+        eval_batch: 64,
+    };
+    let outcome = super::train(&engine, &params, &train_s, &val_s, &cfg, &stop)?;
+    let ckpt_path = cfg.checkpoint.as_ref().expect("set above");
+    if outcome.interrupted {
+        anyhow::bail!(
+            "interrupted at step {}/{}; checkpoint {} — rerun with --resume to continue",
+            outcome.steps,
+            outcome.total_steps,
+            ckpt_path.display()
+        );
+    }
+
+    let folded = params.fold()?;
+    let mut metrics = serde_json::json!({
+        "steps": outcome.steps,
+        "best_step": outcome.best_step,
+        "train_examples": train_s.len(),
+        "val_examples": val_s.len(),
+        "val_accuracy": outcome.best_val_accuracy,
+        "train_seconds": (outcome.seconds * 10.0).round() / 10.0,
+        "max_tokens": budget,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "reparam": reparam,
+        "encoder_hidden": params.spec.encoder_hidden,
+        "seed": args.seed,
+    });
+    if let Some(test) = &args.test {
+        let ex = data::read_examples(test)?;
+        let s = data::encode(tok, &ex, &labels, budget, &test.display().to_string())?;
+        let pred = predict(&engine, &folded, &s, 64)?;
+        let gold: Vec<usize> = s.iter().map(|x| x.label).collect();
+        let m = Metrics::compute(&gold, &pred, &labels);
+        eprintln!("test {}\n{}", test.display(), m.report());
+        metrics["test_accuracy"] = serde_json::json!(m.accuracy);
+        metrics["test_macro_f1"] = serde_json::json!(m.macro_f1);
+        metrics["test_examples"] = serde_json::json!(m.examples);
+    }
+    let meta = TaskMeta {
+        labels,
+        template: (!args.method.is_deep() && !params.spec.template.eq(&Template::prefix(n).to_string())).then(|| params.spec.template.clone()),
+        pooling: params.spec.pooling,
+        base_model: BaseModelRef { name: model.name.clone(), fingerprint: Some(model.fingerprint.clone()) },
+        provenance: Provenance {
+            method: args.method.as_str().into(),
+            data: Some(args.data_name.clone().unwrap_or_else(|| {
+                args.train.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+            })),
+            metrics,
+            created: Some(now_rfc3339()),
+        },
+    };
+    let task = Task::new(meta, folded)?;
+    validate(&task, &model, &Limits::default())?;
+    write_atomic(&args.output, &native::to_bytes(&task)?)?;
+    println!(
+        "wrote {} ({} bytes, version {}): {} steps in {:.0}s, best validation accuracy {}",
+        args.output.display(),
+        std::fs::metadata(&args.output)?.len(),
+        task.version,
+        outcome.steps,
+        outcome.seconds,
+        outcome.best_val_accuracy.map_or("n/a".into(), |a| format!("{a:.4}"))
+    );
+    Ok(())
+}
+
+/// Scores a task on labeled data; returns the metrics (and prints them).
+pub fn evaluate(args: &EvalArgs) -> anyhow::Result<Metrics> {
+    let model = load_model(&args.model)?;
+    let task = if args.task.is_dir() {
+        crate::task::peft::read_dir(&args.task, args.labels.clone())?
+    } else {
+        let t = native::read_file(&args.task)?;
+        if let Some(l) = &args.labels {
+            anyhow::ensure!(*l == t.meta.labels, "--labels {l:?} differ from the task's {:?}", t.meta.labels);
+        }
+        t
+    };
+    validate(&task, &model, &Limits::default())?;
+    let tm = task.to_device(model.encoder.device())?;
+    let budget = tm.text_budget(model.config()).min(args.max_tokens.unwrap_or(usize::MAX));
+    let ex = data::read_examples(&args.data)?;
+    let s = data::encode(&model.tokenizer, &ex, &task.meta.labels, budget, &args.data.display().to_string())?;
+    let engine = Engine::new(model);
+    let pred = predict(&engine, &tm, &s, args.batch_size)?;
+    let gold: Vec<usize> = s.iter().map(|x| x.label).collect();
+    Ok(Metrics::compute(&gold, &pred, &task.meta.labels))
+}
+
+/// Runs `softprompt eval`.
+pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let m = evaluate(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        print!("{}", m.report());
+    }
+    Ok(())
+}
