@@ -59,6 +59,10 @@ fn main() -> anyhow::Result<()> {
         m.0, m.1, 100.0 * m.1 / matmul
     );
     println!("mixed / single throughput: {:.3}", m.0 / s.0);
+    if std::env::var("SOFTPROMPT_PROFILE").is_ok() {
+        println!("\nper-op time over both runs (SOFTPROMPT_PROFILE=1):");
+        softprompt::profile::print();
+    }
     Ok(())
 }
 

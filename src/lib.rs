@@ -4,9 +4,13 @@
 //! Layers, from the bottom: [`model`] (the frozen encoder), [`engine`] (the
 //! mixed-task batched forward).
 
+pub mod batch;
 pub mod engine;
 pub mod logging;
 pub mod model;
+pub mod profile;
 pub mod registry;
+pub mod server;
+pub mod store;
 pub mod task;
 pub mod train;

@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Print what a task file or a directory of task files holds.
     Inspect(softprompt::task::cli::InspectArgs),
+    /// Serve the HTTP API (every flag also from a SOFTPROMPT_… variable).
+    Serve(softprompt::server::ServeArgs),
     /// Train a soft-prompt task on labeled data (the base model stays frozen).
     Train(softprompt::train::cli::TrainArgs),
     /// Accuracy, macro-F1 and confusion matrix of a task on labeled data.
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
     softprompt::logging::init(cli.log_json);
     let result = match cli.command {
         Command::Inspect(args) => softprompt::task::cli::inspect(args),
+        Command::Serve(args) => softprompt::server::run(args),
         Command::Train(args) => softprompt::train::cli::train(args),
         Command::Eval(args) => softprompt::train::cli::eval(args),
     };

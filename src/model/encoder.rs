@@ -257,31 +257,33 @@ impl Encoder {
         let d = self.config.head_dim();
         let scale = 1.0 / (d as f64).sqrt();
         let mut x = x.reshape((b * s, h))?;
+        use crate::profile::time;
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = layer.qkv.forward(&x)?;
-            let qkv = qkv
-                .reshape((b, s, 3, heads, d))?
-                .permute((2, 0, 3, 1, 4))?
-                .contiguous()?;
-            let q = (qkv.get(0)? * scale)?;
+            let qkv = time("qkv.matmul", || layer.qkv.forward(&x))?;
+            let qkv = time("qkv.split", || {
+                qkv.reshape((b, s, 3, heads, d))?
+                    .permute((2, 0, 3, 1, 4))?
+                    .contiguous()
+            })?;
+            let q = time("q.scale", || qkv.get(0)? * scale)?;
             let mut k = qkv.get(1)?;
             let mut v = qkv.get(2)?;
             if let Some(p) = prefix {
                 let pl = p.get(l)?;
-                k = Tensor::cat(&[&pl.get(0)?, &k], 2)?;
-                v = Tensor::cat(&[&pl.get(1)?, &v], 2)?;
+                k = time("prefix.cat", || Tensor::cat(&[&pl.get(0)?, &k], 2))?;
+                v = time("prefix.cat", || Tensor::cat(&[&pl.get(1)?, &v], 2))?;
             }
-            let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-            let probs = softmax_last(&scores, mode)?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b * s, h))?;
-            let attn = layer.attn_out.forward(&ctx)?;
-            let x1 = layer.attn_norm.forward(&(attn + &x)?, mode)?;
-            let inter = layer.intermediate.forward(&x1)?.gelu_erf()?;
-            let out = layer.output.forward(&inter)?;
-            x = layer.out_norm.forward(&(out + x1)?, mode)?;
+            let scores = time("attn.scores", || q.matmul(&k.t()?))?;
+            let scores = time("attn.mask", || scores.broadcast_add(mask))?;
+            let probs = time("attn.softmax", || softmax_last(&scores, mode))?;
+            let ctx = time("attn.context", || probs.matmul(&v))?;
+            let ctx = time("attn.merge", || ctx.transpose(1, 2)?.reshape((b * s, h)))?;
+            let attn = time("attn_out.matmul", || layer.attn_out.forward(&ctx))?;
+            let x1 = time("attn_out.norm", || layer.attn_norm.forward(&(attn + &x)?, mode))?;
+            let inter = time("ffn.in.matmul", || layer.intermediate.forward(&x1))?;
+            let inter = time("ffn.gelu", || inter.gelu_erf())?;
+            let out = time("ffn.out.matmul", || layer.output.forward(&inter))?;
+            x = time("ffn.out.norm", || layer.out_norm.forward(&(out + x1)?, mode))?;
         }
         x.reshape((b, s, h))
     }

@@ -151,15 +151,17 @@ impl TextTokenizer {
         } else {
             (a, b)
         };
+        let a_len = a.len();
         let is_pair = b.is_some();
         let enc: Encoding = self.inner.post_process(a, b, true).map_err(tk)?;
+        // The first text starts at the first non-special token; its segment
+        // ends with the one special token that follows it.
         let pair_start = if is_pair {
-            let seq = enc.get_sequence_ids();
-            seq.iter()
-                .enumerate()
-                .skip(1)
-                .find(|(_, s)| s.is_none())
-                .map(|(i, _)| i + 1)
+            let special = enc.get_special_tokens_mask();
+            special
+                .iter()
+                .position(|&s| s == 0)
+                .map(|start| (start + a_len + 1).min(enc.len()))
         } else {
             None
         };

@@ -8,6 +8,7 @@ if [[ ! -x .venv/bin/python ]]; then
     .venv/bin/pip install -r tests/reference/requirements.txt
 fi
 .venv/bin/python tests/reference/make_fixtures.py
+.venv/bin/python tests/reference/make_bin_fixture.py
 if bash scripts/fetch_model.sh; then
     .venv/bin/python tests/reference/make_minilm_expected.py
 else
