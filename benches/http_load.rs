@@ -1,0 +1,230 @@
+//! HTTP load benchmark: prints, asserts nothing.
+//!
+//! `cargo bench --bench http_load` (model from `SOFTPROMPT_MODEL`, default
+//! `models/all-MiniLM-L6-v2`; `scripts/fetch_model.sh` fetches it).
+//! Optional: `HTTP_LOAD_CLIENTS` (default 32), `HTTP_LOAD_SECONDS` per
+//! scenario (default 10).
+//!
+//! Starts the real server on 127.0.0.1:0 in this process, uploads 64
+//! synthetic tasks through the admin API (shallow, 20 virtual tokens, so
+//! every task costs the same), then runs C closed-loop clients, each
+//! sending one input of 8–40 words per request, for three scenarios: all
+//! requests to one task; spread over the 64 tasks; spread over 64 tasks of
+//! mixed kinds (32 shallow, 32 deep). Prints requests/s, p50/p99 latency,
+//! mean batch size and tasks per batch (from /metrics), and the ratio of
+//! spread to single-task throughput.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use clap::Parser;
+use softprompt::engine::Pooling;
+use softprompt::engine::synthetic::{Kind, random_task};
+use softprompt::model::Model;
+use softprompt::server::{ServeArgs, Server};
+use softprompt::task::{BaseModelRef, Provenance, Task, TaskMeta, native};
+
+const TASKS: usize = 64;
+const TOKEN: &str = "bench";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn task_bytes(model: &Model, kind: Kind, prompt: usize, seed: u64) -> Vec<u8> {
+    let mut m = random_task(model.config(), &Device::Cpu, kind, prompt, 3, seed).unwrap();
+    m.pooling = Pooling::Mean;
+    let meta = TaskMeta {
+        labels: vec!["a".into(), "b".into(), "c".into()],
+        template: None,
+        pooling: Pooling::Mean,
+        base_model: BaseModelRef {
+            name: model.name.clone(),
+            fingerprint: Some(model.fingerprint.clone()),
+        },
+        provenance: Provenance {
+            method: "synthetic".into(),
+            ..Default::default()
+        },
+    };
+    native::to_bytes(&Task::new(meta, m).unwrap()).unwrap()
+}
+
+const WORDS: &[&str] = &[
+    "the", "service", "was", "slow", "but", "food", "arrived", "warm", "and", "tasty", "I", "would", "not",
+    "recommend", "this", "place", "to", "anyone", "who", "values", "their", "time", "great", "movie", "plot",
+    "acting", "terrible", "ending", "loved", "it", "price", "fair",
+];
+
+fn sentence(seed: usize) -> String {
+    let n = 8 + (seed * 7919) % 33;
+    (0..n).map(|i| WORDS[(seed * 31 + i * 17) % WORDS.len()]).collect::<Vec<_>>().join(" ")
+}
+
+/// Sum and count of a histogram in the exposition.
+fn histogram(text: &str, name: &str) -> (f64, f64) {
+    let value = |suffix: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (value("_sum"), value("_count"))
+}
+
+struct Outcome {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+    mean_batch: f64,
+    mean_tasks: f64,
+}
+
+async fn scenario(base: &str, tasks: &[String], clients: usize, seconds: u64) -> Outcome {
+    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(clients).build().unwrap();
+    let metrics = |http: reqwest::Client| async move {
+        http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap()
+    };
+    let run = |measure: Duration| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                let (http, stop, tasks) = (http.clone(), stop.clone(), tasks.to_vec());
+                let base = base.to_string();
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut errors = 0;
+                    let mut r = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        let task = &tasks[(c * 13 + r * 7) % tasks.len()];
+                        let body = serde_json::json!({"inputs": sentence(c * 1000 + r)});
+                        let t = Instant::now();
+                        let resp = http.post(format!("{base}/v1/tasks/{task}/classify")).json(&body).send().await;
+                        match resp {
+                            Ok(resp) if resp.status().is_success() => {
+                                let _ = resp.bytes().await;
+                                lat.push(t.elapsed());
+                            }
+                            _ => errors += 1,
+                        }
+                        r += 1;
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        async move {
+            tokio::time::sleep(measure).await;
+            stop.store(true, Ordering::Relaxed);
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            for h in handles {
+                let (l, e) = h.await.unwrap();
+                lat.extend(l);
+                errors += e;
+            }
+            (lat, errors)
+        }
+    };
+    run(Duration::from_secs(2)).await; // warm-up
+    let before = metrics(http.clone()).await;
+    let started = Instant::now();
+    let (mut lat, errors) = run(Duration::from_secs(seconds)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = metrics(http.clone()).await;
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1e3;
+    let delta = |name: &str| {
+        let (s0, c0) = histogram(&before, name);
+        let (s1, c1) = histogram(&after, name);
+        (s1 - s0) / (c1 - c0).max(1.0)
+    };
+    Outcome {
+        rps: lat.len() as f64 / elapsed,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        errors,
+        mean_batch: delta("softprompt_batch_rows"),
+        mean_tasks: delta("softprompt_batch_tasks"),
+    }
+}
+
+fn print(name: &str, o: &Outcome) {
+    println!(
+        "{name:<28} {:>8.1} req/s  p50 {:>7.1} ms  p99 {:>7.1} ms  batch {:>5.1} rows / {:>4.1} tasks  errors {}",
+        o.rps, o.p50_ms, o.p99_ms, o.mean_batch, o.mean_tasks, o.errors
+    );
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let model_dir = std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
+    let clients = env_or("HTTP_LOAD_CLIENTS", 32) as usize;
+    let seconds = env_or("HTTP_LOAD_SECONDS", 10);
+    let store = std::env::temp_dir().join(format!("softprompt-http-load-{}", std::process::id()));
+    let args = ServeArgs::try_parse_from([
+        "serve",
+        "--model",
+        &model_dir,
+        "--prompts",
+        store.to_str().unwrap(),
+        "--addr",
+        "127.0.0.1:0",
+        "--admin-token",
+        TOKEN,
+        "--queue-capacity",
+        "4096",
+    ])
+    .unwrap();
+    println!(
+        "model {model_dir}; {clients} clients; {seconds} s per scenario; batching: {} tokens, {} rows, wait {} ms",
+        args.max_batch_tokens, args.max_batch_size, args.batch_wait_ms
+    );
+    let server = Server::start(args).await.expect("server starts");
+    let base = format!("http://{}", server.addr());
+    let model = Model::load(std::path::Path::new(&model_dir), &Device::Cpu).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let upload = |id: String, bytes: Vec<u8>| {
+        let http = http.clone();
+        let url = format!("{base}/admin/tasks/{id}");
+        async move {
+            let r = http
+                .put(url)
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/octet-stream")
+                .body(bytes)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "upload {id}: {}", r.status());
+        }
+    };
+    let mut shallow = Vec::new();
+    let mut mixed = Vec::new();
+    for i in 0..TASKS {
+        let id = format!("s{i:02}");
+        upload(id.clone(), task_bytes(&model, Kind::Shallow, 20, i as u64)).await;
+        shallow.push(id.clone());
+        if i % 2 == 0 {
+            mixed.push(id);
+        } else {
+            let id = format!("d{i:02}");
+            upload(id.clone(), task_bytes(&model, Kind::Deep, 20, 1000 + i as u64)).await;
+            mixed.push(id);
+        }
+    }
+    let one = scenario(&base, &shallow[..1], clients, seconds).await;
+    print("1 task", &one);
+    let spread = scenario(&base, &shallow, clients, seconds).await;
+    print(&format!("{TASKS} tasks (shallow)"), &spread);
+    let mix = scenario(&base, &mixed, clients, seconds).await;
+    print(&format!("{TASKS} tasks (32 shallow, 32 deep)"), &mix);
+    println!("throughput ratio {TASKS} tasks / 1 task: {:.2}", spread.rps / one.rps);
+    println!("throughput ratio {TASKS} mixed / 1 task: {:.2}", mix.rps / one.rps);
+    server.shutdown();
+    server.wait().await.unwrap();
+    std::fs::remove_dir_all(&store).ok();
+}

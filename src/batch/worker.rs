@@ -1,0 +1,105 @@
+//! The inference thread: the only code that runs the engine while serving.
+
+use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::metrics as m;
+use super::queue::Queue;
+use super::{BatchConfig, BatchError, Entry, former};
+use crate::engine::synthetic::{Kind, random_input, random_task};
+use crate::engine::{Engine, Row};
+
+/// Warms up, then forms and runs batches until the queue is closed and
+/// drained.
+pub(super) fn run(engine: Engine, config: BatchConfig, queue: Arc<Queue>, warm: Arc<AtomicBool>) {
+    match warm_up(&engine) {
+        Ok(()) => warm.store(true, Ordering::Release),
+        // Not warm means not ready: the server keeps answering 503 on /ready
+        // and the log says why, rather than failing requests one by one.
+        Err(e) => tracing::error!(error = %e, "engine warm-up failed; the server will not report ready"),
+    }
+    while let Some(batch) = queue.next_batch(&config) {
+        run_batch(&engine, &queue, batch);
+    }
+    tracing::debug!("inference thread stopped");
+}
+
+/// One forward pass per prompt kind, so allocations and lazily built
+/// kernels are paid before the first request.
+fn warm_up(engine: &Engine) -> Result<(), String> {
+    let model = engine.model();
+    let config = model.config();
+    let device = model.encoder.device();
+    let input = random_input(config, 8.min(config.max_sequence()), 0);
+    for kind in [Kind::Shallow, Kind::Deep] {
+        let task = random_task(config, device, kind, 2, 2, 0).map_err(|e| e.to_string())?;
+        engine
+            .classify(&[Row { input: &input, task: &task }])
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn run_batch(engine: &Engine, queue: &Queue, batch: Vec<Entry>) {
+    let started = Instant::now();
+    // Last look for hung-up clients: their rows would be computed for nobody.
+    let (batch, gone): (Vec<Entry>, Vec<Entry>) = batch.into_iter().partition(|e| !e.reply.is_closed());
+    if !gone.is_empty() {
+        queue.note_abandoned(gone.len());
+    }
+    if batch.is_empty() {
+        return;
+    }
+    for e in &batch {
+        metrics::histogram!(m::QUEUE_SECONDS).record(started.duration_since(e.enqueued).as_secs_f64());
+    }
+    let tasks: HashSet<*const crate::registry::LoadedTask> = batch.iter().map(|e| Arc::as_ptr(&e.task)).collect();
+    metrics::histogram!(m::BATCH_ROWS).record(batch.len() as f64);
+    metrics::histogram!(m::BATCH_TASKS).record(tasks.len() as f64);
+    metrics::histogram!(m::BATCH_TOKENS).record(former::padded_tokens(batch.iter().map(Entry::cost)) as f64);
+
+    let rows: Vec<Row> = batch
+        .iter()
+        .map(|e| Row {
+            input: &e.input,
+            task: &e.task.model,
+        })
+        .collect();
+    // A panic in the engine must not take the thread (and so every later
+    // request) down with it: it fails this batch only.
+    let result = match catch_unwind(AssertUnwindSafe(|| engine.classify(&rows))) {
+        Ok(Ok(logits)) => Ok(logits),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(panic_message(panic)),
+    };
+    drop(rows);
+    metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(logits) => {
+            for (e, l) in batch.into_iter().zip(logits) {
+                // The client may have gone meanwhile; nothing to do then.
+                let _ = e.reply.send(Ok(l));
+            }
+        }
+        Err(err) => {
+            metrics::counter!(m::BATCH_FAILURES).increment(1);
+            tracing::error!(error = %err, rows = batch.len(), "batch failed");
+            let err = BatchError::Engine(err);
+            for e in batch {
+                let _ = e.reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    let msg = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("engine panicked: {msg}")
+}

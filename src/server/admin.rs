@@ -1,0 +1,178 @@
+//! Admin routes: upload (create or replace), delete and list tasks.
+//!
+//! An upload is parsed and validated against the model (registry.prepare)
+//! before anything is written, so a bad upload changes nothing served or
+//! stored; it is then written durably (store.put) and published before the
+//! answer, so every request admitted after the answer uses it.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use utoipa::ToSchema;
+
+use super::api::{ErrorResponse, TaskDetails, UploadResponse};
+use super::auth::Admin;
+use super::classify::body_error;
+use super::error::ApiError;
+use super::metrics::TASKS;
+use super::state::AppState;
+use super::upload::{AdapterParts, UploadError, native_task};
+use crate::registry::validate_id;
+use crate::task::Task;
+
+/// Multipart form of a PEFT adapter upload (documentation only: the parts
+/// are read by [`AdapterParts`]).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AdapterUpload {
+    /// The adapter's `adapter_config.json`.
+    #[schema(rename = "adapter_config.json", value_type = String, format = Binary)]
+    config: Vec<u8>,
+    /// The adapter's `adapter_model.safetensors`.
+    #[schema(rename = "adapter_model.safetensors", value_type = String, format = Binary)]
+    weights: Vec<u8>,
+    /// Optional JSON array of label names, in head order.
+    #[schema(value_type = Option<String>)]
+    labels: Option<String>,
+}
+
+/// Create or replace a task.
+#[utoipa::path(
+    put,
+    path = "/admin/tasks/{task}",
+    tag = "admin",
+    params(("task" = String, Path, description = "Task id: 1-128 of [A-Za-z0-9._-], starting with a letter or digit")),
+    request_body(description = "A native task file, or a PEFT adapter as multipart parts", content(
+        ("application/octet-stream"),
+        (AdapterUpload = "multipart/form-data"),
+    )),
+    responses(
+        (status = 200, description = "Replaced", body = UploadResponse),
+        (status = 201, description = "Created", body = UploadResponse),
+        (status = 400, description = "Malformed multipart body", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong bearer token, or admin API disabled", body = ErrorResponse),
+        (status = 413, description = "Upload too large", body = ErrorResponse),
+        (status = 415, description = "Unsupported content type", body = ErrorResponse),
+        (status = 422, description = "Invalid task id, task file or adapter", body = ErrorResponse),
+        (status = 500, description = "Store write failed", body = ErrorResponse),
+        (status = 503, description = "Not ready or shutting down", body = ErrorResponse),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn put_task(
+    _admin: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let core = state.core()?;
+    validate_id(&id)?;
+    let task = read_task(&state, req).await?;
+    // Validate and place on the device before any write.
+    let (task, loaded) = {
+        let (registry, id) = (core.registry.clone(), id.clone());
+        tokio::task::spawn_blocking(move || registry.prepare(&id, &task).map(|l| (task, l)))
+            .await
+            .map_err(|e| ApiError::Internal(format!("validation task: {e}")))??
+    };
+    let previous = {
+        let _writer = core.admin_lock.lock().await;
+        core.store.put(&id, &task).await?;
+        core.registry.publish(loaded.clone())
+    };
+    metrics::gauge!(TASKS).set(core.registry.len() as f64);
+    tracing::info!(task = %id, version = %loaded.version, replaced = previous.is_some(), "task uploaded");
+    let status = if previous.is_some() { StatusCode::OK } else { StatusCode::CREATED };
+    let body = UploadResponse {
+        replaced: previous.is_some(),
+        previous_version: previous.map(|p| p.version.clone()),
+        task: TaskDetails::new(&loaded, core.model.config()),
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// The upload body as a task, by content type.
+async fn read_task(state: &Arc<AppState>, req: Request) -> Result<Task, ApiError> {
+    let limit = state.args.upload_limit;
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let parse = match essence.as_str() {
+        "application/octet-stream" => {
+            let bytes = Bytes::from_request(req, state).await.map_err(|e| body_error(e, limit))?;
+            tokio::task::spawn_blocking(move || native_task(&bytes))
+        }
+        "multipart/form-data" => {
+            let multipart = Multipart::from_request(req, state)
+                .await
+                .map_err(|e| UploadError::Malformed(e.body_text()))?;
+            let parts = AdapterParts::read(multipart, limit).await?;
+            tokio::task::spawn_blocking(move || parts.into_task())
+        }
+        _ => return Err(UploadError::MediaType(content_type).into()),
+    };
+    Ok(parse.await.map_err(|e| ApiError::Internal(format!("parse task: {e}")))??)
+}
+
+/// Stop serving a task and remove it from the store.
+#[utoipa::path(
+    delete,
+    path = "/admin/tasks/{task}",
+    tag = "admin",
+    params(("task" = String, Path, description = "Task id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or wrong bearer token, or admin API disabled", body = ErrorResponse),
+        (status = 404, description = "Unknown task", body = ErrorResponse),
+        (status = 500, description = "Store delete failed", body = ErrorResponse),
+        (status = 503, description = "Not ready or shutting down", body = ErrorResponse),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn delete_task(
+    _admin: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let core = state.core()?;
+    if validate_id(&id).is_err() {
+        return Err(ApiError::TaskNotFound(id));
+    }
+    let (stored, served) = {
+        let _writer = core.admin_lock.lock().await;
+        let stored = core.store.delete(&id).await?;
+        (stored, core.registry.remove(&id).is_some())
+    };
+    metrics::gauge!(TASKS).set(core.registry.len() as f64);
+    if !stored && !served {
+        return Err(ApiError::TaskNotFound(id));
+    }
+    tracing::info!(task = %id, "task deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Every served task with how it runs.
+#[utoipa::path(
+    get,
+    path = "/admin/tasks",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Served tasks, sorted by id", body = Vec<TaskDetails>),
+        (status = 401, description = "Missing or wrong bearer token, or admin API disabled", body = ErrorResponse),
+        (status = 503, description = "Not ready", body = ErrorResponse),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn list_tasks(_admin: Admin, State(state): State<Arc<AppState>>) -> Result<Json<Vec<TaskDetails>>, ApiError> {
+    let core = state.core()?;
+    let config = core.model.config();
+    Ok(Json(core.registry.list().iter().map(|t| TaskDetails::new(t, config)).collect()))
+}

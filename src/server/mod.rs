@@ -1,0 +1,231 @@
+//! The HTTP server (`softprompt serve`): axum routes over the batcher.
+//!
+//! Data flows one way: HTTP → validate/tokenize ([`input`], in the handler)
+//! → queue → batch → engine ([`crate::batch`], one inference thread) →
+//! reply. Each layer has its own error type; [`error`] alone maps them to
+//! HTTP statuses.
+
+pub mod admin;
+pub mod api;
+pub mod auth;
+pub mod classify;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod input;
+pub mod lifecycle;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+pub mod scores;
+pub mod state;
+pub mod tasks;
+pub mod upload;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use config::ServeArgs;
+use state::{AppState, Core};
+
+use crate::batch::{BatchConfig, Batcher};
+use crate::engine::Engine;
+use crate::model::{Model, ModelError};
+use crate::registry::Registry;
+use crate::store::{DirStore, PromptStore, StoreError, load_all};
+use crate::task::Limits;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("model {path}: {source}")]
+    Model {
+        path: String,
+        #[source]
+        source: ModelError,
+    },
+    #[error("prompt store: {0}")]
+    Store(#[from] StoreError),
+    #[error("inference thread: {0}")]
+    Thread(std::io::Error),
+    #[error("start-up task failed: {0}")]
+    Join(String),
+}
+
+/// Extra time past the drain bound for closing connections.
+const CLOSE_SLACK: Duration = Duration::from_secs(2);
+
+/// A running server (in this process). Tests and benchmarks start it
+/// directly; `softprompt serve` goes through [`run`].
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    serve: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Binds, starts answering (probes say 503 while loading), loads the
+    /// model and the stored tasks, starts the inference thread, and returns
+    /// once loading is done. Use `--addr 127.0.0.1:0` for a free port.
+    pub async fn start(args: ServeArgs) -> Result<Server, StartError> {
+        let admin_token = args.resolve_admin_token()?;
+        let batch_config = args.batch_config()?;
+        let listener = TcpListener::bind(&args.addr).await.map_err(|source| StartError::Bind {
+            addr: args.addr.clone(),
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: args.addr.clone(),
+            source,
+        })?;
+        if admin_token.is_none() {
+            tracing::warn!("no admin token configured: the admin routes refuse every request");
+        }
+        let state = Arc::new(AppState::new(args, admin_token));
+        let app = routes::router(state.clone());
+        let drained = state.lifecycle.clone().drained(state.args.shutdown_timeout());
+        let serve = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(drained).await });
+        tracing::info!("listening on http://{addr}");
+
+        match load(&state.args, batch_config).await {
+            Ok(core) => {
+                if state.core.set(core).is_err() {
+                    unreachable!("the core is set once, here");
+                }
+            }
+            Err(e) => {
+                state.lifecycle.begin_drain();
+                let _ = tokio::time::timeout(CLOSE_SLACK, serve).await;
+                return Err(e);
+            }
+        }
+        Ok(Server { addr, state, serve })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The batcher (e.g. to [`Batcher::pause`] it).
+    pub fn batcher(&self) -> &Batcher {
+        &self.state.core.get().expect("set before start returns").batcher
+    }
+
+    /// Requests being handled now (probes included).
+    pub fn in_flight(&self) -> usize {
+        self.state.lifecycle.in_flight()
+    }
+
+    /// Begins a graceful shutdown, as SIGTERM does: `/ready` and new
+    /// requests answer 503 at once, in-flight requests finish.
+    pub fn shutdown(&self) {
+        self.state.lifecycle.begin_drain();
+    }
+
+    /// Waits until the server has stopped: after [`Server::shutdown`] (or a
+    /// signal, under [`run`]) the listener closes once in-flight requests
+    /// are done or the shutdown bound passes; then the inference thread
+    /// finishes what is queued and exits.
+    pub async fn wait(self) -> std::io::Result<()> {
+        let Server { state, mut serve, .. } = self;
+        let result = tokio::select! {
+            r = &mut serve => r,
+            _ = state.lifecycle.draining() => {
+                let bound = state.args.shutdown_timeout() + CLOSE_SLACK;
+                match tokio::time::timeout(bound, &mut serve).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!("connections still open past the shutdown bound; closing them");
+                        serve.abort();
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        };
+        state.lifecycle.begin_drain();
+        let st = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(core) = st.core.get() {
+                core.batcher.shutdown();
+            }
+        })
+        .await;
+        tracing::info!("server stopped");
+        match result {
+            Ok(r) => r,
+            Err(e) if e.is_cancelled() => Ok(()),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// Loads the model and the store's tasks and starts the inference thread.
+async fn load(args: &ServeArgs, batch_config: BatchConfig) -> Result<Core, StartError> {
+    let dir = args.model.clone();
+    let model = tokio::task::spawn_blocking(move || Model::load(&dir, &Device::Cpu))
+        .await
+        .map_err(|e| StartError::Join(e.to_string()))?
+        .map_err(|source| StartError::Model {
+            path: args.model.display().to_string(),
+            source,
+        })?;
+    let model = Arc::new(model);
+    tracing::info!(model = %model.name, "model loaded");
+    let registry = Arc::new(Registry::new(model.clone(), Limits::default()));
+    let store: Arc<dyn PromptStore> = Arc::new(DirStore::open(&args.prompts)?);
+    // Validation and device placement are CPU work: off the async workers.
+    let report = {
+        let (store, registry, strict) = (store.clone(), registry.clone(), args.strict);
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || rt.block_on(load_all(store.as_ref(), &registry, strict)))
+            .await
+            .map_err(|e| StartError::Join(e.to_string()))??
+    };
+    tracing::info!(
+        store = %store.location(),
+        loaded = report.loaded.len(),
+        skipped = report.skipped.len(),
+        "tasks loaded"
+    );
+    ::metrics::gauge!(metrics::TASKS).set(registry.len() as f64);
+    let batcher = Batcher::start(Engine::new(model.clone()), batch_config).map_err(StartError::Thread)?;
+    Ok(Core {
+        model,
+        registry,
+        store,
+        batcher,
+        admin_lock: tokio::sync::Mutex::new(()),
+    })
+}
+
+/// `softprompt serve`: runs until SIGTERM/SIGINT, then shuts down
+/// gracefully and returns.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(async {
+        let server = Server::start(args).await?;
+        let lifecycle = server.state.lifecycle.clone();
+        tokio::spawn(async move {
+            lifecycle::shutdown_signal().await;
+            lifecycle.begin_drain();
+        });
+        server.wait().await?;
+        anyhow::Ok(())
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}

@@ -1,0 +1,165 @@
+//! The `softprompt serve` binary as a process: defaults with no flags,
+//! SIGTERM drains and exits 0.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use candle_core::Device;
+use serde_json::{Value, json};
+use softprompt::engine::{Engine, Row};
+use softprompt::model::Model;
+use softprompt::task::peft;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every `SOFTPROMPT_*` variable this process has is removed from the
+/// child, so only what the test sets applies.
+fn serve_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_softprompt"));
+    cmd.arg("serve").current_dir(dir).stdout(Stdio::null()).stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SOFTPROMPT_") {
+            cmd.env_remove(k);
+        }
+    }
+    // Loopback only, free port: the one setting the tests must override.
+    cmd.env("SOFTPROMPT_ADDR", "127.0.0.1:0");
+    cmd
+}
+
+/// Spawns the server and returns it with its base URL, read from the
+/// "listening on" log line; the rest of stderr keeps draining to a channel.
+fn spawn(mut cmd: Command) -> (Child, String, mpsc::Receiver<String>) {
+    let mut child = cmd.spawn().expect("spawn softprompt serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let base = loop {
+        let line = rx.recv_timeout(Duration::from_secs(120)).expect("server logs its address");
+        if let Some(at) = line.find("listening on http://") {
+            let rest = &line[at + "listening on ".len()..];
+            let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
+            break rest[..end].to_string();
+        }
+    };
+    (child, base, rx)
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str) {
+    for _ in 0..1200 {
+        if let Ok(r) = http.get(format!("{base}/ready")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("server never became ready");
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..1200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().ok();
+    panic!("server did not exit after SIGTERM");
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+fn copy_adapter(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_flags_serves_the_default_model_and_prompts_dir() {
+    let model_dir = root().join("models/all-MiniLM-L6-v2");
+    assert!(model_dir.join("config.json").is_file(), "default model missing: run scripts/fetch_model.sh");
+    // A working directory laid out like a deployment: models/ and prompts/.
+    let cwd = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(root().join("models"), cwd.path().join("models")).unwrap();
+    let adapter = root().join("tests/fixtures/minilm-adapters/minilm_pt_8");
+    copy_adapter(&adapter, &cwd.path().join("prompts/minilm_pt_8"));
+
+    let (mut child, base, _logs) = spawn(serve_command(cwd.path()));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_ready(&http, &base).await;
+    let health: Value = http.get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["model"], "all-MiniLM-L6-v2");
+    assert_eq!(health["tasks"], 1);
+
+    let text = "a fine default deployment";
+    let resp = http
+        .post(format!("{base}/v1/tasks/minilm_pt_8/classify"))
+        .json(&json!({"inputs": text, "parameters": {"function_to_apply": "none"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let task = peft::read_dir(&adapter, None).unwrap();
+    assert_eq!(resp.headers()["x-task-version"].to_str().unwrap(), task.version);
+    let body: Value = resp.json().await.unwrap();
+    let model = std::sync::Arc::new(Model::load(&model_dir, &Device::Cpu).unwrap());
+    let enc = model.tokenizer.encode(text, None, task.model.text_budget(model.config()), false).unwrap();
+    let want = Engine::new(model.clone()).classify(&[Row { input: &enc, task: &task.model }]).unwrap().remove(0);
+    for e in body[0].as_array().unwrap() {
+        let i = task.meta.labels.iter().position(|l| l == e["label"].as_str().unwrap()).unwrap();
+        assert!((e["score"].as_f64().unwrap() as f32 - want[i]).abs() <= 1e-4);
+    }
+
+    sigterm(&child);
+    assert!(wait_exit(&mut child).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let cwd = tempfile::tempdir().unwrap();
+    copy_adapter(&root().join("tests/fixtures/adapters/prefix_2"), &cwd.path().join("store/prefix_2"));
+    let mut cmd = serve_command(cwd.path());
+    cmd.env("SOFTPROMPT_MODEL", root().join("tests/fixtures/tiny-bert"))
+        .env("SOFTPROMPT_PROMPTS", cwd.path().join("store"))
+        .env("SOFTPROMPT_SHUTDOWN_TIMEOUT_MS", "10000")
+        .arg("--log-json");
+    let (mut child, base, logs) = spawn(cmd);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_ready(&http, &base).await;
+    let resp = http
+        .post(format!("{base}/v1/tasks/prefix_2/classify"))
+        .json(&json!({"inputs": ["one", "two"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    sigterm(&child);
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "exit status {status}");
+    // Ends when the child's stderr closes.
+    let mut lines = Vec::new();
+    while let Ok(l) = logs.recv_timeout(Duration::from_secs(60)) {
+        lines.push(l);
+    }
+    assert!(lines.iter().any(|l| l.contains("SIGTERM")), "logs the signal: {lines:?}");
+    // --log-json: structured lines.
+    assert!(lines.iter().all(|l| serde_json::from_str::<Value>(l).is_ok()), "{lines:?}");
+}
