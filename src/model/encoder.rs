@@ -9,6 +9,7 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 
 use super::ModelError;
 use super::config::ModelConfig;
+use super::kernels;
 use super::weights::Weights;
 
 /// Which kernels to use. Serving uses candle's fused layer norm and softmax;
@@ -140,6 +141,10 @@ struct Layer {
     intermediate: Linear,
     output: Linear,
     out_norm: Norm,
+    /// `[bias; gamma; beta]` of (attention output, its norm) and (FFN
+    /// output, its norm), stacked for the fused CPU kernel.
+    attn_fused: Tensor,
+    out_fused: Tensor,
 }
 
 /// The frozen encoder: embeddings, transformer layers and (when the
@@ -172,13 +177,20 @@ impl Encoder {
                 weight: cat([&q.weight, &k.weight, &v.weight])?,
                 bias: cat([&q.bias, &k.bias, &v.bias])?,
             };
+            let attn_out = Linear::load(w, &format!("{p}.attention.output.dense"), h, h)?;
+            let attn_norm = Norm::load(w, &format!("{p}.attention.output.LayerNorm"), h, eps)?;
+            let output = Linear::load(w, &format!("{p}.output.dense"), h, i)?;
+            let out_norm = Norm::load(w, &format!("{p}.output.LayerNorm"), h, eps)?;
+            let stack = |l: &Linear, n: &Norm| Tensor::stack(&[&l.bias, &n.weight, &n.bias], 0);
             layers.push(Layer {
                 qkv,
-                attn_out: Linear::load(w, &format!("{p}.attention.output.dense"), h, h)?,
-                attn_norm: Norm::load(w, &format!("{p}.attention.output.LayerNorm"), h, eps)?,
+                attn_fused: stack(&attn_out, &attn_norm)?,
+                out_fused: stack(&output, &out_norm)?,
+                attn_out,
+                attn_norm,
                 intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), i, h)?,
-                output: Linear::load(w, &format!("{p}.output.dense"), h, i)?,
-                out_norm: Norm::load(w, &format!("{p}.output.LayerNorm"), h, eps)?,
+                output,
+                out_norm,
             });
         }
         let pooler = match w.get_opt("pooler.dense.weight", &[h, h])? {
@@ -258,6 +270,10 @@ impl Encoder {
         let scale = 1.0 / (d as f64).sqrt();
         let mut x = x.reshape((b * s, h))?;
         use crate::profile::time;
+        // Fused kernels exist for the CPU serving path only (no backward).
+        let fused = mode == OpsMode::Serve && self.device.is_cpu();
+        let eps = self.config.layer_norm_eps;
+        let mask2 = if fused { mask.flatten_from(1)? } else { mask.clone() };
         for (l, layer) in self.layers.iter().enumerate() {
             let qkv = time("qkv.matmul", || layer.qkv.forward(&x))?;
             let qkv = time("qkv.split", || {
@@ -274,6 +290,18 @@ impl Encoder {
                 v = time("prefix.cat", || Tensor::cat(&[&pl.get(1)?, &v], 2))?;
             }
             let scores = time("attn.scores", || q.matmul(&k.t()?))?;
+            if fused {
+                let probs = time("attn.softmax", || kernels::masked_softmax(&scores, &mask2))?;
+                let ctx = time("attn.context", || probs.matmul(&v))?;
+                let ctx = time("attn.merge", || ctx.transpose(1, 2)?.reshape((b * s, h)))?;
+                let attn = time("attn_out.matmul", || ctx.matmul(&layer.attn_out.weight.t()?))?;
+                let x1 = time("attn_out.norm", || kernels::residual_norm(&attn, &x, &layer.attn_fused, eps))?;
+                let inter = time("ffn.in.matmul", || x1.matmul(&layer.intermediate.weight.t()?))?;
+                let inter = time("ffn.gelu", || kernels::bias_gelu(&inter, &layer.intermediate.bias))?;
+                let out = time("ffn.out.matmul", || inter.matmul(&layer.output.weight.t()?))?;
+                x = time("ffn.out.norm", || kernels::residual_norm(&out, &x1, &layer.out_fused, eps))?;
+                continue;
+            }
             let scores = time("attn.mask", || scores.broadcast_add(mask))?;
             let probs = time("attn.softmax", || softmax_last(&scores, mode))?;
             let ctx = time("attn.context", || probs.matmul(&v))?;

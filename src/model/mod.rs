@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod encoder;
+pub mod kernels;
 pub mod tokenizer;
 pub mod weights;
 
