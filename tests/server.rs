@@ -247,9 +247,9 @@ async fn rows_of_clients_that_hung_up_are_dropped_before_compute() {
     client.abort();
     // The server notices the closed connection and drops the handler.
     s.until("handler dropped", |srv| srv.in_flight() == 0).await;
-    let before = s.server.batcher().abandoned();
+    let before = s.server.batcher().stats().abandoned;
     drop(pause);
-    s.until("rows discarded", |srv| srv.batcher().abandoned() == before + 3).await;
+    s.until("rows discarded", |srv| srv.batcher().stats().abandoned == before + 3).await;
     assert_eq!(s.server.batcher().waiting(), 0);
     // Live clients are unaffected.
     assert_eq!(s.classify("prefix_2", &json!({"inputs": "still here"})).await.status(), 200);
@@ -266,7 +266,7 @@ async fn a_request_past_its_deadline_gets_503_and_its_rows_are_abandoned() {
     assert_eq!((status, kind.as_str()), (503, "timeout"));
     assert!(headers.contains_key("retry-after"));
     drop(pause);
-    s.until("rows discarded", |srv| srv.batcher().abandoned() == 2).await;
+    s.until("rows discarded", |srv| srv.batcher().stats().abandoned == 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -322,9 +322,38 @@ async fn concurrent_clients_over_many_tasks_get_the_scores_of_single_requests() 
     for h in handles {
         h.await.unwrap();
     }
-    // Rows of different tasks did share forward passes.
-    let metrics = s.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("softprompt_batch_tasks_bucket"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_different_tasks_and_lengths_share_one_forward_pass() {
+    let names: [&'static str; 4] = ["pt_random_2", "ptune_lstm_3", "prefix_2", "prefix_proj_3"];
+    let store = store_with(&names);
+    let s = Arc::new(start(&flags(store.path())).await);
+    s.until("warm", |srv| srv.batcher().is_warm()).await;
+    let inputs = sample_inputs();
+    let pause = s.server.batcher().pause();
+    let before = s.server.batcher().stats();
+    let mut held = Vec::new();
+    for (t, name) in names.into_iter().enumerate() {
+        let s = s.clone();
+        let picked: Vec<In> = inputs.iter().skip(t).step_by(2).cloned().collect();
+        let body = json!({"inputs": picked.iter().map(In::json).collect::<Vec<_>>(), "parameters": {"function_to_apply": "none"}});
+        held.push((name, picked, tokio::spawn(async move { s.classify(name, &body).await })));
+    }
+    let queued: usize = held.iter().map(|(_, p, _)| p.len()).sum();
+    s.until("all rows queued", |srv| srv.batcher().waiting() == queued).await;
+    drop(pause);
+    let reference = Reference::new();
+    for (name, picked, h) in held {
+        let body: Value = h.await.unwrap().json().await.unwrap();
+        let task = fixture_task(name);
+        for (i, input) in picked.iter().enumerate() {
+            reference.check(&task, input, &body[i], false);
+        }
+    }
+    let after = s.server.batcher().stats();
+    assert_eq!(after.rows - before.rows, queued as u64);
+    assert_eq!(after.batches - before.batches, 1, "one forward pass for four tasks of both kinds");
 }
 
 // ---------------------------------------------------------------- tasks
@@ -769,7 +798,7 @@ async fn metrics_cover_requests_queue_and_batches_with_bounded_task_labels() {
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = resp.text().await.unwrap();
     for needle in [
-        "softprompt_http_requests_total{",
+        "softprompt_http_requests_total{route=\"/v1/tasks/{task}/classify\",method=\"POST\",status=\"200\"}",
         "softprompt_http_request_duration_seconds_bucket{",
         "softprompt_queue_seconds_bucket",
         "softprompt_batch_rows_bucket",

@@ -73,6 +73,18 @@ pub enum BatchError {
     Engine(String),
 }
 
+/// What the inference thread has done since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Forward passes run (warm-up excluded).
+    pub batches: u64,
+    /// Rows computed in them.
+    pub rows: u64,
+    /// Rows discarded before compute because their client hung up (or
+    /// timed out).
+    pub abandoned: u64,
+}
+
 /// The answer to one row: its logits, in the task's label order.
 pub type RowResult = Result<Vec<f32>, BatchError>;
 
@@ -172,10 +184,10 @@ impl Batcher {
         self.queue.len()
     }
 
-    /// Rows discarded before compute because their client hung up (or
-    /// timed out), since start.
-    pub fn abandoned(&self) -> u64 {
-        self.queue.abandoned()
+    /// Counts since start: what the inference thread did with the rows it
+    /// was given.
+    pub fn stats(&self) -> BatchStats {
+        self.queue.stats()
     }
 
     /// Holds batch formation until the guard drops; admission goes on until

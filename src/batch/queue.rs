@@ -8,7 +8,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::metrics as m;
-use super::{BatchConfig, BatchError, Entry, former};
+use super::{BatchConfig, BatchError, BatchStats, Entry, former};
 
 struct State {
     entries: VecDeque<Entry>,
@@ -22,6 +22,8 @@ pub(super) struct Queue {
     ready: Condvar,
     capacity: usize,
     abandoned: AtomicU64,
+    batches: AtomicU64,
+    rows_run: AtomicU64,
 }
 
 impl Queue {
@@ -35,6 +37,8 @@ impl Queue {
             ready: Condvar::new(),
             capacity,
             abandoned: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            rows_run: AtomicU64::new(0),
         }
     }
 
@@ -71,8 +75,18 @@ impl Queue {
         metrics::counter!(m::ROWS_ABANDONED).increment(n as u64);
     }
 
-    pub fn abandoned(&self) -> u64 {
-        self.abandoned.load(Ordering::Relaxed)
+    /// Counts a forward pass of `rows` rows.
+    pub fn note_batch(&self, rows: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.rows_run.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> BatchStats {
+        BatchStats {
+            batches: self.batches.load(Ordering::Relaxed),
+            rows: self.rows_run.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
+        }
     }
 
     pub fn len(&self) -> usize {

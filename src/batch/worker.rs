@@ -57,6 +57,7 @@ fn run_batch(engine: &Engine, queue: &Queue, batch: Vec<Entry>) {
         metrics::histogram!(m::QUEUE_SECONDS).record(started.duration_since(e.enqueued).as_secs_f64());
     }
     let tasks: HashSet<*const crate::registry::LoadedTask> = batch.iter().map(|e| Arc::as_ptr(&e.task)).collect();
+    queue.note_batch(batch.len());
     metrics::histogram!(m::BATCH_ROWS).record(batch.len() as f64);
     metrics::histogram!(m::BATCH_TASKS).record(tasks.len() as f64);
     metrics::histogram!(m::BATCH_TOKENS).record(former::padded_tokens(batch.iter().map(Entry::cost)) as f64);

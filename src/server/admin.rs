@@ -24,8 +24,8 @@ use super::upload::{AdapterParts, UploadError, native_task};
 use crate::registry::validate_id;
 use crate::task::Task;
 
-/// Multipart form of a PEFT adapter upload (documentation only: the parts
-/// are read by [`AdapterParts`]).
+/// Multipart form of a PEFT adapter upload.
+// Documentation only: the parts are read by `AdapterParts`.
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct AdapterUpload {

@@ -21,9 +21,8 @@ pub struct ClassifyRequest {
 }
 
 /// One input or a batch of inputs.
-///
-/// Deserialized by hand: serde's untagged enums would read `["a", "b"]` as
-/// one pair (structs accept sequences), and give unhelpful messages.
+// Deserialized by hand: serde's untagged enums would read `["a", "b"]` as
+// one pair (structs accept sequences), and give unhelpful messages.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum Inputs {

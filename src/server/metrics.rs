@@ -100,9 +100,12 @@ pub async fn track(req: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().as_str().to_string();
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status).increment(1);
-    metrics::histogram!(HTTP_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed();
+    tracing::debug!(%method, %route, status, ms = elapsed.as_secs_f64() * 1e3, "request");
+    metrics::counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!(HTTP_SECONDS, "route" => route).record(elapsed.as_secs_f64());
     resp
 }
 
