@@ -1,7 +1,9 @@
 //! Turns rows of different tasks into the padded tensors of one forward pass.
 //!
-//! Each row's sequence is its template laid out (virtual tokens and text);
-//! rows are right-padded to the longest. Embeddings come from two gathers
+//! Each row's sequence is its template laid out (virtual tokens and text).
+//! Tokens are packed row after row without padding for the per-token work
+//! (embeddings, linear layers); attention alone sees rows right-padded to the
+//! longest, through the `pad_index`/`pack_index` maps. Embeddings come from two gathers
 //! (word vectors for text, a per-batch table of virtual vectors) so that no
 //! row's layout depends on another's. Deep prompts are gathered once for all
 //! layers from a per-batch table, padded to the longest prefix and masked.
@@ -23,16 +25,26 @@ pub struct Assembled {
     pub seq: usize,
     /// Longest deep prefix in the batch (0 when no row has one).
     pub prefix_len: usize,
-    /// `[B*S, hidden]` input vectors before type/position embeddings.
+    /// Real (non-padding) positions in the batch: N = Σ row lengths.
+    pub tokens: usize,
+    /// `[N, hidden]` input vectors before type/position embeddings, packed
+    /// row after row with no padding: the linear layers never see padding.
     pub inputs: Tensor,
+    /// `[B*S]`: for each padded slot, the packed row it reads (padding
+    /// slots read row 0; they are masked as keys and dropped as queries).
+    pub pad_index: Tensor,
+    /// `[N]`: for each packed token, its padded slot `b*S + i`.
+    pub pack_index: Tensor,
+    /// `[B]`: packed index of each row's position 0.
+    pub first_index: Tensor,
+    /// `[B, N]`: mean-pooling weights (1/count on the row's text tokens).
+    pub mean_weights: Tensor,
     pub type_ids: Tensor,
     pub position_ids: Tensor,
     /// `[B, 1, 1, P + S]` additive attention mask.
     pub mask: Tensor,
     /// `[L, 2, B, heads, P, head_dim]`, when any row has a deep prompt.
     pub prefix: Option<Tensor>,
-    /// `[B, S]`: 1.0 on text tokens (for mean pooling).
-    pub text_mask: Tensor,
     /// Distinct tasks of the batch, in first-seen order, with their rows.
     pub groups: Vec<(usize, Vec<u32>)>,
 }
@@ -128,13 +140,19 @@ pub fn assemble(
     let p = rows.iter().map(|r| r.task.deep_len()).max().unwrap_or(0);
     let offset = config.position_offset() as u32;
 
-    let mut word_ids = vec![0u32; b * s];
-    let mut virt_ids = vec![0u32; b * s];
-    let mut is_text = vec![0f32; b * s];
-    let mut types = vec![0u32; b * s];
-    let mut positions = vec![offset; b * s];
+    let n: usize = layouts.iter().map(Vec::len).sum();
+    let mut word_ids = vec![0u32; n];
+    let mut virt_ids = vec![0u32; n];
+    let mut is_text = vec![0f32; n];
+    let mut types = vec![0u32; n];
+    let mut positions = vec![offset; n];
     let mut mask = vec![MASKED; b * (p + s)];
     let mut deep_ids = vec![0u32; b * p];
+    let mut pad_index = vec![0u32; b * s];
+    let mut pack_index = vec![0u32; n];
+    let mut first_index = vec![0u32; b];
+    let mut mean_weights = vec![0f32; b * n];
+    let mut k = 0usize;
     for (r, l) in layouts.iter().enumerate() {
         let t = task_of_row[r];
         let nd_row = rows[r].task.deep_len();
@@ -142,32 +160,33 @@ pub fn assemble(
             deep_ids[r * p + j] = deep_offset[t] + j as u32;
             mask[r * (p + s) + j] = 0.0;
         }
+        first_index[r] = k as u32;
+        let texts = l.iter().filter(|x| matches!(x, Slot::Text { .. })).count().max(1);
         for (i, slot) in l.iter().enumerate() {
-            let k = r * s + i;
             positions[k] = offset + (nd_row + i) as u32;
             mask[r * (p + s) + p + i] = 0.0;
+            pad_index[r * s + i] = k as u32;
+            pack_index[k] = (r * s + i) as u32;
             match *slot {
                 Slot::Virtual(v) => virt_ids[k] = virt_offset[t] + v,
                 Slot::Text { id, ty } => {
+                    if id as usize >= config.vocab_size {
+                        return Err(EngineError::BadToken { row: r, id, vocab: config.vocab_size });
+                    }
                     word_ids[k] = id;
                     types[k] = ty;
                     is_text[k] = 1.0;
+                    mean_weights[r * n + k] = 1.0 / texts as f32;
                 }
             }
-        }
-    }
-    for (k, &id) in word_ids.iter().enumerate() {
-        if id as usize >= config.vocab_size {
-            return Err(EngineError::BadToken {
-                row: k / s.max(1),
-                id,
-                vocab: config.vocab_size,
-            });
+            k += 1;
         }
     }
 
-    let u32s = |v: Vec<u32>| Tensor::from_vec(v, (b * s,), device);
-    let text_mask = Tensor::from_vec(is_text, (b * s,), device)?;
+    let u32s = |v: Vec<u32>| {
+        let len = v.len();
+        Tensor::from_vec(v, (len,), device)
+    };
     let words = word_embeddings.index_select(&u32s(word_ids)?, 0)?;
     let inputs = if nv > 1 {
         let mut table = vec![Tensor::zeros((1, hidden), candle_core::DType::F32, device)?];
@@ -178,7 +197,8 @@ pub fn assemble(
         );
         let table = Tensor::cat(&table, 0)?;
         let virt = table.index_select(&u32s(virt_ids)?, 0)?;
-        (words.broadcast_mul(&text_mask.unsqueeze(1)?)? + virt)?
+        let text_mask = Tensor::from_vec(is_text, (n, 1), device)?;
+        (words.broadcast_mul(&text_mask)? + virt)?
     } else {
         words
     };
@@ -212,12 +232,16 @@ pub fn assemble(
         batch: b,
         seq: s,
         prefix_len: p,
+        tokens: n,
         inputs,
+        pad_index: u32s(pad_index)?,
+        pack_index: u32s(pack_index)?,
+        first_index: u32s(first_index)?,
+        mean_weights: Tensor::from_vec(mean_weights, (b, n), device)?,
         type_ids: u32s(types)?,
         position_ids: u32s(positions)?,
         mask: Tensor::from_vec(mask, (b, 1, 1, p + s), device)?,
         prefix,
-        text_mask: text_mask.reshape((b, s))?,
         groups,
     })
 }

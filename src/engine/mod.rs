@@ -9,6 +9,7 @@ pub mod template;
 use candle_core::{D, Tensor};
 use std::sync::Arc;
 
+use crate::model::encoder::Packing;
 use crate::model::{Encoded, Encoder, Model, ModelError, OpsMode};
 pub use task_model::{Head, Pooling, ShallowPrompt, TaskModel};
 pub use template::{Segment, Template};
@@ -78,26 +79,24 @@ impl Engine {
     pub fn forward(&self, rows: &[Row<'_>], mode: OpsMode) -> Result<Vec<TaskLogits>, EngineError> {
         let enc: &Encoder = &self.model.encoder;
         let a = assemble::assemble(rows, &enc.config, enc.word_embeddings(), enc.device())?;
-        let x = enc.embed(
-            &a.inputs,
-            &a.type_ids,
-            &a.position_ids,
-            (a.batch, a.seq),
-            mode,
-        )?;
-        let hidden = enc.encode(&x, &a.mask, a.prefix.as_ref(), mode)?;
+        let x = enc.embed(&a.inputs, &a.type_ids, &a.position_ids, mode)?;
+        let pack = Packing {
+            batch: a.batch,
+            seq: a.seq,
+            pad_index: &a.pad_index,
+            pack_index: &a.pack_index,
+        };
+        let hidden = enc.encode(&x, &pack, &a.mask, a.prefix.as_ref(), mode)?;
 
         let needs = |p: Pooling| a.groups.iter().any(|(first, _)| rows[*first].task.pooling == p);
-        let first = Encoder::first_token(&hidden)?;
+        let first = hidden.index_select(&a.first_index, 0)?;
         let pooled = if needs(Pooling::Pooler) {
             Some(enc.pool(&first)?)
         } else {
             None
         };
         let mean = if needs(Pooling::Mean) {
-            let m = a.text_mask.unsqueeze(2)?;
-            let sum = hidden.broadcast_mul(&m)?.sum(1)?;
-            Some(sum.broadcast_div(&a.text_mask.sum_keepdim(1)?)?)
+            Some(a.mean_weights.matmul(&hidden)?)
         } else {
             None
         };

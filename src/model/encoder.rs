@@ -5,7 +5,7 @@
 //! `engine::assemble`): shallow prompts live in the embeddings, deep prompts
 //! come in as one gathered tensor that each layer slices.
 
-use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
 use super::ModelError;
 use super::config::ModelConfig;
@@ -147,6 +147,17 @@ struct Layer {
     out_fused: Tensor,
 }
 
+/// Where each row's tokens sit: packed `[N]` for per-token work, padded
+/// `[B, S]` for attention.
+pub struct Packing<'a> {
+    pub batch: usize,
+    pub seq: usize,
+    /// `[B*S]` padded slot → packed token (padding reads token 0).
+    pub pad_index: &'a Tensor,
+    /// `[N]` packed token → padded slot.
+    pub pack_index: &'a Tensor,
+}
+
 /// The frozen encoder: embeddings, transformer layers and (when the
 /// checkpoint has one) the BERT pooler.
 pub struct Encoder {
@@ -234,41 +245,43 @@ impl Encoder {
         self.pooler.is_some()
     }
 
-    /// Embedding layer on pre-gathered input vectors `[B*S, hidden]`:
+    /// Embedding layer on pre-gathered input vectors `[N, hidden]`:
     /// adds token-type and position embeddings, then layer norm.
     pub fn embed(
         &self,
         inputs: &Tensor,
         type_ids: &Tensor,
         position_ids: &Tensor,
-        shape: (usize, usize),
         mode: OpsMode,
     ) -> candle_core::Result<Tensor> {
         let types = self.token_type_embeddings.index_select(type_ids, 0)?;
         let pos = self.position_embeddings.index_select(position_ids, 0)?;
         let x = ((inputs + types)? + pos)?;
-        let x = x.reshape((shape.0, shape.1, self.config.hidden_size))?;
         self.embed_norm.forward(&x, mode)
     }
 
-    /// Runs all layers.
+    /// Runs all layers on packed tokens and returns them packed `[N, hidden]`.
     ///
-    /// * `x`: `[B, S, hidden]` embeddings.
+    /// * `x`: `[N, hidden]` embeddings, rows packed without padding.
+    /// * `pack`: how packed tokens map to the padded `[B, S]` grid that
+    ///   attention uses.
     /// * `mask`: additive `[B, 1, 1, P + S]` (0 = attend, very negative = skip).
     /// * `prefix`: deep prompts `[L, 2, B, heads, P, head_dim]` (key = 0,
     ///   value = 1), already padded to the batch's longest prefix P.
     pub fn encode(
         &self,
         x: &Tensor,
+        pack: &Packing<'_>,
         mask: &Tensor,
         prefix: Option<&Tensor>,
         mode: OpsMode,
     ) -> candle_core::Result<Tensor> {
-        let (b, s, h) = x.dims3()?;
+        let (b, s) = (pack.batch, pack.seq);
+        let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let d = self.config.head_dim();
         let scale = 1.0 / (d as f64).sqrt();
-        let mut x = x.reshape((b * s, h))?;
+        let mut x = x.clone();
         use crate::profile::time;
         // Fused kernels exist for the CPU serving path only (no backward).
         let fused = mode == OpsMode::Serve && self.device.is_cpu();
@@ -277,7 +290,8 @@ impl Encoder {
         for (l, layer) in self.layers.iter().enumerate() {
             let qkv = time("qkv.matmul", || layer.qkv.forward(&x))?;
             let qkv = time("qkv.split", || {
-                qkv.reshape((b, s, 3, heads, d))?
+                qkv.index_select(pack.pad_index, 0)?
+                    .reshape((b, s, 3, heads, d))?
                     .permute((2, 0, 3, 1, 4))?
                     .contiguous()
             })?;
@@ -293,7 +307,9 @@ impl Encoder {
             if fused {
                 let probs = time("attn.softmax", || kernels::masked_softmax(&scores, &mask2))?;
                 let ctx = time("attn.context", || probs.matmul(&v))?;
-                let ctx = time("attn.merge", || ctx.transpose(1, 2)?.reshape((b * s, h)))?;
+                let ctx = time("attn.merge", || {
+                    ctx.transpose(1, 2)?.reshape((b * s, h))?.index_select(pack.pack_index, 0)
+                })?;
                 let attn = time("attn_out.matmul", || ctx.matmul(&layer.attn_out.weight.t()?))?;
                 let x1 = time("attn_out.norm", || kernels::residual_norm(&attn, &x, &layer.attn_fused, eps))?;
                 let inter = time("ffn.in.matmul", || x1.matmul(&layer.intermediate.weight.t()?))?;
@@ -305,7 +321,9 @@ impl Encoder {
             let scores = time("attn.mask", || scores.broadcast_add(mask))?;
             let probs = time("attn.softmax", || softmax_last(&scores, mode))?;
             let ctx = time("attn.context", || probs.matmul(&v))?;
-            let ctx = time("attn.merge", || ctx.transpose(1, 2)?.reshape((b * s, h)))?;
+            let ctx = time("attn.merge", || {
+                    ctx.transpose(1, 2)?.reshape((b * s, h))?.index_select(pack.pack_index, 0)
+                })?;
             let attn = time("attn_out.matmul", || layer.attn_out.forward(&ctx))?;
             let x1 = time("attn_out.norm", || layer.attn_norm.forward(&(attn + &x)?, mode))?;
             let inter = time("ffn.in.matmul", || layer.intermediate.forward(&x1))?;
@@ -313,7 +331,7 @@ impl Encoder {
             let out = time("ffn.out.matmul", || layer.output.forward(&inter))?;
             x = time("ffn.out.norm", || layer.out_norm.forward(&(out + x1)?, mode))?;
         }
-        x.reshape((b, s, h))
+        Ok(x)
     }
 
     /// BERT pooler (`tanh(W h + b)`) over given vectors `[N, hidden]`.
@@ -326,10 +344,6 @@ impl Encoder {
         Ok(p.forward(first)?.tanh()?)
     }
 
-    /// Vectors at sequence position 0 of each row: `[B, hidden]`.
-    pub fn first_token(hidden: &Tensor) -> candle_core::Result<Tensor> {
-        hidden.i((.., 0, ..))?.contiguous()
-    }
 
     /// Zero tensor helper on this encoder's device.
     pub fn zeros(&self, shape: &[usize]) -> candle_core::Result<Tensor> {
