@@ -5,9 +5,10 @@
 pub mod cli;
 pub mod native;
 pub mod peft;
+mod st;
 pub mod validate;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -20,32 +21,44 @@ pub use validate::{Limits, validate};
 /// expected and what was found.
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
+    /// The file system refused (the path says which file).
     #[error("{path}: {source}")]
     Io {
         path: String,
         source: std::io::Error,
     },
+    /// The bytes are not the format they claim to be.
     #[error("{what}: not a valid file: {reason}")]
     Format { what: String, reason: String },
+    /// A value differs from what the format or the model requires.
     #[error("{field}: expected {expected}, found {found}")]
     Mismatch {
         field: String,
         expected: String,
         found: String,
     },
+    /// A required field or tensor is absent.
     #[error("{field}: missing (expected {expected})")]
     Missing { field: String, expected: String },
+    /// A value outside what we can read, serve or export.
     #[error("{field}: unsupported value {found} (supported: {supported})")]
     Unsupported {
         field: String,
         found: String,
         supported: String,
     },
-    #[error("{field}: {count} values are NaN or infinite")]
-    NonFinite { field: String, count: usize },
+    /// NaN or ±Inf in a tensor: it would poison every row of its batch
+    /// group, so it is refused at load.
+    #[error("{field}: expected finite values, found {count} NaN or infinite of {total}")]
+    NonFinite {
+        field: String,
+        count: usize,
+        total: usize,
+    },
 }
 
 impl TaskError {
+    /// Shorthand for [`TaskError::Mismatch`], the most common refusal.
     pub(crate) fn mismatch(field: &str, expected: impl ToString, found: impl ToString) -> Self {
         TaskError::Mismatch {
             field: field.into(),
@@ -92,8 +105,12 @@ pub struct TaskMeta {
     /// Placement of the shallow prompt (`[P:n] {text}` for a plain prefix).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// How the head's input is pooled; must equal `TaskModel::pooling`
+    /// (it is stored here because the native file keeps it in the header).
     pub pooling: Pooling,
+    /// The model the prompt was trained against (checked at load).
     pub base_model: BaseModelRef,
+    /// Where the task came from, for people inspecting it.
     #[serde(default)]
     pub provenance: Provenance,
 }
@@ -116,6 +133,7 @@ pub enum PromptKind {
 /// engine's device.
 #[derive(Clone)]
 pub struct Task {
+    /// Labels, template, pooling, base model and provenance.
     pub meta: TaskMeta,
     /// Host copy of what the engine runs (tensors on the CPU, f32).
     pub model: TaskModel,
@@ -173,6 +191,38 @@ impl Task {
         })
     }
 
+    /// The metadata and the model must say the same thing (pooling,
+    /// template), since a file stores only one of the two: a task whose
+    /// halves disagree would change behaviour on a write/read cycle.
+    pub fn check_consistent(&self) -> Result<(), TaskError> {
+        if self.meta.pooling != self.model.pooling {
+            return Err(TaskError::mismatch(
+                "meta.pooling",
+                format!("{:?} (the model's pooling)", self.model.pooling.as_str()),
+                format!("{:?}", self.meta.pooling.as_str()),
+            ));
+        }
+        match &self.model.shallow {
+            Some(s) => {
+                let n = s.embeddings.dims().first().copied().unwrap_or(0);
+                let declared = template_for(self.meta.template.as_deref(), n)?;
+                if declared != s.template {
+                    return Err(TaskError::mismatch(
+                        "meta.template",
+                        format!("{:?} (the model's template)", s.template.to_string()),
+                        format!("{:?}", declared.to_string()),
+                    ));
+                }
+            }
+            None => {
+                if let Some(t) = &self.meta.template {
+                    return Err(TaskError::mismatch("meta.template", "none (the task has no shallow prompt)", format!("{t:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of tensor data the task holds.
     pub fn tensor_bytes(&self) -> usize {
         named_tensors(&self.model)
@@ -225,21 +275,40 @@ fn content_hash(meta: &TaskMeta, model: &TaskModel) -> Result<String, TaskError>
     Ok(format!("sha256:{}", &hex::encode(h.finalize())[..16]))
 }
 
-/// Converts any float tensor to host f32; refuses other dtypes by name.
-pub(crate) fn to_f32(name: &str, t: Tensor) -> Result<Tensor, TaskError> {
-    match t.dtype() {
-        DType::F32 => Ok(t),
-        DType::F16 | DType::BF16 | DType::F64 => {
-            t.to_dtype(DType::F32).map_err(|e| TaskError::Format {
-                what: name.into(),
-                reason: e.to_string(),
-            })
+/// Checks tensor ranks (prompts `[n ≥ 1, width]`, weights `[out, in]`,
+/// biases `[out]`) so that later code may index dimensions without
+/// panicking. Shapes against the model are [`validate`]'s job.
+pub(crate) fn check_ranks(m: &TaskModel) -> Result<(), TaskError> {
+    let prompt = |name: &str, t: &Tensor, layout: &str| -> Result<(), TaskError> {
+        let d = t.dims();
+        if d.len() != 2 || d[0] == 0 {
+            return Err(TaskError::mismatch(&format!("{name}.shape"), format!("[n ≥ 1, {layout}]"), format!("{d:?}")));
         }
-        other => Err(TaskError::Unsupported {
-            field: format!("{name}.dtype"),
-            found: format!("{other:?}"),
-            supported: "F32, F16, BF16".into(),
-        }),
+        Ok(())
+    };
+    if let Some(s) = &m.shallow {
+        prompt(native::SHALLOW, &s.embeddings, "hidden")?;
+    }
+    if let Some(d) = &m.deep {
+        prompt(native::DEEP, d, "layers*2*hidden")?;
+    }
+    let lin = |name: &str, l: &Linear| -> Result<(), TaskError> {
+        let (w, b) = (l.weight.dims(), l.bias.dims());
+        if w.len() != 2 || b.len() != 1 {
+            return Err(TaskError::mismatch(
+                &format!("{name}.shape"),
+                "weight [out, in], bias [out]",
+                format!("weight {w:?}, bias {b:?}"),
+            ));
+        }
+        Ok(())
+    };
+    match &m.head {
+        Head::Linear(l) => lin("head", l),
+        Head::Dense2 { dense, out } => {
+            lin("head.dense", dense)?;
+            lin("head.out_proj", out)
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Checks a task against the loaded model before it can be served.
 
-use super::{Task, TaskError};
+use super::{Task, TaskError, check_ranks};
 use crate::engine::{Head, Pooling};
 use crate::model::Model;
 
@@ -29,11 +29,12 @@ impl Default for Limits {
     }
 }
 
-fn count_non_finite(t: &candle_core::Tensor) -> usize {
-    t.flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map(|v| v.iter().filter(|x| !x.is_finite()).count())
-        .unwrap_or(usize::MAX)
+/// NaN/±Inf count and element count of a host tensor.
+fn count_non_finite(t: &candle_core::Tensor) -> (usize, usize) {
+    match t.flatten_all().and_then(|t| t.to_vec1::<f32>()) {
+        Ok(v) => (v.iter().filter(|x| !x.is_finite()).count(), v.len()),
+        Err(_) => (t.elem_count(), t.elem_count()),
+    }
 }
 
 /// Every check the server makes before serving a task. The first failure is
@@ -51,9 +52,13 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
             ));
         }
     }
+    // Tasks also come from the trainer, not only from the readers: re-check
+    // what the readers guarantee before indexing any dimension.
+    check_ranks(m)?;
+    task.check_consistent()?;
     if let Some(s) = &m.shallow {
         let d = s.embeddings.dims();
-        if d.len() != 2 || d[1] != h {
+        if d[1] != h {
             return Err(TaskError::mismatch("prompt.shallow.shape", format!("[n, {h}] (hidden_size)"), format!("{d:?}")));
         }
         if s.template.num_virtual() != d[0] {
@@ -63,7 +68,7 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
     if let Some(deep) = &m.deep {
         let d = deep.dims();
         let w = c.num_hidden_layers * 2 * h;
-        if d.len() != 2 || d[1] != w {
+        if d[1] != w {
             return Err(TaskError::mismatch(
                 "prompt.deep.shape",
                 format!(
@@ -78,7 +83,7 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
     }
     let virt = m.shallow_len() + m.deep_len();
     if virt > limits.max_virtual_tokens {
-        return Err(TaskError::mismatch("num_virtual_tokens", format!("at most {}", limits.max_virtual_tokens), virt));
+        return Err(TaskError::mismatch("num_virtual_tokens", format!("at most {} (max_virtual_tokens)", limits.max_virtual_tokens), virt));
     }
     let room = m.text_budget(c);
     if room < limits.min_text_tokens {
@@ -95,7 +100,7 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
     }
     let check_lin = |name: &str, l: &crate::model::Linear, inp: usize| -> Result<usize, TaskError> {
         let w = l.weight.dims();
-        if w.len() != 2 || w[1] != inp {
+        if w[1] != inp {
             return Err(TaskError::mismatch(&format!("{name}.weight.shape"), format!("[out, {inp}]"), format!("{w:?}")));
         }
         if l.bias.dims() != [w[0]] {
@@ -106,7 +111,16 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
     let labels = match &m.head {
         Head::Linear(l) => check_lin("head", l, h)?,
         Head::Dense2 { dense, out } => {
+            // RoBERTa's classifier.dense is [hidden, hidden]; holding it to
+            // that also caps the head's size.
             let mid = check_lin("head.dense", dense, h)?;
+            if mid != h {
+                return Err(TaskError::mismatch(
+                    "head.dense.weight.shape",
+                    format!("[{h}, {h}] (hidden_size)"),
+                    format!("{:?}", dense.weight.dims()),
+                ));
+            }
             check_lin("head.out_proj", out, mid)?
         }
     };
@@ -114,25 +128,32 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
         return Err(TaskError::mismatch(
             "labels",
             format!("{labels} names (the head's output size)"),
-            task.meta.labels.len(),
+            format!("{} names", task.meta.labels.len()),
         ));
     }
     if labels == 0 || labels > limits.max_labels {
-        return Err(TaskError::mismatch("labels", format!("1..={}", limits.max_labels), labels));
+        return Err(TaskError::mismatch("labels", format!("1..={} labels (max_labels)", limits.max_labels), labels));
     }
-    let mut seen = std::collections::HashSet::new();
-    for l in &task.meta.labels {
-        if l.is_empty() || !seen.insert(l) {
-            return Err(TaskError::mismatch("labels", "distinct, non-empty names", format!("{l:?}")));
+    let mut seen = std::collections::HashMap::new();
+    for (i, l) in task.meta.labels.iter().enumerate() {
+        if l.is_empty() {
+            return Err(TaskError::mismatch(&format!("labels[{i}]"), "a non-empty name", "\"\""));
+        }
+        if let Some(first) = seen.insert(l, i) {
+            return Err(TaskError::mismatch(
+                &format!("labels[{i}]"),
+                format!("a name distinct from labels[{first}] {l:?}"),
+                format!("{l:?}"),
+            ));
         }
     }
     if m.pooling == Pooling::Pooler && !model.encoder.has_pooler() {
         return Err(TaskError::mismatch("pooling", "\"mean\" or \"first\" (the model has no pooler)", "\"pooler\""));
     }
     for (name, t) in super::named_tensors(m) {
-        let bad = count_non_finite(t);
+        let (bad, total) = count_non_finite(t);
         if bad > 0 {
-            return Err(TaskError::NonFinite { field: name.into(), count: bad });
+            return Err(TaskError::NonFinite { field: name.into(), count: bad, total });
         }
     }
     Ok(())

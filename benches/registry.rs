@@ -1,0 +1,2 @@
+//! Registry benchmark (being written).
+fn main() {}
