@@ -288,16 +288,23 @@ impl Encoder {
         let eps = self.config.layer_norm_eps;
         let mask2 = if fused { mask.flatten_from(1)? } else { mask.clone() };
         for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = time("qkv.matmul", || layer.qkv.forward(&x))?;
-            let qkv = time("qkv.split", || {
-                qkv.index_select(pack.pad_index, 0)?
-                    .reshape((b, s, 3, heads, d))?
-                    .permute((2, 0, 3, 1, 4))?
-                    .contiguous()
-            })?;
-            let q = time("q.scale", || qkv.get(0)? * scale)?;
-            let mut k = qkv.get(1)?;
-            let mut v = qkv.get(2)?;
+            let (q, mut k, mut v) = if fused {
+                let raw = time("qkv.matmul", || x.matmul(&layer.qkv.weight.t()?))?;
+                let qkv = time("qkv.split", || {
+                    kernels::qkv_heads(&raw, &layer.qkv.bias, pack.pad_index, (b, s, heads), scale)
+                })?;
+                (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
+            } else {
+                let qkv = time("qkv.matmul", || layer.qkv.forward(&x))?;
+                let qkv = time("qkv.split", || {
+                    qkv.index_select(pack.pad_index, 0)?
+                        .reshape((b, s, 3, heads, d))?
+                        .permute((2, 0, 3, 1, 4))?
+                        .contiguous()
+                })?;
+                let q = time("q.scale", || qkv.get(0)? * scale)?;
+                (q, qkv.get(1)?, qkv.get(2)?)
+            };
             if let Some(p) = prefix {
                 let pl = p.get(l)?;
                 k = time("prefix.cat", || Tensor::cat(&[&pl.get(0)?, &k], 2))?;

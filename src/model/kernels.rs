@@ -173,6 +173,75 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     scores.apply_op2_no_bwd(mask, &MaskedSoftmax)
 }
 
+struct QkvHeads {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    q_scale: f32,
+}
+
+impl CustomOp3 for QkvHeads {
+    fn name(&self) -> &'static str {
+        "qkv-heads"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+        idx: &CpuStorage,
+        il: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(x, xl, "qkv-heads x")?;
+        let bias = slice(b, bl, "qkv-heads bias")?;
+        let Some((i0, i1)) = il.contiguous_offsets() else { bail!("qkv-heads: index not contiguous") };
+        let CpuStorage::U32(idx) = idx else { bail!("qkv-heads: index must be u32") };
+        let idx = &idx[i0..i1];
+        let (bsz, seq, heads) = (self.batch, self.seq, self.heads);
+        let w = bias.len(); // 3 * hidden
+        let d = w / 3 / heads;
+        if idx.len() != bsz * seq || x.len() % w != 0 {
+            bail!("qkv-heads: shapes disagree");
+        }
+        let tokens = x.len() / w;
+        // Output [3, B, heads, S, D]; one work item per (kind, b, head).
+        let mut out = vec![0f32; 3 * bsz * heads * seq * d];
+        out.par_chunks_mut(seq * d).enumerate().for_each(|(item, o)| {
+            let kind = item / (bsz * heads);
+            let b = (item / heads) % bsz;
+            let h = item % heads;
+            let col = (kind * heads + h) * d;
+            let scale = if kind == 0 { self.q_scale } else { 1.0 };
+            for i in 0..seq {
+                let t = idx[b * seq + i] as usize;
+                if t >= tokens {
+                    continue;
+                }
+                let src = &x[t * w + col..][..d];
+                let bb = &bias[col..][..d];
+                for ((o, &v), &c) in o[i * d..][..d].iter_mut().zip(src).zip(bb) {
+                    *o = (v + c) * scale;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[3, bsz, heads, seq, d])))
+    }
+}
+
+/// From packed `x @ Wqkv^T` `[N, 3*hidden]`: adds the bias, scatters tokens
+/// to the padded grid through `pad_index` `[B*S]`, splits heads and scales
+/// the queries, giving `[3, B, heads, S, head_dim]` in one pass.
+pub fn qkv_heads(
+    qkv: &Tensor,
+    bias: &Tensor,
+    pad_index: &Tensor,
+    (batch, seq, heads): (usize, usize, usize),
+    q_scale: f64,
+) -> Result<Tensor> {
+    qkv.apply_op3_no_bwd(bias, pad_index, &QkvHeads { batch, seq, heads, q_scale: q_scale as f32 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +275,20 @@ mod tests {
         let mask = Tensor::from_vec(m, (3, 9), &dev).unwrap();
         let want = candle_nn::ops::softmax(&s.broadcast_add(&mask.reshape((3, 1, 1, 9)).unwrap()).unwrap(), D::Minus1).unwrap();
         close(&masked_softmax(&s, &mask).unwrap(), &want, 1e-6);
+
+        // qkv: 5 packed tokens of 2 rows (lengths 3 and 2) on a [2, 3] grid.
+        let (heads, d) = (2, 4);
+        let x = Tensor::randn(0f32, 1.0, (5, 3 * heads * d), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 3 * heads * d, &dev).unwrap();
+        let pad = Tensor::new(&[0u32, 1, 2, 3, 4, 0], &dev).unwrap();
+        let got = qkv_heads(&x, &bias, &pad, (2, 3, heads), 0.5).unwrap();
+        let want = x
+            .broadcast_add(&bias).unwrap()
+            .index_select(&pad, 0).unwrap()
+            .reshape((2, 3, 3, heads, d)).unwrap()
+            .permute((2, 0, 3, 1, 4)).unwrap()
+            .contiguous().unwrap();
+        let scale = Tensor::new(&[0.5f32, 1.0, 1.0], &dev).unwrap().reshape((3, 1, 1, 1, 1)).unwrap();
+        close(&got, &want.broadcast_mul(&scale).unwrap(), 1e-6);
     }
 }
