@@ -427,3 +427,40 @@ fn prompt_gradient_matches_finite_differences() {
         }
     }
 }
+
+#[test]
+fn peft_dir_holds_the_same_task_and_is_refused_for_mean_pooling() {
+    let dir = std::env::temp_dir().join(format!("softprompt-peftdir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let lines: String = (0..12).map(|i| format!("{{\"text\": \"at {} every\", \"label\": {}}}\n", ["this", "to"][i % 2], i % 2)).collect();
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, lines).unwrap();
+    let bin = env!("CARGO_BIN_EXE_softprompt");
+    let model = fixture("tiny-bert");
+    let out = dir.join("t.safetensors");
+    let peft_dir = dir.join("adapter");
+    let run = |pooling: &str| {
+        std::process::Command::new(bin)
+            .args(["train", "--model", model.to_str().unwrap(), "--train", data.to_str().unwrap(), "--output", out.to_str().unwrap()])
+            .args(["--method", "p-tuning-v2", "--virtual-tokens", "3", "--steps", "3", "--batch-size", "4", "--quiet", "--pooling", pooling])
+            .args(["--peft-dir", peft_dir.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let refused = run("mean");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--pooling pooler"));
+    assert!(!out.exists(), "refused before training");
+    let ok = run("pooler");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let native_task = native::read_file(&out).unwrap();
+    let peft_task = softprompt::task::peft::read_dir(&peft_dir, None).unwrap();
+    let m = load_model(&model);
+    let engine = Engine::new(m.clone());
+    let inputs = text_inputs(&m);
+    let logits = |t: &TaskModel| engine.classify(&inputs.iter().map(|input| Row { input, task: t }).collect::<Vec<_>>()).unwrap();
+    let d = max_abs_diff(&logits(&native_task.model), &logits(&peft_task.model));
+    assert!(d <= 1e-6, "native vs PEFT adapter logits differ by {d}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

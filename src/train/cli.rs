@@ -16,16 +16,22 @@ use crate::task::{BaseModelRef, Limits, Provenance, Task, TaskMeta, native, vali
 /// How the prompt starts (command-line form of [`PromptInit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum InitArg {
+    /// N(0, 1).
     Random,
+    /// Sampled vocabulary embeddings.
     Vocab,
+    /// Embeddings of `--init-text`.
     Text,
 }
 
 /// Pooling choice on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PoolingArg {
+    /// Mean over the text tokens.
     Mean,
+    /// BERT pooler over position 0 (PEFT's).
     Pooler,
+    /// Raw vector at position 0.
     First,
 }
 
@@ -60,6 +66,7 @@ pub struct TrainArgs {
     /// Where to write the native task file.
     #[arg(long, short)]
     pub output: PathBuf,
+    /// Soft-prompt method.
     #[arg(long, value_enum, default_value = "prompt-tuning")]
     pub method: Method,
     /// Virtual tokens (shallow) or prefix length (p-tuning-v2).
@@ -83,6 +90,7 @@ pub struct TrainArgs {
     /// Placement of shallow virtual tokens, e.g. `[P:10] {text} [P:10]` (default: all before the text).
     #[arg(long)]
     pub template: Option<String>,
+    /// How the head reads the encoder output (mean suits sentence-transformers models).
     #[arg(long, value_enum, default_value = "mean")]
     pub pooling: PoolingArg,
     /// Label names in head order (default: the sorted labels of the data).
@@ -91,6 +99,7 @@ pub struct TrainArgs {
     /// Most text tokens per row, specials included (longer texts are cut).
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
+    /// Rows per step.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Peak learning rate of the prompt (and encoder).
@@ -99,8 +108,10 @@ pub struct TrainArgs {
     /// Peak learning rate of the head [default: --lr].
     #[arg(long)]
     pub head_lr: Option<f64>,
+    /// AdamW weight decay.
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
+    /// Passes over the training data.
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     /// Total optimizer steps (overrides --epochs).
@@ -115,6 +126,7 @@ pub struct TrainArgs {
     /// Stop after N validations without improvement.
     #[arg(long)]
     pub patience: Option<usize>,
+    /// Seed of the split, the init and the batch order.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Checkpoint file [default: <output>.ckpt].
@@ -129,6 +141,11 @@ pub struct TrainArgs {
     /// Name recorded as the task's data source (default: the training file name).
     #[arg(long)]
     pub data_name: Option<String>,
+    /// Also write a PEFT adapter directory. PEFT's BERT head reads the
+    /// pooler and places every virtual token first, so this needs
+    /// `--pooling pooler` and no free-form template.
+    #[arg(long)]
+    pub peft_dir: Option<PathBuf>,
 }
 
 /// Arguments of `softprompt eval`.
@@ -147,6 +164,7 @@ pub struct EvalArgs {
     /// Most text tokens per row (default: all that fit next to the prompt).
     #[arg(long)]
     pub max_tokens: Option<usize>,
+    /// Rows per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Print the metrics as JSON.
@@ -210,6 +228,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         InitArg::Vocab => PromptInit::Vocab,
         InitArg::Text => PromptInit::Text(args.init_text.clone().context("--init text needs --init-text")?),
     };
+    if args.peft_dir.is_some() {
+        anyhow::ensure!(
+            spec.pooling == Pooling::Pooler && Template::parse(&spec.template).is_ok_and(|t| t.is_prefix()),
+            "--peft-dir: PEFT reads the BERT pooler and puts every virtual token first; train with --pooling pooler and without --template"
+        );
+    }
     let params = Params::init(spec, &model, &init, args.seed)?;
     let budget = model.config().max_sequence().saturating_sub(n).min(args.max_tokens);
     let tok = &model.tokenizer;
@@ -302,6 +326,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let task = Task::new(meta, folded)?;
     validate(&task, &model, &Limits::default())?;
     write_atomic(&args.output, &native::to_bytes(&task)?)?;
+    if let Some(dir) = &args.peft_dir {
+        crate::task::peft::write_dir(&task, dir)?;
+        println!("wrote PEFT adapter {}", dir.display());
+    }
     println!(
         "wrote {} ({} bytes, version {}): {} steps in {:.0}s, best validation accuracy {}",
         args.output.display(),

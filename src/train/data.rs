@@ -13,7 +13,9 @@ use crate::model::{Encoded, TextTokenizer};
 /// One labeled example as read from a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
+    /// The (first) text.
     pub text: String,
+    /// The second text of a pair.
     pub text_pair: Option<String>,
     /// The label as written (numbers and booleans become their text).
     pub label: String,
@@ -22,7 +24,9 @@ pub struct Example {
 /// A tokenized example with its label index.
 #[derive(Debug, Clone)]
 pub struct Sample {
+    /// Token ids, specials included, cut to the budget.
     pub input: Encoded,
+    /// Index into the task's labels.
     pub label: usize,
 }
 

@@ -5,7 +5,9 @@ use serde::Serialize;
 /// Metrics over one labeled set.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Metrics {
+    /// Examples scored.
     pub examples: usize,
+    /// Share predicted correctly.
     pub accuracy: f64,
     /// Unweighted mean of the per-label F1 scores (a label never predicted
     /// and never present counts as F1 = 0, as scikit-learn's default).
@@ -14,15 +16,20 @@ pub struct Metrics {
     pub per_label: Vec<LabelScores>,
     /// `confusion[gold][predicted]`.
     pub confusion: Vec<Vec<usize>>,
+    /// Label names, in index order.
     pub labels: Vec<String>,
 }
 
 /// Scores of one label.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LabelScores {
+    /// Correct among predictions of this label.
     pub precision: f64,
+    /// Found among examples of this label.
     pub recall: f64,
+    /// Harmonic mean of precision and recall.
     pub f1: f64,
+    /// Examples of this label.
     pub support: usize,
 }
 

@@ -41,14 +41,17 @@ pub use params::{Method, Params, PromptInit, Reparam, Spec};
 /// Optimization and bookkeeping settings of one run.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
+    /// Training rows per optimizer step.
     pub batch_size: usize,
     /// Peak learning rate of the prompt and its encoder.
     pub lr: f64,
     /// Peak learning rate of the head.
     pub head_lr: f64,
+    /// AdamW decoupled weight decay.
     pub weight_decay: f64,
     /// Passes over the training set (ignored when `max_steps` is set).
     pub epochs: usize,
+    /// Total optimizer steps, overriding `epochs`.
     pub max_steps: Option<usize>,
     /// Fraction of the steps spent warming the learning rate up linearly.
     pub warmup: f64,
@@ -56,6 +59,7 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Stop after this many validations without a new best accuracy.
     pub patience: Option<usize>,
+    /// Seed of the batch order.
     pub seed: u64,
     /// Checkpoint file (written at every validation and on Ctrl-C).
     pub checkpoint: Option<PathBuf>,
@@ -91,9 +95,11 @@ impl Default for TrainConfig {
 /// One validation during training.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalPoint {
+    /// Optimizer steps done.
     pub step: usize,
     /// Mean training loss since the previous validation.
     pub train_loss: f64,
+    /// Accuracy of the folded task on the validation set.
     pub val_accuracy: f64,
 }
 
@@ -101,15 +107,21 @@ pub struct EvalPoint {
 /// validation state (the last one when there is no validation set).
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
+    /// Steps done (the checkpoint's position).
     pub steps: usize,
+    /// Steps the run was planned for.
     pub total_steps: usize,
+    /// Step whose parameters were kept.
     pub best_step: usize,
+    /// Best validation accuracy (None without a validation set).
     pub best_val_accuracy: Option<f64>,
+    /// Every validation, in order (resumed runs include earlier ones).
     pub evals: Vec<EvalPoint>,
     /// Wall-clock seconds of this invocation (a resumed run counts its own).
     pub seconds: f64,
     /// Stopped by the stop flag (Ctrl-C); a checkpoint was written.
     pub interrupted: bool,
+    /// Stopped by `patience`.
     pub early_stopped: bool,
 }
 

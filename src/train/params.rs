@@ -77,9 +77,11 @@ pub enum PromptInit {
 /// The shape of what is trained.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Spec {
+    /// The soft-prompt method.
     pub method: Method,
     /// Virtual tokens (shallow) or prefix length (deep).
     pub num_virtual: usize,
+    /// Encoder in front of the prompt during training.
     pub reparam: Reparam,
     /// Hidden width of the reparameterization encoder.
     pub encoder_hidden: usize,
@@ -87,7 +89,9 @@ pub struct Spec {
     pub encoder_layers: usize,
     /// Placement of shallow prompts (`[P:n] {text}` for a prefix).
     pub template: String,
+    /// How the head reads the encoder output.
     pub pooling: Pooling,
+    /// Classes of the head.
     pub num_labels: usize,
 }
 
@@ -128,6 +132,7 @@ impl Spec {
 
 /// Trainable tensors of one task, by name.
 pub struct Params {
+    /// What these parameters are for.
     pub spec: Spec,
     template: Template,
     layers: usize,
