@@ -217,7 +217,11 @@ async fn load(args: &ServeArgs, batch_config: BatchConfig) -> Result<Core, Start
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(async {
-        let server = Server::start(args).await?;
+        // A signal while the model loads stops the start-up cleanly too.
+        let server = tokio::select! {
+            started = Server::start(args) => started?,
+            _ = lifecycle::shutdown_signal() => return anyhow::Ok(()),
+        };
         let lifecycle = server.state.lifecycle.clone();
         tokio::spawn(async move {
             lifecycle::shutdown_signal().await;
