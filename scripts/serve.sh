@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/fetch_model.sh
-exec cargo run --release --locked -- serve "$@"
+exec cargo run --release -- serve "$@"
