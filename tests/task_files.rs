@@ -416,6 +416,11 @@ fn native_reader_refusals_name_field_and_values() {
     meta.template = Some("[P:2] {text} [P:2]".into());
     let bytes = safetensors_bytes(&base, f32, native_header(&meta));
     assert_refusal(native::from_bytes(&bytes).err().unwrap(), &["template", "3 virtual tokens", "4 in"]);
+    // Virtual-token counts whose sum wraps around to the row count.
+    let mut meta = task.meta.clone();
+    meta.template = Some(format!("[P:{}] {{text}} [P:4]", usize::MAX));
+    let bytes = safetensors_bytes(&base, f32, native_header(&meta));
+    assert_refusal(native::from_bytes(&bytes).err().unwrap(), &["template", "3 virtual tokens", "more than usize::MAX"]);
     // A prompt without rows.
     let empty = Tensor::zeros((0, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     let bytes = safetensors_bytes(

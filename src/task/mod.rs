@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::engine::{Head, Pooling, ShallowPrompt, TaskModel, Template};
+use crate::engine::{Head, Pooling, Segment, ShallowPrompt, TaskModel, Template};
 use crate::model::Linear;
 
 pub use validate::{Limits, validate};
@@ -326,11 +326,17 @@ pub(crate) fn template_for(meta_template: Option<&str>, n: usize) -> Result<Temp
                 what: "template".into(),
                 reason,
             })?;
-            if t.num_virtual() != n {
+            // Summed with overflow checks: `Template::num_virtual` adds
+            // plainly, and a file could make the sum wrap around to `n`.
+            let total = t.segments().iter().try_fold(0usize, |acc, seg| match seg {
+                Segment::Virtual(k) => acc.checked_add(*k),
+                _ => Some(acc),
+            });
+            if total != Some(n) {
                 return Err(TaskError::mismatch(
                     "template",
                     format!("{n} virtual tokens (the prompt's rows)"),
-                    format!("{} in {s:?}", t.num_virtual()),
+                    format!("{} in {s:?}", total.map_or("more than usize::MAX".into(), |k| k.to_string())),
                 ));
             }
             Ok(t)

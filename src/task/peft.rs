@@ -307,17 +307,18 @@ pub fn to_files(task: &Task) -> Result<Exported, TaskError> {
         }
         (None, Some(deep)) => {
             let d = deep.dims();
-            if hidden == 0 || d[1] % (2 * hidden) != 0 || d[1] == 0 {
+            let per_layer = hidden.checked_mul(2).filter(|&w| w > 0 && d[1] > 0 && d[1] % w == 0);
+            let Some(per_layer) = per_layer else {
                 return Err(TaskError::mismatch(
                     "prompt.deep.shape",
                     format!("[n, layers × 2 × {hidden}] (the head's input size)"),
                     format!("{d:?}"),
                 ));
-            }
+            };
             config.extend([
                 ("peft_type".to_string(), "PREFIX_TUNING".into()),
                 ("num_virtual_tokens".to_string(), d[0].into()),
-                ("num_layers".to_string(), (d[1] / (2 * hidden)).into()),
+                ("num_layers".to_string(), (d[1] / per_layer).into()),
                 ("encoder_hidden_size".to_string(), hidden.into()),
                 ("prefix_projection".to_string(), false.into()),
             ]);
