@@ -234,6 +234,8 @@ async fn full_queue_answers_429_with_retry_after_instead_of_growing() {
 async fn rows_of_clients_that_hung_up_are_dropped_before_compute() {
     let store = store_with(&["prefix_2"]);
     let s = start(&flags(store.path())).await;
+    // Counted from here, whenever the worker gets to see the rows.
+    let before = s.server.batcher().stats().abandoned;
     let pause = s.server.batcher().pause();
     let url = s.url("/v1/tasks/prefix_2/classify");
     let client = tokio::spawn(async move {
@@ -247,7 +249,6 @@ async fn rows_of_clients_that_hung_up_are_dropped_before_compute() {
     client.abort();
     // The server notices the closed connection and drops the handler.
     s.until("handler dropped", |srv| srv.in_flight() == 0).await;
-    let before = s.server.batcher().stats().abandoned;
     drop(pause);
     s.until("rows discarded", |srv| srv.batcher().stats().abandoned == before + 3).await;
     assert_eq!(s.server.batcher().waiting(), 0);
@@ -739,6 +740,34 @@ async fn a_bad_stored_task_is_skipped_or_fatal_with_strict() {
     strict.push("--strict".into());
     let err = softprompt::server::Server::start(args(&strict)).await.err().expect("strict start fails");
     assert!(err.to_string().contains("broken"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_model_is_loaded_probes_and_routes_answer_503() {
+    use softprompt::server::{routes, state::AppState};
+    // The state a server has between binding and the end of loading.
+    let store = store_with(&[]);
+    let state = Arc::new(AppState::new(args(&flags(store.path())), Some(TOKEN.into())));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(axum::serve(listener, routes::router(state)).into_future());
+    let http = client();
+    let health = http.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    assert_eq!(health.json::<Value>().await.unwrap()["status"], "loading");
+    let ready = http.get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.json::<Value>().await.unwrap()["status"], "loading");
+    let requests = [
+        http.post(format!("{base}/v1/tasks/t/classify")).json(&json!({"inputs": "a"})),
+        http.get(format!("{base}/v1/tasks")),
+        http.get(format!("{base}/admin/tasks")).bearer_auth(TOKEN),
+    ];
+    for r in requests {
+        let (status, kind, headers) = error_of(r.send().await.unwrap()).await;
+        assert_eq!((status, kind.as_str()), (503, "not_ready"));
+        assert!(headers.contains_key("retry-after"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,9 @@ pub struct ClassifyRequest {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum Inputs {
+    /// A single input; still answered as a list of one entry.
     One(Input),
+    /// Several inputs, answered in the same order.
     Many(Vec<Input>),
 }
 
@@ -59,7 +61,9 @@ impl<'de> Deserialize<'de> for Inputs {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum Input {
+    /// A single text.
     Text(String),
+    /// `{"text": …, "text_pair": …}`: a text and an optional second text.
     Pair(TextPair),
 }
 
@@ -105,7 +109,9 @@ fn json_type(v: &Value) -> &'static str {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TextPair {
+    /// The first (or only) text.
     pub text: String,
+    /// The second text of a sentence-pair task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_pair: Option<String>,
 }
@@ -143,7 +149,9 @@ pub enum FunctionToApply {
 /// One label's score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LabelScore {
+    /// Label name, from the task.
     pub label: String,
+    /// Probability (softmax, sigmoid) or raw logit (`none`).
     pub score: f32,
 }
 
@@ -156,6 +164,7 @@ pub struct ClassifyResponse(pub Vec<Vec<LabelScore>>);
 /// Public description of a served task.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TaskInfo {
+    /// Task id, as in the URL.
     pub id: String,
     /// Content hash; changes with every replace (also sent as
     /// `x-task-version` on classify answers).
@@ -187,9 +196,13 @@ fn kind_name(t: &LoadedTask) -> String {
 /// Administrative description of a task: [`TaskInfo`] plus how it runs.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TaskDetails {
+    /// Task id, as in the URL.
     pub id: String,
+    /// Content hash; changes with every replace.
     pub version: String,
+    /// `shallow`, `deep`, `hybrid` or `none`.
     pub kind: String,
+    /// Label names in head order.
     pub labels: Vec<String>,
     /// Where the virtual tokens go, e.g. `[P:20] {text}`; absent without a
     /// shallow prompt.
@@ -235,6 +248,7 @@ pub struct UploadResponse {
     pub replaced: bool,
     /// Version served before, when replaced.
     pub previous_version: Option<String>,
+    /// The task now served.
     pub task: TaskDetails,
 }
 
@@ -261,6 +275,7 @@ pub struct HealthResponse {
 /// Answer of `GET /ready`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ReadyResponse {
+    /// True exactly when the status code is 200.
     pub ready: bool,
     /// `ready`, `loading`, `warming_up` or `draining`.
     pub status: String,

@@ -15,9 +15,13 @@ use crate::store::PromptStore;
 /// The loaded half of the server. Set once, after start-up loading; until
 /// then the routes that need it answer 503 `not_ready`.
 pub struct Core {
+    /// The frozen model (tokenizer and text budgets come from it).
     pub model: Arc<Model>,
+    /// The served version of every task.
     pub registry: Arc<Registry>,
+    /// Where uploads are written before they are published.
     pub store: Arc<dyn PromptStore>,
+    /// The queue in front of the inference thread.
     pub batcher: Batcher,
     /// Serializes admin writes so that the order of store writes and the
     /// order of publishes agree (two racing PUTs of one id cannot leave the
@@ -27,12 +31,17 @@ pub struct Core {
 
 /// Shared state of every route.
 pub struct AppState {
+    /// The flags the server was started with.
     pub args: ServeArgs,
     /// `None`: admin routes refuse every request.
     pub admin_token: Option<String>,
+    /// Set once loading is done (see [`Core`]).
     pub core: OnceLock<Core>,
+    /// Draining flag and in-flight count.
     pub lifecycle: Arc<Lifecycle>,
+    /// Bounded task labels for per-task metrics.
     pub task_labels: TaskLabels,
+    /// Renders `/metrics`.
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
 }
 
