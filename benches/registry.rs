@@ -69,8 +69,12 @@ fn time_ns(reps: usize, iters: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let dir = std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
-    let total: usize = std::env::var("REGISTRY_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let dir =
+        std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
+    let total: usize = std::env::var("REGISTRY_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
     let device = Device::Cpu;
     let model = Arc::new(Model::load(std::path::Path::new(&dir), &device)?);
     let cfg = model.config().clone();
@@ -81,7 +85,9 @@ fn main() -> anyhow::Result<()> {
         cfg.hidden_size
     );
 
-    let inputs: Vec<_> = (0..ROWS).map(|i| random_input(&cfg, TEXT, i as u64)).collect();
+    let inputs: Vec<_> = (0..ROWS)
+        .map(|i| random_input(&cfg, TEXT, i as u64))
+        .collect();
     let rss0 = rss_kib();
     let mut loaded = 0;
     let mut pick = Pick(0x2545_F491_4F6C_DD1D);
@@ -97,7 +103,10 @@ fn main() -> anyhow::Result<()> {
                 labels: default_labels(LABELS),
                 template: None,
                 pooling: tm.pooling,
-                base_model: BaseModelRef { name: model.name.clone(), fingerprint: Some(model.fingerprint.clone()) },
+                base_model: BaseModelRef {
+                    name: model.name.clone(),
+                    fingerprint: Some(model.fingerprint.clone()),
+                },
                 provenance: Provenance::default(),
             };
             let task = Task::new(meta, tm)?;
@@ -116,15 +125,21 @@ fn main() -> anyhow::Result<()> {
         });
 
         // Assembly: 32 rows over 10 random loaded tasks, resolved once.
-        let held: Vec<Arc<LoadedTask>> =
-            (0..TASKS_PER_BATCH).map(|_| registry.get(&id(pick.next(loaded))).expect("loaded")).collect();
+        let held: Vec<Arc<LoadedTask>> = (0..TASKS_PER_BATCH)
+            .map(|_| registry.get(&id(pick.next(loaded))).expect("loaded"))
+            .collect();
         let rows: Vec<Row> = inputs
             .iter()
             .enumerate()
-            .map(|(i, input)| Row { input, task: &held[i % TASKS_PER_BATCH].model })
+            .map(|(i, input)| Row {
+                input,
+                task: &held[i % TASKS_PER_BATCH].model,
+            })
             .collect();
         let asm_ns = time_ns(7, 200, || {
-            black_box(assemble(&rows, &cfg, model.encoder.word_embeddings(), &device).expect("assemble"));
+            black_box(
+                assemble(&rows, &cfg, model.encoder.word_embeddings(), &device).expect("assemble"),
+            );
         });
         println!(
             "{:>8} {:>14.1} {:>15.1} {:>12.0} {:>22.1}   (loading took {load_s:.1} s)",

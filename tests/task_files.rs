@@ -13,7 +13,9 @@ use common::*;
 use proptest::prelude::*;
 use softprompt::engine::{Head, Pooling, ShallowPrompt, TaskModel, Template};
 use softprompt::model::{Linear, Model};
-use softprompt::task::{BaseModelRef, Limits, PromptKind, Provenance, Task, TaskMeta, native, peft, validate};
+use softprompt::task::{
+    BaseModelRef, Limits, PromptKind, Provenance, Task, TaskMeta, native, peft, validate,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -41,7 +43,10 @@ fn vec1(n: usize, seed: u64) -> Tensor {
 }
 
 fn lin(out: usize, inp: usize, seed: u64) -> Linear {
-    Linear { weight: mat(out, inp, seed), bias: vec1(out, seed + 1) }
+    Linear {
+        weight: mat(out, inp, seed),
+        bias: vec1(out, seed + 1),
+    }
 }
 
 fn tiny() -> std::sync::Arc<Model> {
@@ -105,10 +110,16 @@ impl Spec {
             None => Template::prefix(n),
         };
         TaskModel {
-            shallow: self.shallow.map(|n| ShallowPrompt { embeddings: mat(n, h, 1), template: template(n) }),
+            shallow: self.shallow.map(|n| ShallowPrompt {
+                embeddings: mat(n, h, 1),
+                template: template(n),
+            }),
             deep: self.deep.map(|n| mat(n, self.deep_width, 2)),
             head: if self.dense2 {
-                Head::Dense2 { dense: lin(32, 32, 3), out: lin(out, 32, 5) }
+                Head::Dense2 {
+                    dense: lin(32, 32, 3),
+                    out: lin(out, 32, 5),
+                }
             } else {
                 Head::Linear(lin(out, 32, 7))
             },
@@ -117,7 +128,11 @@ impl Spec {
     }
 
     fn pool(&self) -> Pooling {
-        self.pooling.unwrap_or(if self.dense2 { Pooling::First } else { Pooling::Pooler })
+        self.pooling.unwrap_or(if self.dense2 {
+            Pooling::First
+        } else {
+            Pooling::Pooler
+        })
     }
 
     fn meta(&self, model: &Model) -> TaskMeta {
@@ -125,7 +140,10 @@ impl Spec {
             labels: self.labels.clone(),
             template: self.template.map(String::from),
             pooling: self.pool(),
-            base_model: BaseModelRef { name: model.name.clone(), fingerprint: Some(model.fingerprint.clone()) },
+            base_model: BaseModelRef {
+                name: model.name.clone(),
+                fingerprint: Some(model.fingerprint.clone()),
+            },
             provenance: Provenance {
                 method: "prompt-tuning".into(),
                 data: Some("unit-test".into()),
@@ -145,10 +163,32 @@ fn shapes(model: &Model) -> Vec<(&'static str, Task)> {
     vec![
         ("shallow", Spec::new(&["neg", "pos"]).shallow(5).task(model)),
         ("deep", Spec::new(&["a", "b", "c"]).deep(4).task(model)),
-        ("hybrid", Spec::new(&["no", "yes"]).shallow(3).deep(2).task(model)),
-        ("template", Spec::new(&["x", "y"]).shallow(6).template("[P:2] {text} [P:3] {text_pair} [P:1]").task(model)),
-        ("dense2", Spec::new(&["l0", "l1", "l2"]).shallow(5).dense2().task(model)),
-        ("dense2-deep-hybrid", Spec::new(&["l0", "l1"]).shallow(2).deep(3).dense2().task(model)),
+        (
+            "hybrid",
+            Spec::new(&["no", "yes"]).shallow(3).deep(2).task(model),
+        ),
+        (
+            "template",
+            Spec::new(&["x", "y"])
+                .shallow(6)
+                .template("[P:2] {text} [P:3] {text_pair} [P:1]")
+                .task(model),
+        ),
+        (
+            "dense2",
+            Spec::new(&["l0", "l1", "l2"])
+                .shallow(5)
+                .dense2()
+                .task(model),
+        ),
+        (
+            "dense2-deep-hybrid",
+            Spec::new(&["l0", "l1"])
+                .shallow(2)
+                .deep(3)
+                .dense2()
+                .task(model),
+        ),
     ]
 }
 
@@ -156,7 +196,11 @@ fn shapes(model: &Model) -> Vec<(&'static str, Task)> {
 fn tensor_bits(task: &Task) -> Vec<(&'static str, Vec<usize>, Vec<u32>)> {
     let bits = |name: &'static str, t: &Tensor| {
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        (name, t.dims().to_vec(), v.iter().map(|x| x.to_bits()).collect())
+        (
+            name,
+            t.dims().to_vec(),
+            v.iter().map(|x| x.to_bits()).collect(),
+        )
     };
     let m = &task.model;
     let mut out = Vec::new();
@@ -204,7 +248,10 @@ fn assert_same_task(want: &Task, got: &Task, what: &str) {
 fn assert_refusal(err: impl std::fmt::Display, parts: &[&str]) {
     let msg = err.to_string();
     for p in parts {
-        assert!(msg.contains(p), "error message {msg:?} does not contain {p:?}");
+        assert!(
+            msg.contains(p),
+            "error message {msg:?} does not contain {p:?}"
+        );
     }
 }
 
@@ -218,7 +265,10 @@ fn refused(task: &Task, model: &Model, limits: &Limits, parts: &[&str]) {
 
 /// A fresh directory under the system temp dir, unique per test.
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("softprompt-task-files-{}-{name}", std::process::id()));
+    let d = std::env::temp_dir().join(format!(
+        "softprompt-task-files-{}-{name}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -241,16 +291,28 @@ fn read(p: &Path) -> Vec<u8> {
 }
 
 /// safetensors bytes with the given dtype, converting f32 values.
-fn safetensors_bytes(tensors: &[(&str, &Tensor)], dtype: safetensors::Dtype, meta: HashMap<String, String>) -> Vec<u8> {
+fn safetensors_bytes(
+    tensors: &[(&str, &Tensor)],
+    dtype: safetensors::Dtype,
+    meta: HashMap<String, String>,
+) -> Vec<u8> {
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| {
             let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             let bytes: Vec<u8> = match dtype {
                 safetensors::Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                safetensors::Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-                safetensors::Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-                safetensors::Dtype::I32 => v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect(),
+                safetensors::Dtype::F16 => v
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect(),
+                safetensors::Dtype::BF16 => v
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect(),
+                safetensors::Dtype::I32 => {
+                    v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect()
+                }
                 other => panic!("{other:?}"),
             };
             (n.to_string(), t.dims().to_vec(), bytes)
@@ -258,7 +320,12 @@ fn safetensors_bytes(tensors: &[(&str, &Tensor)], dtype: safetensors::Dtype, met
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize(views, Some(meta)).unwrap()
 }
@@ -266,7 +333,10 @@ fn safetensors_bytes(tensors: &[(&str, &Tensor)], dtype: safetensors::Dtype, met
 fn native_header(meta: &TaskMeta) -> HashMap<String, String> {
     HashMap::from([
         ("format".to_string(), native::FORMAT.to_string()),
-        ("format_version".to_string(), native::FORMAT_VERSION.to_string()),
+        (
+            "format_version".to_string(),
+            native::FORMAT_VERSION.to_string(),
+        ),
         ("meta".to_string(), serde_json::to_string(meta).unwrap()),
     ])
 }
@@ -278,7 +348,8 @@ fn native_round_trip_keeps_tensors_metadata_and_version_for_every_shape() {
     let model = tiny();
     let dir = scratch("native-round-trip");
     for (name, task) in shapes(&model) {
-        validate(&task, &model, &Limits::default()).unwrap_or_else(|e| panic!("{name} should be valid: {e}"));
+        validate(&task, &model, &Limits::default())
+            .unwrap_or_else(|e| panic!("{name} should be valid: {e}"));
         let bytes = native::to_bytes(&task).unwrap();
         let back = native::from_bytes(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_same_task(&task, &back, name);
@@ -287,11 +358,21 @@ fn native_round_trip_keeps_tensors_metadata_and_version_for_every_shape() {
         native::write_file(&path, &task).unwrap();
         assert_same_task(&task, &native::read_file(&path).unwrap(), name);
         // Writing is deterministic: the same task gives the same bytes.
-        assert!(bytes == native::to_bytes(&back).unwrap(), "{name}: bytes differ after a round trip");
-        assert!(bytes == native::to_bytes(&task).unwrap(), "{name}: bytes differ between two writes");
+        assert!(
+            bytes == native::to_bytes(&back).unwrap(),
+            "{name}: bytes differ after a round trip"
+        );
+        assert!(
+            bytes == native::to_bytes(&task).unwrap(),
+            "{name}: bytes differ between two writes"
+        );
     }
     let kinds: Vec<PromptKind> = shapes(&model).iter().map(|(_, t)| t.kind()).collect();
-    assert!(kinds.contains(&PromptKind::Shallow) && kinds.contains(&PromptKind::Deep) && kinds.contains(&PromptKind::Hybrid));
+    assert!(
+        kinds.contains(&PromptKind::Shallow)
+            && kinds.contains(&PromptKind::Deep)
+            && kinds.contains(&PromptKind::Hybrid)
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -301,7 +382,11 @@ fn version_changes_when_any_tensor_or_label_changes() {
     let spec = Spec::new(&["l0", "l1"]).shallow(2).deep(3).dense2();
     let base = spec.task(&model);
     assert!(base.version.starts_with("sha256:"), "{}", base.version);
-    assert_eq!(base.version, spec.task(&model).version, "same content, same version");
+    assert_eq!(
+        base.version,
+        spec.task(&model).version,
+        "same content, same version"
+    );
 
     // Change one element of each tensor in turn (the smallest possible change: one ulp).
     let n_tensors = tensor_bits(&base).len();
@@ -315,9 +400,14 @@ fn version_changes_when_any_tensor_or_label_changes() {
     for which in 0..n_tensors {
         for at in [0usize, 1] {
             let mut m = spec.model();
-            let Head::Dense2 { dense, out } = &mut m.head else { unreachable!() };
+            let Head::Dense2 { dense, out } = &mut m.head else {
+                unreachable!()
+            };
             match which {
-                0 => m.shallow.as_mut().unwrap().embeddings = bump(&m.shallow.as_ref().unwrap().embeddings, at),
+                0 => {
+                    m.shallow.as_mut().unwrap().embeddings =
+                        bump(&m.shallow.as_ref().unwrap().embeddings, at)
+                }
                 1 => m.deep = Some(bump(m.deep.as_ref().unwrap(), at)),
                 2 => dense.weight = bump(&dense.weight, at),
                 3 => dense.bias = bump(&dense.bias, at),
@@ -325,7 +415,11 @@ fn version_changes_when_any_tensor_or_label_changes() {
                 _ => out.bias = bump(&out.bias, at),
             }
             let t = Task::new(spec.meta(&model), m).unwrap();
-            assert!(!versions.contains(&t.version), "tensor {which} element {at}: version {} not new", t.version);
+            assert!(
+                !versions.contains(&t.version),
+                "tensor {which} element {at}: version {} not new",
+                t.version
+            );
             versions.push(t.version);
         }
     }
@@ -334,14 +428,22 @@ fn version_changes_when_any_tensor_or_label_changes() {
         let mut meta = spec.meta(&model);
         meta.labels = labels.iter().map(|s| s.to_string()).collect();
         let t = Task::new(meta, spec.model()).unwrap();
-        assert!(!versions.contains(&t.version), "labels {labels:?}: version not new");
+        assert!(
+            !versions.contains(&t.version),
+            "labels {labels:?}: version not new"
+        );
         versions.push(t.version);
     }
     // A changed version survives the file format.
     let mut meta = spec.meta(&model);
     meta.labels[0] = "renamed".into();
     let t = Task::new(meta, spec.model()).unwrap();
-    assert_eq!(native::from_bytes(&native::to_bytes(&t).unwrap()).unwrap().version, t.version);
+    assert_eq!(
+        native::from_bytes(&native::to_bytes(&t).unwrap())
+            .unwrap()
+            .version,
+        t.version
+    );
 }
 
 #[test]
@@ -354,8 +456,15 @@ fn write_file_replaces_atomically_and_leaves_no_temp_files() {
     native::write_file(&path, &first).unwrap();
     native::write_file(&path, &second).unwrap();
     assert_same_task(&second, &native::read_file(&path).unwrap(), "replaced file");
-    let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(names, vec!["t.safetensors".to_string()], "temp files left behind");
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["t.safetensors".to_string()],
+        "temp files left behind"
+    );
 
     // A failed write (the target is a directory) keeps nothing of itself.
     let blocked = dir.join("blocked.safetensors");
@@ -363,9 +472,18 @@ fn write_file_replaces_atomically_and_leaves_no_temp_files() {
     std::fs::write(blocked.join("keep"), b"x").unwrap();
     let err = native::write_file(&blocked, &first).unwrap_err();
     assert_refusal(err, &["blocked.safetensors"]);
-    let mut names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
-    assert_eq!(names, vec!["blocked.safetensors".to_string(), "t.safetensors".to_string()]);
+    assert_eq!(
+        names,
+        vec![
+            "blocked.safetensors".to_string(),
+            "t.safetensors".to_string()
+        ]
+    );
     // A missing directory is an I/O error naming the path.
     let err = native::write_file(&dir.join("no/such/dir/t.safetensors"), &first).unwrap_err();
     assert_refusal(err, &["no/such/dir"]);
@@ -378,11 +496,17 @@ fn native_writer_refuses_metadata_that_disagrees_with_the_model() {
     let spec = Spec::new(&["a", "b"]).shallow(5);
     let mut t = spec.task(&model);
     t.meta.pooling = Pooling::Mean;
-    assert_refusal(native::to_bytes(&t).unwrap_err(), &["meta.pooling", "\"pooler\"", "\"mean\""]);
+    assert_refusal(
+        native::to_bytes(&t).unwrap_err(),
+        &["meta.pooling", "\"pooler\"", "\"mean\""],
+    );
 
     let mut t = spec.clone().template("[P:2] {text} [P:3]").task(&model);
     t.meta.template = None;
-    assert_refusal(native::to_bytes(&t).unwrap_err(), &["meta.template", "[P:2] {text} [P:3]", "[P:5] {text}"]);
+    assert_refusal(
+        native::to_bytes(&t).unwrap_err(),
+        &["meta.template", "[P:2] {text} [P:3]", "[P:5] {text}"],
+    );
 }
 
 #[test]
@@ -391,51 +515,93 @@ fn native_reader_refusals_name_field_and_values() {
     let task = Spec::new(&["a", "b"]).shallow(3).task(&model);
     let m = &task.model;
     let s = &m.shallow.as_ref().unwrap().embeddings;
-    let Head::Linear(head) = &m.head else { unreachable!() };
-    let base: Vec<(&str, &Tensor)> = vec![("prompt.shallow", s), ("head.weight", &head.weight), ("head.bias", &head.bias)];
+    let Head::Linear(head) = &m.head else {
+        unreachable!()
+    };
+    let base: Vec<(&str, &Tensor)> = vec![
+        ("prompt.shallow", s),
+        ("head.weight", &head.weight),
+        ("head.bias", &head.bias),
+    ];
     let mut with_extra = base.clone();
     with_extra.push(("prompt.extra", s));
     let f32 = safetensors::Dtype::F32;
 
     // A PEFT weights file is not a native task file.
     let peft_weights = read(&fixture("adapters/pt_random_2/adapter_model.safetensors"));
-    assert_refusal(native::from_bytes(&peft_weights).err().unwrap(), &["header.format", "softprompt.task", "\"pt\""]);
+    assert_refusal(
+        native::from_bytes(&peft_weights).err().unwrap(),
+        &["header.format", "softprompt.task", "\"pt\""],
+    );
     // Newer format version.
     let mut h = native_header(&task.meta);
     h.insert("format_version".into(), "2".into());
     let bytes = safetensors_bytes(&base, f32, h);
-    assert_refusal(native::from_bytes(&bytes).err().unwrap(), &["header.format_version", "1..=1", "\"2\""]);
+    assert_refusal(
+        native::from_bytes(&bytes).err().unwrap(),
+        &["header.format_version", "1..=1", "\"2\""],
+    );
     // Unknown tensor.
     let bytes = safetensors_bytes(&with_extra, f32, native_header(&task.meta));
-    assert_refusal(native::from_bytes(&bytes).err().unwrap(), &["\"prompt.extra\"", "unknown tensor", "prompt.shallow"]);
+    assert_refusal(
+        native::from_bytes(&bytes).err().unwrap(),
+        &["\"prompt.extra\"", "unknown tensor", "prompt.shallow"],
+    );
     // No head.
     let bytes = safetensors_bytes(&[("prompt.shallow", s)], f32, native_header(&task.meta));
-    assert_refusal(native::from_bytes(&bytes).err().unwrap(), &["head.weight", "missing", "classification head"]);
+    assert_refusal(
+        native::from_bytes(&bytes).err().unwrap(),
+        &["head.weight", "missing", "classification head"],
+    );
     // Template with a different number of virtual tokens than the prompt has rows.
     let mut meta = task.meta.clone();
     meta.template = Some("[P:2] {text} [P:2]".into());
     let bytes = safetensors_bytes(&base, f32, native_header(&meta));
-    assert_refusal(native::from_bytes(&bytes).err().unwrap(), &["template", "3 virtual tokens", "4 in"]);
+    assert_refusal(
+        native::from_bytes(&bytes).err().unwrap(),
+        &["template", "3 virtual tokens", "4 in"],
+    );
     // Virtual-token counts whose sum wraps around to the row count.
     let mut meta = task.meta.clone();
     meta.template = Some(format!("[P:{}] {{text}} [P:4]", usize::MAX));
     let bytes = safetensors_bytes(&base, f32, native_header(&meta));
-    assert_refusal(native::from_bytes(&bytes).err().unwrap(), &["template", "3 virtual tokens", "more than usize::MAX"]);
+    assert_refusal(
+        native::from_bytes(&bytes).err().unwrap(),
+        &["template", "3 virtual tokens", "more than usize::MAX"],
+    );
     // A prompt without rows.
     let empty = Tensor::zeros((0, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     let bytes = safetensors_bytes(
-        &[("prompt.shallow", &empty), ("head.weight", &head.weight), ("head.bias", &head.bias)],
+        &[
+            ("prompt.shallow", &empty),
+            ("head.weight", &head.weight),
+            ("head.bias", &head.bias),
+        ],
         f32,
         native_header(&task.meta),
     );
-    assert_refusal(native::from_bytes(&bytes).err().unwrap(), &["prompt.shallow.shape", "[n ≥ 1, hidden]", "[0, 32]"]);
+    assert_refusal(
+        native::from_bytes(&bytes).err().unwrap(),
+        &["prompt.shallow.shape", "[n ≥ 1, hidden]", "[0, 32]"],
+    );
     // A head of the wrong rank.
     let bytes = safetensors_bytes(
-        &[("prompt.shallow", s), ("head.weight", &head.bias), ("head.bias", &head.bias)],
+        &[
+            ("prompt.shallow", s),
+            ("head.weight", &head.bias),
+            ("head.bias", &head.bias),
+        ],
         f32,
         native_header(&task.meta),
     );
-    assert_refusal(native::from_bytes(&bytes).err().unwrap(), &["head.shape", "weight [out, in], bias [out]", "weight [2], bias [2]"]);
+    assert_refusal(
+        native::from_bytes(&bytes).err().unwrap(),
+        &[
+            "head.shape",
+            "weight [out, in], bias [out]",
+            "weight [2], bias [2]",
+        ],
+    );
 }
 
 // ---------------------------------------------------------- PEFT export
@@ -457,24 +623,52 @@ fn peft_export_of_every_fixture_adapter_reimports_bit_exactly() {
         assert_same_task(&stored, &back, &format!("{name} export → import"));
 
         // The files name what PEFT itself wrote for this adapter.
-        let theirs: serde_json::Value = serde_json::from_slice(&read(&src.join(peft::CONFIG_FILE))).unwrap();
-        let ours: serde_json::Value = serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
-        let want_type = if theirs["peft_type"] == "PREFIX_TUNING" { "PREFIX_TUNING" } else { "PROMPT_TUNING" };
+        let theirs: serde_json::Value =
+            serde_json::from_slice(&read(&src.join(peft::CONFIG_FILE))).unwrap();
+        let ours: serde_json::Value =
+            serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
+        let want_type = if theirs["peft_type"] == "PREFIX_TUNING" {
+            "PREFIX_TUNING"
+        } else {
+            "PROMPT_TUNING"
+        };
         assert_eq!(ours["peft_type"], want_type, "{name}");
-        for key in ["task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "base_model_name_or_path", "inference_mode"] {
+        for key in [
+            "task_type",
+            "num_virtual_tokens",
+            "token_dim",
+            "num_transformer_submodules",
+            "base_model_name_or_path",
+            "inference_mode",
+        ] {
             assert_eq!(ours[key], theirs[key], "{name}: adapter_config.{key}");
         }
         if want_type == "PREFIX_TUNING" {
-            assert_eq!(ours["num_layers"], theirs["num_layers"], "{name}: num_layers");
-            assert_eq!(ours["prefix_projection"], false, "{name}: the saved prefix is already projected");
+            assert_eq!(
+                ours["num_layers"], theirs["num_layers"],
+                "{name}: num_layers"
+            );
+            assert_eq!(
+                ours["prefix_projection"], false,
+                "{name}: the saved prefix is already projected"
+            );
         }
         let keys = |p: &Path| -> Vec<String> {
             let b = read(p);
-            let mut k: Vec<String> = safetensors::SafeTensors::deserialize(&b).unwrap().names().into_iter().map(|s| s.to_string()).collect();
+            let mut k: Vec<String> = safetensors::SafeTensors::deserialize(&b)
+                .unwrap()
+                .names()
+                .into_iter()
+                .map(|s| s.to_string())
+                .collect();
             k.sort();
             k
         };
-        assert_eq!(keys(&dir.join(peft::WEIGHTS_FILE)), keys(&src.join(peft::WEIGHTS_FILE)), "{name}: tensor names");
+        assert_eq!(
+            keys(&dir.join(peft::WEIGHTS_FILE)),
+            keys(&src.join(peft::WEIGHTS_FILE)),
+            "{name}: tensor names"
+        );
     }
     if std::env::var_os("EXPORT_DIR").is_none() {
         std::fs::remove_dir_all(out).unwrap();
@@ -485,17 +679,37 @@ fn peft_export_of_every_fixture_adapter_reimports_bit_exactly() {
 fn peft_export_keeps_our_metadata_for_the_way_back() {
     let model = tiny();
     for (name, task) in [
-        ("shallow", Spec::new(&["neg", "pos"]).shallow(5).task(&model)),
+        (
+            "shallow",
+            Spec::new(&["neg", "pos"]).shallow(5).task(&model),
+        ),
         ("deep", Spec::new(&["a", "b", "c"]).deep(4).task(&model)),
-        ("dense2", Spec::new(&["l0", "l1", "l2"]).shallow(5).dense2().task(&model)),
-        ("explicit prefix template", Spec::new(&["a", "b"]).shallow(4).template("[P:4] {text}").task(&model)),
+        (
+            "dense2",
+            Spec::new(&["l0", "l1", "l2"])
+                .shallow(5)
+                .dense2()
+                .task(&model),
+        ),
+        (
+            "explicit prefix template",
+            Spec::new(&["a", "b"])
+                .shallow(4)
+                .template("[P:4] {text}")
+                .task(&model),
+        ),
     ] {
         let files = peft::to_files(&task).unwrap();
         let back = peft::from_bytes(&files.config_json, &files.weights, None).unwrap();
         assert_same_task(&task, &back, name);
         validate(&back, &model, &Limits::default()).unwrap();
         // Explicit labels override the header's.
-        let relabelled = peft::from_bytes(&files.config_json, &files.weights, Some(task.meta.labels.iter().rev().cloned().collect())).unwrap();
+        let relabelled = peft::from_bytes(
+            &files.config_json,
+            &files.weights,
+            Some(task.meta.labels.iter().rev().cloned().collect()),
+        )
+        .unwrap();
         assert_ne!(relabelled.meta.labels, task.meta.labels);
         assert_ne!(relabelled.version, task.version);
     }
@@ -508,34 +722,70 @@ fn peft_export_refuses_what_peft_cannot_express() {
     let cases: Vec<(&str, Task, Vec<&str>)> = vec![
         (
             "template",
-            Spec::new(&["a", "b"]).shallow(5).template("[P:2] {text} [P:3]").task(&model),
+            Spec::new(&["a", "b"])
+                .shallow(5)
+                .template("[P:2] {text} [P:3]")
+                .task(&model),
             vec!["template", "\"[P:2] {text} [P:3]\"", "[P:n] {text}"],
         ),
         (
             "hybrid",
             Spec::new(&["a", "b"]).shallow(2).deep(2).task(&model),
-            vec!["prompt", "hybrid (shallow + deep)", "PROMPT_TUNING", "PREFIX_TUNING"],
+            vec![
+                "prompt",
+                "hybrid (shallow + deep)",
+                "PROMPT_TUNING",
+                "PREFIX_TUNING",
+            ],
         ),
-        ("no prompt", Spec::new(&["a", "b"]).task(&model), vec!["prompt", "none", "PROMPT_TUNING"]),
+        (
+            "no prompt",
+            Spec::new(&["a", "b"]).task(&model),
+            vec!["prompt", "none", "PROMPT_TUNING"],
+        ),
         (
             "mean pooling",
-            Spec::new(&["a", "b"]).shallow(3).pooling(Pooling::Mean).task(&model),
-            vec!["pooling", "\"mean\" with a linear head", "\"pooler\" with a linear head"],
+            Spec::new(&["a", "b"])
+                .shallow(3)
+                .pooling(Pooling::Mean)
+                .task(&model),
+            vec![
+                "pooling",
+                "\"mean\" with a linear head",
+                "\"pooler\" with a linear head",
+            ],
         ),
         (
             "linear head on position 0",
-            Spec::new(&["a", "b"]).shallow(3).pooling(Pooling::First).task(&model),
-            vec!["pooling", "\"first\" with a linear head", "\"pooler\" with a linear head"],
+            Spec::new(&["a", "b"])
+                .shallow(3)
+                .pooling(Pooling::First)
+                .task(&model),
+            vec![
+                "pooling",
+                "\"first\" with a linear head",
+                "\"pooler\" with a linear head",
+            ],
         ),
         (
             "roberta head on the pooler",
-            Spec::new(&["a", "b"]).deep(3).dense2().pooling(Pooling::Pooler).task(&model),
-            vec!["pooling", "\"pooler\" with a dense+out_proj head", "\"first\" with a dense+out_proj head"],
+            Spec::new(&["a", "b"])
+                .deep(3)
+                .dense2()
+                .pooling(Pooling::Pooler)
+                .task(&model),
+            vec![
+                "pooling",
+                "\"pooler\" with a dense+out_proj head",
+                "\"first\" with a dense+out_proj head",
+            ],
         ),
     ];
     for (name, task, parts) in cases {
         let target = dir.join(name.replace(' ', "_"));
-        let err = peft::write_dir(&task, &target).err().unwrap_or_else(|| panic!("{name}: exported"));
+        let err = peft::write_dir(&task, &target)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: exported"));
         assert_refusal(err, &parts);
         assert!(!target.exists(), "{name}: a refused export wrote files");
     }
@@ -564,12 +814,24 @@ fn refuses_a_prompt_of_another_hidden_size() {
     let model = tiny();
     let mut spec = Spec::new(&["a", "b"]).shallow(5);
     spec.hidden = 16;
-    refused(&spec.task(&model), &model, &Limits::default(), &["prompt.shallow.shape", "[n, 32] (hidden_size)", "[5, 16]"]);
+    refused(
+        &spec.task(&model),
+        &model,
+        &Limits::default(),
+        &["prompt.shallow.shape", "[n, 32] (hidden_size)", "[5, 16]"],
+    );
     // The same task from a PEFT adapter whose config disagrees with its tensor.
     let dir = fixture("adapters/pt_random_2");
-    let mut cfg: serde_json::Value = serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
     cfg["token_dim"] = 16.into();
-    let err = peft::from_bytes(cfg.to_string().as_bytes(), &read(&dir.join(peft::WEIGHTS_FILE)), None).err().unwrap();
+    let err = peft::from_bytes(
+        cfg.to_string().as_bytes(),
+        &read(&dir.join(peft::WEIGHTS_FILE)),
+        None,
+    )
+    .err()
+    .unwrap();
     assert_refusal(err, &["prompt_embeddings.shape[1]", "16 (token_dim)", "32"]);
 }
 
@@ -578,20 +840,47 @@ fn refuses_a_deep_prompt_of_another_layer_count_or_width() {
     let model = tiny();
     let mut three_layers = Spec::new(&["a", "b"]).deep(4);
     three_layers.deep_width = 3 * 2 * 32;
-    refused(&three_layers.task(&model), &model, &Limits::default(), &["prompt.deep.shape", "[n, 128]", "num_layers 2", "[4, 192]"]);
+    refused(
+        &three_layers.task(&model),
+        &model,
+        &Limits::default(),
+        &["prompt.deep.shape", "[n, 128]", "num_layers 2", "[4, 192]"],
+    );
     let mut narrow = Spec::new(&["a", "b"]).deep(4);
     narrow.deep_width = 2 * 2 * 16;
-    refused(&narrow.task(&model), &model, &Limits::default(), &["prompt.deep.shape", "[n, 128]", "[4, 64]"]);
+    refused(
+        &narrow.task(&model),
+        &model,
+        &Limits::default(),
+        &["prompt.deep.shape", "[n, 128]", "[4, 64]"],
+    );
     // PEFT config claiming another layer count than its tensor holds.
     let dir = fixture("adapters/prefix_2");
-    let mut cfg: serde_json::Value = serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
     cfg["num_layers"] = 3.into();
-    let err = peft::from_bytes(cfg.to_string().as_bytes(), &read(&dir.join(peft::WEIGHTS_FILE)), None).err().unwrap();
-    assert_refusal(err, &["prompt_embeddings.shape[1]", "192 (num_layers 3", "128"]);
+    let err = peft::from_bytes(
+        cfg.to_string().as_bytes(),
+        &read(&dir.join(peft::WEIGHTS_FILE)),
+        None,
+    )
+    .err()
+    .unwrap();
+    assert_refusal(
+        err,
+        &["prompt_embeddings.shape[1]", "192 (num_layers 3", "128"],
+    );
     // And a virtual-token count that disagrees with the rows.
-    let mut cfg: serde_json::Value = serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
     cfg["num_virtual_tokens"] = 9.into();
-    let err = peft::from_bytes(cfg.to_string().as_bytes(), &read(&dir.join(peft::WEIGHTS_FILE)), None).err().unwrap();
+    let err = peft::from_bytes(
+        cfg.to_string().as_bytes(),
+        &read(&dir.join(peft::WEIGHTS_FILE)),
+        None,
+    )
+    .err()
+    .unwrap();
     assert_refusal(err, &["prompt_embeddings.shape", "[9, dim]", "[7, 128]"]);
 }
 
@@ -601,34 +890,91 @@ fn refuses_a_head_that_does_not_fit_the_labels_or_the_model() {
     let l = Limits::default();
     let mut more_rows = Spec::new(&["a", "b"]).shallow(3);
     more_rows.head_out = Some(3);
-    refused(&more_rows.task(&model), &model, &l, &["labels", "3 names (the head's output size)", "found 2 names"]);
+    refused(
+        &more_rows.task(&model),
+        &model,
+        &l,
+        &[
+            "labels",
+            "3 names (the head's output size)",
+            "found 2 names",
+        ],
+    );
 
     let spec = Spec::new(&["a", "b"]).shallow(3);
     let mut m = spec.model();
     m.head = Head::Linear(lin(2, 16, 9));
-    refused(&Task::new(spec.meta(&model), m).unwrap(), &model, &l, &["head.weight.shape", "[out, 32]", "[2, 16]"]);
+    refused(
+        &Task::new(spec.meta(&model), m).unwrap(),
+        &model,
+        &l,
+        &["head.weight.shape", "[out, 32]", "[2, 16]"],
+    );
     let mut m = spec.model();
-    m.head = Head::Linear(Linear { weight: mat(2, 32, 9), bias: vec1(3, 9) });
-    refused(&Task::new(spec.meta(&model), m).unwrap(), &model, &l, &["head.bias.shape", "[2]", "[3]"]);
+    m.head = Head::Linear(Linear {
+        weight: mat(2, 32, 9),
+        bias: vec1(3, 9),
+    });
+    refused(
+        &Task::new(spec.meta(&model), m).unwrap(),
+        &model,
+        &l,
+        &["head.bias.shape", "[2]", "[3]"],
+    );
 
     let spec = Spec::new(&["a", "b"]).shallow(3).dense2();
     let mut m = spec.model();
-    m.head = Head::Dense2 { dense: lin(64, 32, 3), out: lin(2, 64, 5) };
-    refused(&Task::new(spec.meta(&model), m).unwrap(), &model, &l, &["head.dense.weight.shape", "[32, 32]", "[64, 32]"]);
+    m.head = Head::Dense2 {
+        dense: lin(64, 32, 3),
+        out: lin(2, 64, 5),
+    };
+    refused(
+        &Task::new(spec.meta(&model), m).unwrap(),
+        &model,
+        &l,
+        &["head.dense.weight.shape", "[32, 32]", "[64, 32]"],
+    );
     let mut m = spec.model();
-    m.head = Head::Dense2 { dense: lin(32, 32, 3), out: lin(2, 16, 5) };
-    refused(&Task::new(spec.meta(&model), m).unwrap(), &model, &l, &["head.out_proj.weight.shape", "[out, 32]", "[2, 16]"]);
+    m.head = Head::Dense2 {
+        dense: lin(32, 32, 3),
+        out: lin(2, 16, 5),
+    };
+    refused(
+        &Task::new(spec.meta(&model), m).unwrap(),
+        &model,
+        &l,
+        &["head.out_proj.weight.shape", "[out, 32]", "[2, 16]"],
+    );
 }
 
 #[test]
 fn refuses_duplicate_and_empty_labels() {
     let model = tiny();
     let l = Limits::default();
-    refused(&Spec::new(&["pos", "neg", "pos"]).shallow(3).task(&model), &model, &l, &["labels[2]", "distinct from labels[0] \"pos\"", "found \"pos\""]);
-    refused(&Spec::new(&["pos", ""]).shallow(3).task(&model), &model, &l, &["labels[1]", "a non-empty name", "found \"\""]);
+    refused(
+        &Spec::new(&["pos", "neg", "pos"]).shallow(3).task(&model),
+        &model,
+        &l,
+        &[
+            "labels[2]",
+            "distinct from labels[0] \"pos\"",
+            "found \"pos\"",
+        ],
+    );
+    refused(
+        &Spec::new(&["pos", ""]).shallow(3).task(&model),
+        &model,
+        &l,
+        &["labels[1]", "a non-empty name", "found \"\""],
+    );
     let mut none = Spec::new(&[]).shallow(3);
     none.head_out = Some(0);
-    refused(&none.task(&model), &model, &l, &["labels", "1..=1024", "found 0"]);
+    refused(
+        &none.task(&model),
+        &model,
+        &l,
+        &["labels", "1..=1024", "found 0"],
+    );
 }
 
 #[test]
@@ -638,11 +984,35 @@ fn refuses_prompts_that_leave_no_room_for_text() {
     let l = Limits::default();
     assert_eq!((model.config().max_sequence(), l.min_text_tokens), (64, 8));
     validate(&Spec::new(&["a", "b"]).shallow(56).task(&model), &model, &l).unwrap();
-    let want = ["num_virtual_tokens", "at most 56 so that 8 text tokens fit in 64 positions", "found 57"];
-    refused(&Spec::new(&["a", "b"]).shallow(57).task(&model), &model, &l, &want);
-    refused(&Spec::new(&["a", "b"]).deep(57).task(&model), &model, &l, &want);
-    refused(&Spec::new(&["a", "b"]).shallow(30).deep(27).task(&model), &model, &l, &want);
-    validate(&Spec::new(&["a", "b"]).shallow(30).deep(26).task(&model), &model, &l).unwrap();
+    let want = [
+        "num_virtual_tokens",
+        "at most 56 so that 8 text tokens fit in 64 positions",
+        "found 57",
+    ];
+    refused(
+        &Spec::new(&["a", "b"]).shallow(57).task(&model),
+        &model,
+        &l,
+        &want,
+    );
+    refused(
+        &Spec::new(&["a", "b"]).deep(57).task(&model),
+        &model,
+        &l,
+        &want,
+    );
+    refused(
+        &Spec::new(&["a", "b"]).shallow(30).deep(27).task(&model),
+        &model,
+        &l,
+        &want,
+    );
+    validate(
+        &Spec::new(&["a", "b"]).shallow(30).deep(26).task(&model),
+        &model,
+        &l,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -664,9 +1034,14 @@ fn refuses_nan_and_inf_in_every_tensor() {
         (5, "head.out_proj.bias", 2, f32::NAN),
     ] {
         let mut m = spec.model();
-        let Head::Dense2 { dense, out } = &mut m.head else { unreachable!() };
+        let Head::Dense2 { dense, out } = &mut m.head else {
+            unreachable!()
+        };
         match which {
-            0 => m.shallow.as_mut().unwrap().embeddings = poison(&m.shallow.as_ref().unwrap().embeddings, x),
+            0 => {
+                m.shallow.as_mut().unwrap().embeddings =
+                    poison(&m.shallow.as_ref().unwrap().embeddings, x)
+            }
             1 => m.deep = Some(poison(m.deep.as_ref().unwrap(), x)),
             2 => dense.weight = poison(&dense.weight, x),
             3 => dense.bias = poison(&dense.bias, x),
@@ -675,17 +1050,45 @@ fn refuses_nan_and_inf_in_every_tensor() {
         }
         let t = Task::new(spec.meta(&model), m).unwrap();
         let found = format!("found 1 NaN or infinite of {total}");
-        refused(&t, &model, &Limits::default(), &[field, "expected finite values", &found]);
+        refused(
+            &t,
+            &model,
+            &Limits::default(),
+            &[field, "expected finite values", &found],
+        );
     }
 }
 
 #[test]
 fn size_caps_refuse_too_many_virtual_tokens_and_labels() {
     let model = tiny();
-    let l = Limits { max_virtual_tokens: 10, max_labels: 2, ..Limits::default() };
-    validate(&Spec::new(&["a", "b"]).shallow(6).deep(4).task(&model), &model, &l).unwrap();
-    refused(&Spec::new(&["a", "b"]).shallow(6).deep(5).task(&model), &model, &l, &["num_virtual_tokens", "at most 10 (max_virtual_tokens)", "found 11"]);
-    refused(&Spec::new(&["a", "b", "c"]).shallow(6).task(&model), &model, &l, &["labels", "1..=2 labels (max_labels)", "found 3"]);
+    let l = Limits {
+        max_virtual_tokens: 10,
+        max_labels: 2,
+        ..Limits::default()
+    };
+    validate(
+        &Spec::new(&["a", "b"]).shallow(6).deep(4).task(&model),
+        &model,
+        &l,
+    )
+    .unwrap();
+    refused(
+        &Spec::new(&["a", "b"]).shallow(6).deep(5).task(&model),
+        &model,
+        &l,
+        &[
+            "num_virtual_tokens",
+            "at most 10 (max_virtual_tokens)",
+            "found 11",
+        ],
+    );
+    refused(
+        &Spec::new(&["a", "b", "c"]).shallow(6).task(&model),
+        &model,
+        &l,
+        &["labels", "1..=2 labels (max_labels)", "found 3"],
+    );
 }
 
 #[test]
@@ -693,17 +1096,37 @@ fn fingerprint_mismatch_is_refused_unless_allowed() {
     let model = tiny();
     let spec = Spec::new(&["a", "b"]).shallow(4);
     let mut meta = spec.meta(&model);
-    meta.base_model = BaseModelRef { name: "other-model".into(), fingerprint: Some("sha256:0123abcd".into()) };
+    meta.base_model = BaseModelRef {
+        name: "other-model".into(),
+        fingerprint: Some("sha256:0123abcd".into()),
+    };
     let task = Task::new(meta.clone(), spec.model()).unwrap();
     let expected = format!("{} (tiny-bert)", model.fingerprint);
-    refused(&task, &model, &Limits::default(), &["base_model.fingerprint", &expected, "sha256:0123abcd (other-model)"]);
-    let allow = Limits { allow_fingerprint_mismatch: true, ..Limits::default() };
+    refused(
+        &task,
+        &model,
+        &Limits::default(),
+        &[
+            "base_model.fingerprint",
+            &expected,
+            "sha256:0123abcd (other-model)",
+        ],
+    );
+    let allow = Limits {
+        allow_fingerprint_mismatch: true,
+        ..Limits::default()
+    };
     validate(&task, &model, &allow).unwrap();
     // Allowing a mismatch does not skip the shape checks.
     let mut narrow = spec.clone();
     narrow.hidden = 16;
     let task = Task::new(meta, narrow.model()).unwrap();
-    refused(&task, &model, &allow, &["prompt.shallow.shape", "[n, 32]", "[4, 16]"]);
+    refused(
+        &task,
+        &model,
+        &allow,
+        &["prompt.shallow.shape", "[n, 32]", "[4, 16]"],
+    );
     // PEFT adapters carry no fingerprint and are checked on shapes alone.
     let task = peft::read_dir(&fixture("adapters/pt_random_2"), None).unwrap();
     assert_eq!(task.meta.base_model.fingerprint, None);
@@ -714,31 +1137,81 @@ fn fingerprint_mismatch_is_refused_unless_allowed() {
 fn refuses_pooler_pooling_on_a_model_without_pooler() {
     let roberta = load_model(&fixture("tiny-roberta"));
     let task = Spec::new(&["a", "b"]).shallow(3).task(&roberta);
-    refused(&task, &roberta, &Limits::default(), &["pooling", "\"mean\" or \"first\" (the model has no pooler)", "\"pooler\""]);
-    validate(&Spec::new(&["a", "b"]).shallow(3).dense2().task(&roberta), &roberta, &Limits::default()).unwrap();
+    refused(
+        &task,
+        &roberta,
+        &Limits::default(),
+        &[
+            "pooling",
+            "\"mean\" or \"first\" (the model has no pooler)",
+            "\"pooler\"",
+        ],
+    );
+    validate(
+        &Spec::new(&["a", "b"]).shallow(3).dense2().task(&roberta),
+        &roberta,
+        &Limits::default(),
+    )
+    .unwrap();
 }
 
 #[test]
 fn refuses_unsupported_peft_type_and_task_type() {
     let dir = fixture("adapters/pt_random_2");
     let weights = read(&dir.join(peft::WEIGHTS_FILE));
-    let cfg: serde_json::Value = serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
     peft::from_bytes(cfg.to_string().as_bytes(), &weights, None).unwrap();
     for (key, value, parts) in [
-        ("peft_type", "LORA", vec!["adapter_config.peft_type", "\"LORA\"", "PROMPT_TUNING, P_TUNING, PREFIX_TUNING"]),
-        ("peft_type", "ADAPTION_PROMPT", vec!["adapter_config.peft_type", "\"ADAPTION_PROMPT\"", "PREFIX_TUNING"]),
-        ("task_type", "CAUSAL_LM", vec!["adapter_config.task_type", "\"CAUSAL_LM\"", "SEQ_CLS"]),
-        ("task_type", "TOKEN_CLS", vec!["adapter_config.task_type", "\"TOKEN_CLS\"", "SEQ_CLS"]),
+        (
+            "peft_type",
+            "LORA",
+            vec![
+                "adapter_config.peft_type",
+                "\"LORA\"",
+                "PROMPT_TUNING, P_TUNING, PREFIX_TUNING",
+            ],
+        ),
+        (
+            "peft_type",
+            "ADAPTION_PROMPT",
+            vec![
+                "adapter_config.peft_type",
+                "\"ADAPTION_PROMPT\"",
+                "PREFIX_TUNING",
+            ],
+        ),
+        (
+            "task_type",
+            "CAUSAL_LM",
+            vec!["adapter_config.task_type", "\"CAUSAL_LM\"", "SEQ_CLS"],
+        ),
+        (
+            "task_type",
+            "TOKEN_CLS",
+            vec!["adapter_config.task_type", "\"TOKEN_CLS\"", "SEQ_CLS"],
+        ),
     ] {
         let mut c = cfg.clone();
         c[key] = value.into();
-        let err = peft::from_bytes(c.to_string().as_bytes(), &weights, None).err().unwrap();
+        let err = peft::from_bytes(c.to_string().as_bytes(), &weights, None)
+            .err()
+            .unwrap();
         assert_refusal(err, &parts);
     }
     let mut c = cfg.clone();
     c["num_transformer_submodules"] = 2.into();
-    let err = peft::from_bytes(c.to_string().as_bytes(), &weights, None).err().unwrap();
-    assert_refusal(err, &["adapter_config.num_transformer_submodules", "expected 1", "found 2"]);
+    let err = peft::from_bytes(c.to_string().as_bytes(), &weights, None)
+        .err()
+        .unwrap();
+    assert_refusal(
+        err,
+        &[
+            "adapter_config.num_transformer_submodules",
+            "expected 1",
+            "found 2",
+        ],
+    );
 }
 
 #[test]
@@ -748,11 +1221,23 @@ fn f16_and_bf16_tensors_are_accepted_and_widened() {
     let cfg = read(&dir.join(peft::CONFIG_FILE));
     let f32_task = peft::read_dir(&dir, None).unwrap();
     let s = f32_task.model.shallow.as_ref().unwrap().embeddings.clone();
-    let Head::Linear(h) = &f32_task.model.head else { unreachable!() };
-    let peft_tensors = [("prompt_embeddings", &s), ("base_model.classifier.weight", &h.weight), ("base_model.classifier.bias", &h.bias)];
-    let native_task = Spec::new(&["a", "b", "c"]).shallow(4).deep(2).dense2().task(&model);
+    let Head::Linear(h) = &f32_task.model.head else {
+        unreachable!()
+    };
+    let peft_tensors = [
+        ("prompt_embeddings", &s),
+        ("base_model.classifier.weight", &h.weight),
+        ("base_model.classifier.bias", &h.bias),
+    ];
+    let native_task = Spec::new(&["a", "b", "c"])
+        .shallow(4)
+        .deep(2)
+        .dense2()
+        .task(&model);
     let nm = &native_task.model;
-    let Head::Dense2 { dense, out } = &nm.head else { unreachable!() };
+    let Head::Dense2 { dense, out } = &nm.head else {
+        unreachable!()
+    };
     let native_tensors = [
         ("prompt.shallow", &nm.shallow.as_ref().unwrap().embeddings),
         ("prompt.deep", nm.deep.as_ref().unwrap()),
@@ -762,20 +1247,40 @@ fn f16_and_bf16_tensors_are_accepted_and_widened() {
         ("head.out_proj.bias", &out.bias),
     ];
     for (dtype, round) in [
-        (safetensors::Dtype::F16, (|x: f32| half::f16::from_f32(x).to_f32()) as fn(f32) -> f32),
-        (safetensors::Dtype::BF16, |x: f32| half::bf16::from_f32(x).to_f32()),
+        (
+            safetensors::Dtype::F16,
+            (|x: f32| half::f16::from_f32(x).to_f32()) as fn(f32) -> f32,
+        ),
+        (safetensors::Dtype::BF16, |x: f32| {
+            half::bf16::from_f32(x).to_f32()
+        }),
     ] {
         let expect = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| round(*x).to_bits()).collect()
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| round(*x).to_bits())
+                .collect()
         };
         // PEFT adapter saved in half precision.
-        let weights = safetensors_bytes(&peft_tensors, dtype, HashMap::from([("format".into(), "pt".into())]));
+        let weights = safetensors_bytes(
+            &peft_tensors,
+            dtype,
+            HashMap::from([("format".into(), "pt".into())]),
+        );
         let t = peft::from_bytes(&cfg, &weights, None).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
         let got = tensor_bits(&t);
         assert_eq!(got[0].2, expect(&s), "{dtype:?}: prompt");
         assert_eq!(got[1].2, expect(&h.weight), "{dtype:?}: head.weight");
         assert_eq!(got[2].2, expect(&h.bias), "{dtype:?}: head.bias");
-        assert!(got.iter().zip(tensor_bits(&f32_task)).any(|(a, b)| a.2 != b.2), "{dtype:?}: rounding must show");
+        assert!(
+            got.iter()
+                .zip(tensor_bits(&f32_task))
+                .any(|(a, b)| a.2 != b.2),
+            "{dtype:?}: rounding must show"
+        );
         validate(&t, &model, &Limits::default()).unwrap();
         // Native file in half precision.
         let bytes = safetensors_bytes(&native_tensors, dtype, native_header(&native_task.meta));
@@ -795,7 +1300,14 @@ fn f16_and_bf16_tensors_are_accepted_and_widened() {
 
 fn valid_native_file() -> Vec<u8> {
     let model = tiny();
-    native::to_bytes(&Spec::new(&["a", "b"]).shallow(2).deep(1).dense2().task(&model)).unwrap()
+    native::to_bytes(
+        &Spec::new(&["a", "b"])
+            .shallow(2)
+            .deep(1)
+            .dense2()
+            .task(&model),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -803,7 +1315,11 @@ fn every_truncation_of_a_native_file_is_refused() {
     let bytes = valid_native_file();
     native::from_bytes(&bytes).unwrap();
     for k in 0..bytes.len() {
-        assert!(native::from_bytes(&bytes[..k]).is_err(), "prefix of {k}/{} bytes accepted", bytes.len());
+        assert!(
+            native::from_bytes(&bytes[..k]).is_err(),
+            "prefix of {k}/{} bytes accepted",
+            bytes.len()
+        );
     }
 }
 
@@ -815,12 +1331,19 @@ fn every_truncation_of_an_adapter_is_refused() {
         let weights = read(&dir.join(peft::WEIGHTS_FILE));
         peft::from_bytes(&cfg, &weights, None).unwrap();
         for k in 0..weights.len() {
-            assert!(peft::from_bytes(&cfg, &weights[..k], None).is_err(), "{name}: weights prefix {k}/{} accepted", weights.len());
+            assert!(
+                peft::from_bytes(&cfg, &weights[..k], None).is_err(),
+                "{name}: weights prefix {k}/{} accepted",
+                weights.len()
+            );
         }
         // JSON: every prefix that stops before the closing brace.
         let end = cfg.iter().rposition(|&b| b == b'}').unwrap();
         for k in 0..end {
-            assert!(peft::from_bytes(&cfg[..k], &weights, None).is_err(), "{name}: config prefix {k} accepted");
+            assert!(
+                peft::from_bytes(&cfg[..k], &weights, None).is_err(),
+                "{name}: config prefix {k} accepted"
+            );
         }
     }
 }

@@ -18,7 +18,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(back.version, task.version);
         // Whatever PEFT can express must export and come back identical.
         if let Ok(files) = peft::to_files(&task) {
-            let again = peft::from_bytes(&files.config_json, &files.weights, None).expect("an export can be imported");
+            let again = peft::from_bytes(&files.config_json, &files.weights, None)
+                .expect("an export can be imported");
             assert_eq!(again.version, task.version);
         }
     }

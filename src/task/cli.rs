@@ -26,17 +26,37 @@ fn describe(path: &Path, task: &Task) -> String {
     s += &format!("  version      {}\n", task.version);
     s += &format!("  kind         {:?}\n", task.kind());
     if let Some(sp) = &m.shallow {
-        s += &format!("  shallow      {} virtual tokens, template {:?}\n", sp.template.num_virtual(), sp.template.to_string());
+        s += &format!(
+            "  shallow      {} virtual tokens, template {:?}\n",
+            sp.template.num_virtual(),
+            sp.template.to_string()
+        );
     }
     if let Some(d) = &m.deep {
-        s += &format!("  deep         {} prefix tokens × {} values per token\n", d.dims()[0], d.dims()[1]);
+        s += &format!(
+            "  deep         {} prefix tokens × {} values per token\n",
+            d.dims()[0],
+            d.dims()[1]
+        );
     }
-    s += &format!("  labels       {}: {:?}\n", task.meta.labels.len(), task.meta.labels);
+    s += &format!(
+        "  labels       {}: {:?}\n",
+        task.meta.labels.len(),
+        task.meta.labels
+    );
     s += &format!("  pooling      {}\n", task.meta.pooling.as_str());
     s += &format!(
         "  base model   {} {}\n",
-        if task.meta.base_model.name.is_empty() { "(unnamed)" } else { &task.meta.base_model.name },
-        task.meta.base_model.fingerprint.as_deref().unwrap_or("(no fingerprint)")
+        if task.meta.base_model.name.is_empty() {
+            "(unnamed)"
+        } else {
+            &task.meta.base_model.name
+        },
+        task.meta
+            .base_model
+            .fingerprint
+            .as_deref()
+            .unwrap_or("(no fingerprint)")
     );
     let p = &task.meta.provenance;
     if !p.method.is_empty() {
@@ -61,11 +81,15 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let p = &args.path;
     let is_adapter = p.join(peft::CONFIG_FILE).is_file();
     if p.is_dir() && !is_adapter {
-        let mut entries: Vec<_> = std::fs::read_dir(p)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(p)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
         entries.sort();
         let mut found = 0;
         for e in entries {
-            let is_task = e.extension().is_some_and(|x| x == native::EXTENSION) || e.join(peft::CONFIG_FILE).is_file();
+            let is_task = e.extension().is_some_and(|x| x == native::EXTENSION)
+                || e.join(peft::CONFIG_FILE).is_file();
             if !is_task {
                 continue;
             }
@@ -76,7 +100,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             }
         }
         if found == 0 {
-            anyhow::bail!("{}: no task files (*.safetensors or PEFT adapter directories)", p.display());
+            anyhow::bail!(
+                "{}: no task files (*.safetensors or PEFT adapter directories)",
+                p.display()
+            );
         }
         return Ok(());
     }

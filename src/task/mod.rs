@@ -216,7 +216,11 @@ impl Task {
             }
             None => {
                 if let Some(t) = &self.meta.template {
-                    return Err(TaskError::mismatch("meta.template", "none (the task has no shallow prompt)", format!("{t:?}")));
+                    return Err(TaskError::mismatch(
+                        "meta.template",
+                        "none (the task has no shallow prompt)",
+                        format!("{t:?}"),
+                    ));
                 }
             }
         }
@@ -262,13 +266,13 @@ fn content_hash(meta: &TaskMeta, model: &TaskModel) -> Result<String, TaskError>
     for (name, t) in named_tensors(model) {
         h.update(name.as_bytes());
         h.update(format!("{:?}", t.dims()).as_bytes());
-        let v: Vec<f32> = t
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .map_err(|e| TaskError::Format {
-                what: name.into(),
-                reason: e.to_string(),
-            })?;
+        let v: Vec<f32> =
+            t.flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| TaskError::Format {
+                    what: name.into(),
+                    reason: e.to_string(),
+                })?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         h.update(&bytes);
     }
@@ -282,7 +286,11 @@ pub(crate) fn check_ranks(m: &TaskModel) -> Result<(), TaskError> {
     let prompt = |name: &str, t: &Tensor, layout: &str| -> Result<(), TaskError> {
         let d = t.dims();
         if d.len() != 2 || d[0] == 0 {
-            return Err(TaskError::mismatch(&format!("{name}.shape"), format!("[n ≥ 1, {layout}]"), format!("{d:?}")));
+            return Err(TaskError::mismatch(
+                &format!("{name}.shape"),
+                format!("[n ≥ 1, {layout}]"),
+                format!("{d:?}"),
+            ));
         }
         Ok(())
     };
@@ -336,7 +344,10 @@ pub(crate) fn template_for(meta_template: Option<&str>, n: usize) -> Result<Temp
                 return Err(TaskError::mismatch(
                     "template",
                     format!("{n} virtual tokens (the prompt's rows)"),
-                    format!("{} in {s:?}", total.map_or("more than usize::MAX".into(), |k| k.to_string())),
+                    format!(
+                        "{} in {s:?}",
+                        total.map_or("more than usize::MAX".into(), |k| k.to_string())
+                    ),
                 ));
             }
             Ok(t)

@@ -34,10 +34,14 @@ const KNOWN: &str = "prompt.shallow, prompt.deep, head.weight, head.bias, head.d
 /// keeps pooling and template only once.
 pub fn to_bytes(task: &Task) -> Result<Vec<u8>, TaskError> {
     task.check_consistent()?;
-    let tensors: Vec<(String, &candle_core::Tensor)> =
-        named_tensors(&task.model).into_iter().map(|(n, t)| (n.to_string(), t)).collect();
-    let meta_json = serde_json::to_string(&task.meta)
-        .map_err(|e| TaskError::Format { what: "meta".into(), reason: e.to_string() })?;
+    let tensors: Vec<(String, &candle_core::Tensor)> = named_tensors(&task.model)
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
+    let meta_json = serde_json::to_string(&task.meta).map_err(|e| TaskError::Format {
+        what: "meta".into(),
+        reason: e.to_string(),
+    })?;
     let metadata = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("format_version".to_string(), FORMAT_VERSION.to_string()),
@@ -49,7 +53,10 @@ pub fn to_bytes(task: &Task) -> Result<Vec<u8>, TaskError> {
 /// Parses native file bytes. Never panics on arbitrary input; every
 /// refusal names the field, the expected and the found value.
 pub fn from_bytes(bytes: &[u8]) -> Result<Task, TaskError> {
-    let st::Loaded { mut tensors, metadata } = st::read(bytes, WHAT)?;
+    let st::Loaded {
+        mut tensors,
+        metadata,
+    } = st::read(bytes, WHAT)?;
     match metadata.get("format").map(String::as_str) {
         Some(FORMAT) => {}
         found => {
@@ -71,25 +78,39 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Task, TaskError> {
             ));
         }
     }
-    let meta_json = metadata
-        .get("meta")
-        .ok_or_else(|| TaskError::Missing { field: "header.meta".into(), expected: "the task metadata as JSON".into() })?;
-    let meta: TaskMeta = serde_json::from_str(meta_json)
-        .map_err(|e| TaskError::Format { what: "header.meta".into(), reason: e.to_string() })?;
+    let meta_json = metadata.get("meta").ok_or_else(|| TaskError::Missing {
+        field: "header.meta".into(),
+        expected: "the task metadata as JSON".into(),
+    })?;
+    let meta: TaskMeta = serde_json::from_str(meta_json).map_err(|e| TaskError::Format {
+        what: "header.meta".into(),
+        reason: e.to_string(),
+    })?;
 
     let mut take = |name: &str| tensors.remove(name);
     let shallow = take(SHALLOW);
     let deep = take(DEEP);
     let missing = |name: &str| TaskError::Missing {
         field: format!("tensor {name:?}"),
-        expected: "the classification head (head.weight + head.bias, or head.dense.* + head.out_proj.*)".into(),
+        expected:
+            "the classification head (head.weight + head.bias, or head.dense.* + head.out_proj.*)"
+                .into(),
     };
     let mut need = |name: &str| take(name).ok_or_else(|| missing(name));
-    let head = if let Some(weight) = need("head.weight").ok() {
-        Head::Linear(Linear { weight, bias: need("head.bias")? })
-    } else if let Some(weight) = need("head.dense.weight").ok() {
-        let dense = Linear { weight, bias: need("head.dense.bias")? };
-        let out = Linear { weight: need("head.out_proj.weight")?, bias: need("head.out_proj.bias")? };
+    let head = if let Ok(weight) = need("head.weight") {
+        Head::Linear(Linear {
+            weight,
+            bias: need("head.bias")?,
+        })
+    } else if let Ok(weight) = need("head.dense.weight") {
+        let dense = Linear {
+            weight,
+            bias: need("head.dense.bias")?,
+        };
+        let out = Linear {
+            weight: need("head.out_proj.weight")?,
+            bias: need("head.out_proj.bias")?,
+        };
         Head::Dense2 { dense, out }
     } else {
         return Err(missing("head.weight"));
@@ -122,7 +143,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Task, TaskError> {
         None if meta.template.is_some() => {
             return Err(TaskError::Missing {
                 field: format!("tensor {SHALLOW:?}"),
-                expected: format!("a shallow prompt, since the template is {:?}", meta.template.as_deref().unwrap_or("")),
+                expected: format!(
+                    "a shallow prompt, since the template is {:?}",
+                    meta.template.as_deref().unwrap_or("")
+                ),
             });
         }
         None => {}
@@ -132,7 +156,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Task, TaskError> {
 
 /// Reads a native task file from disk.
 pub fn read_file(path: &Path) -> Result<Task, TaskError> {
-    let bytes = std::fs::read(path).map_err(|e| TaskError::Io { path: path.display().to_string(), source: e })?;
+    let bytes = std::fs::read(path).map_err(|e| TaskError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
     from_bytes(&bytes)
 }
 

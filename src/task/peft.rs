@@ -21,7 +21,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::{
-    BaseModelRef, PromptKind, Provenance, Task, TaskError, TaskMeta, check_ranks, default_labels, st, template_for,
+    BaseModelRef, PromptKind, Provenance, Task, TaskError, TaskMeta, check_ranks, default_labels,
+    st, template_for,
 };
 use crate::engine::{Head, Pooling, ShallowPrompt, TaskModel, Template};
 use crate::model::Linear;
@@ -67,7 +68,10 @@ pub const SUPPORTED: &str = "PROMPT_TUNING, P_TUNING, PREFIX_TUNING";
 pub fn read_dir(dir: &Path, labels: Option<Vec<String>>) -> Result<Task, TaskError> {
     let read = |name: &str| {
         let p = dir.join(name);
-        std::fs::read(&p).map_err(|e| TaskError::Io { path: p.display().to_string(), source: e })
+        std::fs::read(&p).map_err(|e| TaskError::Io {
+            path: p.display().to_string(),
+            source: e,
+        })
     };
     let config = read(CONFIG_FILE)?;
     let weights = read(WEIGHTS_FILE)?;
@@ -77,9 +81,16 @@ pub fn read_dir(dir: &Path, labels: Option<Vec<String>>) -> Result<Task, TaskErr
 /// Reads an adapter from the bytes of its two files (uploads arrive so).
 /// `labels` overrides the label names (else those of an export's header,
 /// else `LABEL_i`). Never panics on arbitrary input.
-pub fn from_bytes(config_json: &[u8], weights: &[u8], labels: Option<Vec<String>>) -> Result<Task, TaskError> {
-    let cfg: AdapterConfig = serde_json::from_slice(config_json)
-        .map_err(|e| TaskError::Format { what: CONFIG_FILE.into(), reason: e.to_string() })?;
+pub fn from_bytes(
+    config_json: &[u8],
+    weights: &[u8],
+    labels: Option<Vec<String>>,
+) -> Result<Task, TaskError> {
+    let cfg: AdapterConfig =
+        serde_json::from_slice(config_json).map_err(|e| TaskError::Format {
+            what: CONFIG_FILE.into(),
+            reason: e.to_string(),
+        })?;
     let deep = match cfg.peft_type.as_str() {
         "PROMPT_TUNING" | "P_TUNING" => false,
         "PREFIX_TUNING" => true,
@@ -91,14 +102,14 @@ pub fn from_bytes(config_json: &[u8], weights: &[u8], labels: Option<Vec<String>
             });
         }
     };
-    if let Some(t) = &cfg.task_type {
-        if t != "SEQ_CLS" {
-            return Err(TaskError::Unsupported {
-                field: "adapter_config.task_type".into(),
-                found: format!("{t:?}"),
-                supported: "SEQ_CLS".into(),
-            });
-        }
+    if let Some(t) = &cfg.task_type
+        && t != "SEQ_CLS"
+    {
+        return Err(TaskError::Unsupported {
+            field: "adapter_config.task_type".into(),
+            found: format!("{t:?}"),
+            supported: "SEQ_CLS".into(),
+        });
     }
     if cfg.num_transformer_submodules.unwrap_or(1) != 1 {
         return Err(TaskError::mismatch(
@@ -115,7 +126,10 @@ pub fn from_bytes(config_json: &[u8], weights: &[u8], labels: Option<Vec<String>
             .find_map(|p| tensors.get(&format!("{p}{name}")).cloned())
     };
     let need = |name: &str, expected: &str| {
-        get(name).ok_or_else(|| TaskError::Missing { field: format!("{WEIGHTS_FILE}: tensor {name:?}"), expected: expected.into() })
+        get(name).ok_or_else(|| TaskError::Missing {
+            field: format!("{WEIGHTS_FILE}: tensor {name:?}"),
+            expected: expected.into(),
+        })
     };
     let prompt = need("prompt_embeddings", "the prompt, [num_virtual_tokens, dim]")?;
     let pd = prompt.dims().to_vec();
@@ -138,7 +152,10 @@ pub fn from_bytes(config_json: &[u8], weights: &[u8], labels: Option<Vec<String>
         let out = lin("classifier.out_proj.weight", "classifier.out_proj.bias")?;
         (Head::Dense2 { dense, out }, Pooling::First)
     } else if get("classifier.weight").is_some() {
-        (Head::Linear(lin("classifier.weight", "classifier.bias")?), Pooling::Pooler)
+        (
+            Head::Linear(lin("classifier.weight", "classifier.bias")?),
+            Pooling::Pooler,
+        )
     } else {
         return Err(TaskError::Missing {
             field: format!("{WEIGHTS_FILE}: tensor \"classifier.weight\""),
@@ -147,7 +164,10 @@ pub fn from_bytes(config_json: &[u8], weights: &[u8], labels: Option<Vec<String>
     };
     let n = cfg.num_virtual_tokens;
     let model = TaskModel {
-        shallow: (!deep).then(|| ShallowPrompt { embeddings: prompt.clone(), template: Template::prefix(n) }),
+        shallow: (!deep).then(|| ShallowPrompt {
+            embeddings: prompt.clone(),
+            template: Template::prefix(n),
+        }),
         deep: deep.then_some(prompt),
         head,
         pooling,
@@ -156,8 +176,10 @@ pub fn from_bytes(config_json: &[u8], weights: &[u8], labels: Option<Vec<String>
 
     let meta = match metadata.get(META_KEY) {
         Some(json) => {
-            let meta: TaskMeta = serde_json::from_str(json)
-                .map_err(|e| TaskError::Format { what: format!("{WEIGHTS_FILE}: header {META_KEY}"), reason: e.to_string() })?;
+            let meta: TaskMeta = serde_json::from_str(json).map_err(|e| TaskError::Format {
+                what: format!("{WEIGHTS_FILE}: header {META_KEY}"),
+                reason: e.to_string(),
+            })?;
             // Our own export wrote it; it must describe these tensors.
             if meta.pooling != pooling {
                 return Err(TaskError::mismatch(
@@ -183,8 +205,14 @@ pub fn from_bytes(config_json: &[u8], weights: &[u8], labels: Option<Vec<String>
             labels: Vec::new(),
             template: None,
             pooling,
-            base_model: BaseModelRef { name: cfg.base_model_name_or_path.clone().unwrap_or_default(), fingerprint: None },
-            provenance: Provenance { method: format!("peft:{}", cfg.peft_type), ..Default::default() },
+            base_model: BaseModelRef {
+                name: cfg.base_model_name_or_path.clone().unwrap_or_default(),
+                fingerprint: None,
+            },
+            provenance: Provenance {
+                method: format!("peft:{}", cfg.peft_type),
+                ..Default::default()
+            },
         },
     };
     let labels = match labels {
@@ -202,7 +230,11 @@ fn check_peft_dims(cfg: &AdapterConfig, task: &Task) -> Result<(), TaskError> {
     if let (Some(dim), Some(s)) = (cfg.token_dim, &task.model.shallow) {
         let found = s.embeddings.dims()[1];
         if found != dim {
-            return Err(TaskError::mismatch("prompt_embeddings.shape[1]", format!("{dim} (token_dim)"), found));
+            return Err(TaskError::mismatch(
+                "prompt_embeddings.shape[1]",
+                format!("{dim} (token_dim)"),
+                found,
+            ));
         }
     }
     if let (Some(dim), Some(layers), Some(d)) = (cfg.token_dim, cfg.num_layers, &task.model.deep) {
@@ -211,7 +243,10 @@ fn check_peft_dims(cfg: &AdapterConfig, task: &Task) -> Result<(), TaskError> {
         if want != Some(found) {
             return Err(TaskError::mismatch(
                 "prompt_embeddings.shape[1]",
-                format!("{} (num_layers {layers} × 2 × token_dim {dim})", want.map_or("overflow".into(), |w| w.to_string())),
+                format!(
+                    "{} (num_layers {layers} × 2 × token_dim {dim})",
+                    want.map_or("overflow".into(), |w| w.to_string())
+                ),
                 found,
             ));
         }
@@ -228,7 +263,11 @@ pub struct Exported {
 }
 
 fn unsupported(field: &str, found: impl ToString, supported: &str) -> TaskError {
-    TaskError::Unsupported { field: field.into(), found: found.to_string(), supported: supported.into() }
+    TaskError::Unsupported {
+        field: field.into(),
+        found: found.to_string(),
+        supported: supported.into(),
+    }
 }
 
 /// Builds the two adapter files PEFT 0.21 loads with
@@ -241,28 +280,47 @@ pub fn to_files(task: &Task) -> Result<Exported, TaskError> {
     task.check_consistent()?;
     let m = &task.model;
     check_ranks(m)?;
-    const KINDS: &str = "a shallow prompt (exported as PROMPT_TUNING) or a deep prompt (PREFIX_TUNING), not both";
+    const KINDS: &str =
+        "a shallow prompt (exported as PROMPT_TUNING) or a deep prompt (PREFIX_TUNING), not both";
     let kind = task.kind();
     match kind {
         PromptKind::Shallow | PromptKind::Deep => {}
         PromptKind::Hybrid => return Err(unsupported("prompt", "hybrid (shallow + deep)", KINDS)),
-        PromptKind::None => return Err(unsupported("prompt", "none (a head without a prompt)", KINDS)),
-    }
-    if let Some(s) = &m.shallow {
-        if !s.template.is_prefix() {
+        PromptKind::None => {
             return Err(unsupported(
-                "template",
-                format!("{:?}", s.template.to_string()),
-                "\"[P:n] {text}\" (PEFT places every virtual token before the text)",
+                "prompt",
+                "none (a head without a prompt)",
+                KINDS,
             ));
         }
+    }
+    if let Some(s) = &m.shallow
+        && !s.template.is_prefix()
+    {
+        return Err(unsupported(
+            "template",
+            format!("{:?}", s.template.to_string()),
+            "\"[P:n] {text}\" (PEFT places every virtual token before the text)",
+        ));
     }
     const HEADS: &str = "\"pooler\" with a linear head (BertForSequenceClassification) or \"first\" with a dense+out_proj head (RobertaForSequenceClassification)";
     let hidden = match (&m.head, m.pooling) {
         (Head::Linear(l), Pooling::Pooler) => l.weight.dims()[1],
         (Head::Dense2 { dense, .. }, Pooling::First) => dense.weight.dims()[1],
-        (Head::Linear(_), p) => return Err(unsupported("pooling", format!("{:?} with a linear head", p.as_str()), HEADS)),
-        (Head::Dense2 { .. }, p) => return Err(unsupported("pooling", format!("{:?} with a dense+out_proj head", p.as_str()), HEADS)),
+        (Head::Linear(_), p) => {
+            return Err(unsupported(
+                "pooling",
+                format!("{:?} with a linear head", p.as_str()),
+                HEADS,
+            ));
+        }
+        (Head::Dense2 { .. }, p) => {
+            return Err(unsupported(
+                "pooling",
+                format!("{:?} with a dense+out_proj head", p.as_str()),
+                HEADS,
+            ));
+        }
     };
     if let Head::Dense2 { dense, out } = &m.head {
         // RobertaClassificationHead: dense [hidden, hidden], out_proj [labels, hidden].
@@ -275,7 +333,8 @@ pub fn to_files(task: &Task) -> Result<Exported, TaskError> {
         }
     }
 
-    let base_model = (!task.meta.base_model.name.is_empty()).then(|| task.meta.base_model.name.clone());
+    let base_model =
+        (!task.meta.base_model.name.is_empty()).then(|| task.meta.base_model.name.clone());
     let common = serde_json::json!({
         "task_type": "SEQ_CLS",
         "base_model_name_or_path": base_model,
@@ -292,22 +351,34 @@ pub fn to_files(task: &Task) -> Result<Exported, TaskError> {
         (Some(s), None) => {
             let d = s.embeddings.dims();
             if d[1] != hidden {
-                return Err(TaskError::mismatch("prompt.shallow.shape", format!("[n, {hidden}] (the head's input size)"), format!("{d:?}")));
+                return Err(TaskError::mismatch(
+                    "prompt.shallow.shape",
+                    format!("[n, {hidden}] (the head's input size)"),
+                    format!("{d:?}"),
+                ));
             }
             config.extend([
                 ("peft_type".to_string(), "PROMPT_TUNING".into()),
                 ("num_virtual_tokens".to_string(), d[0].into()),
                 ("num_layers".to_string(), serde_json::Value::Null),
                 ("prompt_tuning_init".to_string(), "RANDOM".into()),
-                ("prompt_tuning_init_text".to_string(), serde_json::Value::Null),
-                ("tokenizer_name_or_path".to_string(), serde_json::Value::Null),
+                (
+                    "prompt_tuning_init_text".to_string(),
+                    serde_json::Value::Null,
+                ),
+                (
+                    "tokenizer_name_or_path".to_string(),
+                    serde_json::Value::Null,
+                ),
                 ("tokenizer_kwargs".to_string(), serde_json::Value::Null),
             ]);
             &s.embeddings
         }
         (None, Some(deep)) => {
             let d = deep.dims();
-            let per_layer = hidden.checked_mul(2).filter(|&w| w > 0 && d[1] > 0 && d[1] % w == 0);
+            let per_layer = hidden
+                .checked_mul(2)
+                .filter(|&w| w > 0 && d[1] > 0 && d[1] % w == 0);
             let Some(per_layer) = per_layer else {
                 return Err(TaskError::mismatch(
                     "prompt.deep.shape",
@@ -339,13 +410,26 @@ pub fn to_files(task: &Task) -> Result<Exported, TaskError> {
             tensors.push(("base_model.classifier.out_proj.bias".into(), &out.bias));
         }
     }
-    let meta_json = serde_json::to_string(&task.meta)
-        .map_err(|e| TaskError::Format { what: "meta".into(), reason: e.to_string() })?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string()), (META_KEY.to_string(), meta_json)]);
+    let meta_json = serde_json::to_string(&task.meta).map_err(|e| TaskError::Format {
+        what: "meta".into(),
+        reason: e.to_string(),
+    })?;
+    let metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (META_KEY.to_string(), meta_json),
+    ]);
     let weights = st::write(&tensors, metadata, WEIGHTS_FILE)?;
-    let config_json = serde_json::to_vec_pretty(&serde_json::Value::Object(config))
-        .map_err(|e| TaskError::Format { what: CONFIG_FILE.into(), reason: e.to_string() })?;
-    Ok(Exported { config_json, weights })
+    let config_json =
+        serde_json::to_vec_pretty(&serde_json::Value::Object(config)).map_err(|e| {
+            TaskError::Format {
+                what: CONFIG_FILE.into(),
+                reason: e.to_string(),
+            }
+        })?;
+    Ok(Exported {
+        config_json,
+        weights,
+    })
 }
 
 /// Writes an adapter directory (created if missing) for HF PEFT; each file
@@ -353,7 +437,10 @@ pub fn to_files(task: &Task) -> Result<Exported, TaskError> {
 /// [`to_files`]) before touching the disk.
 pub fn write_dir(task: &Task, dir: &Path) -> Result<(), TaskError> {
     let files = to_files(task)?;
-    std::fs::create_dir_all(dir).map_err(|e| TaskError::Io { path: dir.display().to_string(), source: e })?;
+    std::fs::create_dir_all(dir).map_err(|e| TaskError::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
     st::write_atomic(&dir.join(WEIGHTS_FILE), &files.weights)?;
     st::write_atomic(&dir.join(CONFIG_FILE), &files.config_json)
 }

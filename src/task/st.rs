@@ -22,9 +22,18 @@ pub(crate) const SUPPORTED_DTYPES: &str = "F32, F16, BF16, F64";
 
 fn widen(name: &str, what: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, TaskError> {
     Ok(match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         Dtype::F64 => data
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
@@ -43,15 +52,20 @@ fn widen(name: &str, what: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, 
 /// safetensors crate checks the header, offsets and sizes (with overflow
 /// checks), and the conversion above only reads whole chunks.
 pub(crate) fn read(bytes: &[u8], what: &str) -> Result<Loaded, TaskError> {
-    let format = |e: safetensors::SafeTensorError| TaskError::Format { what: what.into(), reason: e.to_string() };
+    let format = |e: safetensors::SafeTensorError| TaskError::Format {
+        what: what.into(),
+        reason: e.to_string(),
+    };
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(format)?;
     let st = SafeTensors::deserialize(bytes).map_err(format)?;
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         let values = widen(&name, what, view.dtype(), view.data())?;
-        let t = Tensor::from_vec(values, view.shape(), &Device::Cpu).map_err(|e| TaskError::Format {
-            what: format!("{what}: tensor {name:?}"),
-            reason: e.to_string(),
+        let t = Tensor::from_vec(values, view.shape(), &Device::Cpu).map_err(|e| {
+            TaskError::Format {
+                what: format!("{what}: tensor {name:?}"),
+                reason: e.to_string(),
+            }
         })?;
         tensors.insert(name, t);
     }
@@ -67,7 +81,10 @@ pub(crate) fn f32_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>, TaskError> {
         .to_dtype(candle_core::DType::F32)
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1())
-        .map_err(|e| TaskError::Format { what: name.into(), reason: e.to_string() })?;
+        .map_err(|e| TaskError::Format {
+            what: name.into(),
+            reason: e.to_string(),
+        })?;
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
@@ -94,7 +111,10 @@ pub(crate) fn write(
     let mut data = Vec::new();
     for (name, t) in sorted {
         if name == "__metadata__" || header.contains_key(name) {
-            return Err(TaskError::Format { what: what.into(), reason: format!("tensor name {name:?} used twice or reserved") });
+            return Err(TaskError::Format {
+                what: what.into(),
+                reason: format!("tensor name {name:?} used twice or reserved"),
+            });
         }
         let bytes = f32_bytes(name, t)?;
         let start = data.len();
@@ -104,8 +124,11 @@ pub(crate) fn write(
             serde_json::json!({"dtype": "F32", "shape": t.dims(), "data_offsets": [start, data.len()]}),
         );
     }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))
-        .map_err(|e| TaskError::Format { what: what.into(), reason: e.to_string() })?;
+    let mut json =
+        serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| TaskError::Format {
+            what: what.into(),
+            reason: e.to_string(),
+        })?;
     // safetensors pads the header with spaces to a multiple of 8 bytes.
     json.resize(json.len().div_ceil(8) * 8, b' ');
     let mut out = Vec::with_capacity(8 + json.len() + data.len());
@@ -122,7 +145,10 @@ pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), T
     use std::io::Write;
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let io = |p: &std::path::Path, source| TaskError::Io { path: p.display().to_string(), source };
+    let io = |p: &std::path::Path, source| TaskError::Io {
+        path: p.display().to_string(),
+        source,
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -130,14 +156,20 @@ pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), T
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| TaskError::Missing { field: "path".into(), expected: format!("a file name in {}", path.display()) })?;
+        .ok_or_else(|| TaskError::Missing {
+            field: "path".into(),
+            expected: format!("a file name in {}", path.display()),
+        })?;
     let tmp = dir.join(format!(
         ".{name}.{}.{}.tmp",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
@@ -148,5 +180,7 @@ pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), T
         return Err(io(path, e));
     }
     // The rename is durable only once the directory entry is on disk.
-    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io(&dir, e))
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(&dir, e))
 }

@@ -43,14 +43,15 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
     let c = model.config();
     let h = c.hidden_size;
     let m = &task.model;
-    if let Some(fp) = &task.meta.base_model.fingerprint {
-        if *fp != model.fingerprint && !limits.allow_fingerprint_mismatch {
-            return Err(TaskError::mismatch(
-                "base_model.fingerprint",
-                format!("{} ({})", model.fingerprint, model.name),
-                format!("{fp} ({})", task.meta.base_model.name),
-            ));
-        }
+    if let Some(fp) = &task.meta.base_model.fingerprint
+        && *fp != model.fingerprint
+        && !limits.allow_fingerprint_mismatch
+    {
+        return Err(TaskError::mismatch(
+            "base_model.fingerprint",
+            format!("{} ({})", model.fingerprint, model.name),
+            format!("{fp} ({})", task.meta.base_model.name),
+        ));
     }
     // Tasks also come from the trainer, not only from the readers: re-check
     // what the readers guarantee before indexing any dimension.
@@ -59,10 +60,18 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
     if let Some(s) = &m.shallow {
         let d = s.embeddings.dims();
         if d[1] != h {
-            return Err(TaskError::mismatch("prompt.shallow.shape", format!("[n, {h}] (hidden_size)"), format!("{d:?}")));
+            return Err(TaskError::mismatch(
+                "prompt.shallow.shape",
+                format!("[n, {h}] (hidden_size)"),
+                format!("{d:?}"),
+            ));
         }
         if s.template.num_virtual() != d[0] {
-            return Err(TaskError::mismatch("template", format!("{} virtual tokens", d[0]), s.template.to_string()));
+            return Err(TaskError::mismatch(
+                "template",
+                format!("{} virtual tokens", d[0]),
+                s.template.to_string(),
+            ));
         }
     }
     if let Some(deep) = &m.deep {
@@ -83,7 +92,11 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
     }
     let virt = m.shallow_len() + m.deep_len();
     if virt > limits.max_virtual_tokens {
-        return Err(TaskError::mismatch("num_virtual_tokens", format!("at most {} (max_virtual_tokens)", limits.max_virtual_tokens), virt));
+        return Err(TaskError::mismatch(
+            "num_virtual_tokens",
+            format!("at most {} (max_virtual_tokens)", limits.max_virtual_tokens),
+            virt,
+        ));
     }
     let room = m.text_budget(c);
     if room < limits.min_text_tokens {
@@ -98,16 +111,25 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
             virt,
         ));
     }
-    let check_lin = |name: &str, l: &crate::model::Linear, inp: usize| -> Result<usize, TaskError> {
-        let w = l.weight.dims();
-        if w[1] != inp {
-            return Err(TaskError::mismatch(&format!("{name}.weight.shape"), format!("[out, {inp}]"), format!("{w:?}")));
-        }
-        if l.bias.dims() != [w[0]] {
-            return Err(TaskError::mismatch(&format!("{name}.bias.shape"), format!("[{}]", w[0]), format!("{:?}", l.bias.dims())));
-        }
-        Ok(w[0])
-    };
+    let check_lin =
+        |name: &str, l: &crate::model::Linear, inp: usize| -> Result<usize, TaskError> {
+            let w = l.weight.dims();
+            if w[1] != inp {
+                return Err(TaskError::mismatch(
+                    &format!("{name}.weight.shape"),
+                    format!("[out, {inp}]"),
+                    format!("{w:?}"),
+                ));
+            }
+            if l.bias.dims() != [w[0]] {
+                return Err(TaskError::mismatch(
+                    &format!("{name}.bias.shape"),
+                    format!("[{}]", w[0]),
+                    format!("{:?}", l.bias.dims()),
+                ));
+            }
+            Ok(w[0])
+        };
     let labels = match &m.head {
         Head::Linear(l) => check_lin("head", l, h)?,
         Head::Dense2 { dense, out } => {
@@ -132,12 +154,20 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
         ));
     }
     if labels == 0 || labels > limits.max_labels {
-        return Err(TaskError::mismatch("labels", format!("1..={} labels (max_labels)", limits.max_labels), labels));
+        return Err(TaskError::mismatch(
+            "labels",
+            format!("1..={} labels (max_labels)", limits.max_labels),
+            labels,
+        ));
     }
     let mut seen = std::collections::HashMap::new();
     for (i, l) in task.meta.labels.iter().enumerate() {
         if l.is_empty() {
-            return Err(TaskError::mismatch(&format!("labels[{i}]"), "a non-empty name", "\"\""));
+            return Err(TaskError::mismatch(
+                &format!("labels[{i}]"),
+                "a non-empty name",
+                "\"\"",
+            ));
         }
         if let Some(first) = seen.insert(l, i) {
             return Err(TaskError::mismatch(
@@ -148,12 +178,20 @@ pub fn validate(task: &Task, model: &Model, limits: &Limits) -> Result<(), TaskE
         }
     }
     if m.pooling == Pooling::Pooler && !model.encoder.has_pooler() {
-        return Err(TaskError::mismatch("pooling", "\"mean\" or \"first\" (the model has no pooler)", "\"pooler\""));
+        return Err(TaskError::mismatch(
+            "pooling",
+            "\"mean\" or \"first\" (the model has no pooler)",
+            "\"pooler\"",
+        ));
     }
     for (name, t) in super::named_tensors(m) {
         let (bad, total) = count_non_finite(t);
         if bad > 0 {
-            return Err(TaskError::NonFinite { field: name.into(), count: bad, total });
+            return Err(TaskError::NonFinite {
+                field: name.into(),
+                count: bad,
+                total,
+            });
         }
     }
     Ok(())
