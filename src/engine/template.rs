@@ -16,6 +16,10 @@
 
 use std::fmt;
 
+/// Largest `n` in one `[P:n]` slot: far above any model's position table,
+/// and small enough that sums of slots never overflow.
+pub const MAX_SLOT: usize = 65_536;
+
 /// One piece of a template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Segment {
@@ -68,10 +72,10 @@ impl Template {
                         .strip_prefix("[P:")
                         .and_then(|r| r.strip_suffix(']'))
                         .and_then(|n| n.parse::<usize>().ok())
-                        .filter(|&n| n > 0)
+                        .filter(|&n| (1..=MAX_SLOT).contains(&n))
                         .ok_or_else(|| {
                             format!(
-                                "template {s:?}: expected `[P:n]` (n ≥ 1), `{{text}}` or `{{text_pair}}`, found {w:?}"
+                                "template {s:?}: expected `[P:n]` (1 ≤ n ≤ {MAX_SLOT}), `{{text}}` or `{{text_pair}}`, found {w:?}"
                             )
                         })?;
                     segments.push(Segment::Virtual(n));
@@ -157,6 +161,7 @@ mod tests {
             ("{text} {text_pair} {text_pair}", "at most once"),
             ("[P:0] {text}", "[P:n]"),
             ("[P:x] {text}", "[P:x]"),
+            ("[P:99999999999] {text}", "[P:99999999999]"),
             ("hello {text}", "hello"),
         ] {
             let err = Template::parse(bad).unwrap_err();
