@@ -810,6 +810,18 @@ fn well_formed_tasks_pass_validation() {
     }
 }
 
+/// The refusal of a fixture PEFT adapter whose `adapter_config.json` has
+/// one integer field changed (so it disagrees with the tensors).
+fn peft_refusal_with_config(adapter: &str, field: &str, value: u64) -> impl std::fmt::Display {
+    let dir = fixture(adapter);
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
+    cfg[field] = value.into();
+    peft::from_bytes(cfg.to_string().as_bytes(), &read(&dir.join(peft::WEIGHTS_FILE)), None)
+        .err()
+        .unwrap()
+}
+
 #[test]
 fn refuses_a_prompt_of_another_hidden_size() {
     let model = tiny();
@@ -822,17 +834,7 @@ fn refuses_a_prompt_of_another_hidden_size() {
         &["prompt.shallow.shape", "[n, 32] (hidden_size)", "[5, 16]"],
     );
     // The same task from a PEFT adapter whose config disagrees with its tensor.
-    let dir = fixture("adapters/pt_random_2");
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
-    cfg["token_dim"] = 16.into();
-    let err = peft::from_bytes(
-        cfg.to_string().as_bytes(),
-        &read(&dir.join(peft::WEIGHTS_FILE)),
-        None,
-    )
-    .err()
-    .unwrap();
+    let err = peft_refusal_with_config("adapters/pt_random_2", "token_dim", 16);
     assert_refusal(err, &["prompt_embeddings.shape[1]", "16 (token_dim)", "32"]);
 }
 
@@ -856,32 +858,13 @@ fn refuses_a_deep_prompt_of_another_layer_count_or_width() {
         &["prompt.deep.shape", "[n, 128]", "[4, 64]"],
     );
     // PEFT config claiming another layer count than its tensor holds.
-    let dir = fixture("adapters/prefix_2");
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
-    cfg["num_layers"] = 3.into();
-    let err = peft::from_bytes(
-        cfg.to_string().as_bytes(),
-        &read(&dir.join(peft::WEIGHTS_FILE)),
-        None,
-    )
-    .err()
-    .unwrap();
+    let err = peft_refusal_with_config("adapters/prefix_2", "num_layers", 3);
     assert_refusal(
         err,
         &["prompt_embeddings.shape[1]", "192 (num_layers 3", "128"],
     );
     // And a virtual-token count that disagrees with the rows.
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
-    cfg["num_virtual_tokens"] = 9.into();
-    let err = peft::from_bytes(
-        cfg.to_string().as_bytes(),
-        &read(&dir.join(peft::WEIGHTS_FILE)),
-        None,
-    )
-    .err()
-    .unwrap();
+    let err = peft_refusal_with_config("adapters/prefix_2", "num_virtual_tokens", 9);
     assert_refusal(err, &["prompt_embeddings.shape", "[9, dim]", "[7, 128]"]);
 }
 
