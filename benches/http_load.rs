@@ -13,6 +13,15 @@
 //! mixed kinds (32 shallow, 32 deep), each twice in ABBA order. Prints
 //! requests/s, p50/p99 latency, mean batch size and tasks per batch (from
 //! /metrics), and the ratio of spread to single-task throughput.
+//!
+//! Then a saturation comparison over one fixed list of requests
+//! (`HTTP_LOAD_SAT_REQUESTS`, default 1,024, over the mixed task set): the
+//! server's text tokens/s with enough closed-loop clients to fill every
+//! batch (`HTTP_LOAD_SAT_CLIENTS`, default twice the batch row cap), against
+//! the engine alone on the same requests in the same process, batched in
+//! windows of the row cap. Order engine, server, server, engine; the ratio
+//! server / engine is what the HTTP layer, the queue and the batcher cost
+//! at full load. `HTTP_LOAD_SATURATION_ONLY=1` skips the ABBA scenarios.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use clap::Parser;
-use softprompt::engine::Pooling;
+use softprompt::engine::{Engine, Pooling, Row, TaskModel};
 use softprompt::engine::synthetic::{Kind, random_task};
-use softprompt::model::Model;
+use softprompt::model::{Encoded, Model};
 use softprompt::server::{ServeArgs, Server};
 use softprompt::task::{BaseModelRef, Provenance, Task, TaskMeta, native};
 
@@ -33,9 +42,13 @@ fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn task_bytes(model: &Model, kind: Kind, prompt: usize, seed: u64) -> Vec<u8> {
+fn task_model(model: &Model, kind: Kind, prompt: usize, seed: u64) -> TaskModel {
     let mut m = random_task(model.config(), &Device::Cpu, kind, prompt, 3, seed).unwrap();
     m.pooling = Pooling::Mean;
+    m
+}
+
+fn task_bytes(m: TaskModel, model: &Model) -> Vec<u8> {
     let meta = TaskMeta {
         labels: vec!["a".into(), "b".into(), "c".into()],
         template: None,
@@ -173,6 +186,98 @@ fn print(name: &str, o: &Outcome) {
     );
 }
 
+/// One request of the saturation list: its text for the server, its
+/// tokens (the server's own tokenizer and budget) for the engine and for
+/// counting.
+struct SatRequest {
+    text: String,
+    task: usize,
+    input: Encoded,
+}
+
+/// Engine alone: the list in windows of `rows` consecutive requests, one
+/// mixed batch each; text tokens/s after a warm-up window.
+fn engine_rate(engine: &Engine, tasks: &[TaskModel], list: &[SatRequest], rows: usize) -> f64 {
+    let run = |reqs: &[SatRequest]| {
+        for w in reqs.chunks(rows) {
+            let batch: Vec<Row> = w.iter().map(|r| Row { input: &r.input, task: &tasks[r.task] }).collect();
+            engine.classify(&batch).unwrap();
+        }
+    };
+    run(&list[..rows.min(list.len())]);
+    let t = Instant::now();
+    run(list);
+    list.iter().map(|r| r.input.len()).sum::<usize>() as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Server at saturation: `clients` closed-loop clients take the list's
+/// requests in order (wrapping around); text tokens/s of the requests
+/// answered within `seconds` after a 2 s warm-up, and the mean batch size
+/// from /metrics.
+async fn saturate(base: &str, ids: &[String], list: &[SatRequest], clients: usize, seconds: u64) -> (f64, f64) {
+    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(clients).build().unwrap();
+    let bodies: Arc<Vec<(String, String, usize)>> = Arc::new(
+        list.iter()
+            .map(|r| {
+                let url = format!("{base}/v1/tasks/{}/classify", ids[r.task]);
+                (url, serde_json::json!({"inputs": r.text}).to_string(), r.input.len())
+            })
+            .collect(),
+    );
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let run = |measure: Duration| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let (http, stop, bodies, next) = (http.clone(), stop.clone(), bodies.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut tokens = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        let (url, body, n) = &bodies[next.fetch_add(1, Ordering::Relaxed) % bodies.len()];
+                        let resp = http
+                            .post(url)
+                            .header("content-type", "application/json")
+                            .body(body.clone())
+                            .send()
+                            .await;
+                        match resp {
+                            Ok(resp) if resp.status().is_success() => {
+                                let _ = resp.bytes().await;
+                                // Counted only if answered inside the window.
+                                if !stop.load(Ordering::Relaxed) {
+                                    tokens += n;
+                                }
+                            }
+                            Ok(resp) => panic!("saturation request failed: {}", resp.status()),
+                            Err(e) => panic!("saturation request failed: {e}"),
+                        }
+                    }
+                    tokens
+                })
+            })
+            .collect();
+        async move {
+            let started = Instant::now();
+            tokio::time::sleep(measure).await;
+            stop.store(true, Ordering::Relaxed);
+            let elapsed = started.elapsed().as_secs_f64();
+            let mut tokens = 0;
+            for h in handles {
+                tokens += h.await.unwrap();
+            }
+            tokens as f64 / elapsed
+        }
+    };
+    let metrics = || async { http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap() };
+    run(Duration::from_secs(2)).await; // warm-up
+    let before = metrics().await;
+    let rate = run(Duration::from_secs(seconds)).await;
+    let after = metrics().await;
+    let (s0, c0) = histogram(&before, "softprompt_batch_rows");
+    let (s1, c1) = histogram(&after, "softprompt_batch_rows");
+    (rate, (s1 - s0) / (c1 - c0).max(1.0))
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let model_dir = std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
@@ -197,6 +302,7 @@ async fn main() {
         "model {model_dir}; {clients} clients; {seconds} s per scenario; batching: {} tokens, {} rows, wait {} ms",
         args.max_batch_tokens, args.max_batch_size, args.batch_wait_ms
     );
+    let args_rows = args.max_batch_size;
     let server = Server::start(args).await.expect("server starts");
     let base = format!("http://{}", server.addr());
     let model = Model::load(std::path::Path::new(&model_dir), &Device::Cpu).unwrap();
@@ -218,16 +324,22 @@ async fn main() {
     };
     let mut shallow = Vec::new();
     let mut mixed = Vec::new();
+    // The mixed set's task models, kept for the engine-only measurement.
+    let mut mixed_models = Vec::new();
     for i in 0..TASKS {
         let id = format!("s{i:02}");
-        upload(id.clone(), task_bytes(&model, Kind::Shallow, 20, i as u64)).await;
+        let m = task_model(&model, Kind::Shallow, 20, i as u64);
+        upload(id.clone(), task_bytes(m.clone(), &model)).await;
         shallow.push(id.clone());
         if i % 2 == 0 {
             mixed.push(id);
+            mixed_models.push(m);
         } else {
             let id = format!("d{i:02}");
-            upload(id.clone(), task_bytes(&model, Kind::Deep, 20, 1000 + i as u64)).await;
+            let m = task_model(&model, Kind::Deep, 20, 1000 + i as u64);
+            upload(id.clone(), task_bytes(m.clone(), &model)).await;
             mixed.push(id);
+            mixed_models.push(m);
         }
     }
     // ABBA order (1, 64, mixed, mixed, 64, 1): on a shared machine the
@@ -237,19 +349,54 @@ async fn main() {
         ("64 tasks (shallow)", &shallow),
         ("64 tasks (32 shallow, 32 deep)", &mixed),
     ];
-    let mut results: Vec<Vec<Outcome>> = vec![Vec::new(), Vec::new(), Vec::new()];
-    for i in [0, 1, 2, 2, 1, 0] {
-        let (name, tasks) = scenarios[i];
-        let o = scenario(&base, tasks, clients, seconds).await;
-        print(&format!("  run: {name}"), &o);
-        results[i].push(o);
+    if std::env::var("HTTP_LOAD_SATURATION_ONLY").is_err() {
+        let mut results: Vec<Vec<Outcome>> = vec![Vec::new(), Vec::new(), Vec::new()];
+        for i in [0, 1, 2, 2, 1, 0] {
+            let (name, tasks) = scenarios[i];
+            let o = scenario(&base, tasks, clients, seconds).await;
+            print(&format!("  run: {name}"), &o);
+            results[i].push(o);
+        }
+        let merged: Vec<Outcome> = results.into_iter().map(merge).collect();
+        for ((name, _), o) in scenarios.iter().zip(&merged) {
+            print(name, o);
+        }
+        println!("throughput ratio {TASKS} tasks / 1 task: {:.2}", merged[1].rps / merged[0].rps);
+        println!("throughput ratio {TASKS} mixed / 1 task: {:.2}", merged[2].rps / merged[0].rps);
     }
-    let merged: Vec<Outcome> = results.into_iter().map(merge).collect();
-    for ((name, _), o) in scenarios.iter().zip(&merged) {
-        print(name, o);
+
+    let sat_clients = env_or("HTTP_LOAD_SAT_CLIENTS", 2 * args_rows as u64) as usize;
+    let sat_requests = env_or("HTTP_LOAD_SAT_REQUESTS", 1024) as usize;
+    let list: Vec<SatRequest> = (0..sat_requests)
+        .map(|i| {
+            // A fixed task sequence that is not the clients' round robin.
+            let t = (i * 37 + i / 7) % mixed.len();
+            let text = sentence(500_000 + i);
+            let input = model.tokenizer.encode(&text, None, mixed_models[t].text_budget(model.config()), false).unwrap();
+            SatRequest { text, task: t, input }
+        })
+        .collect();
+    let tokens: usize = list.iter().map(|r| r.input.len()).sum();
+    println!(
+        "saturation: {sat_requests} requests ({tokens} text tokens) over the mixed set; {sat_clients} clients; engine in windows of {args_rows}"
+    );
+    let engine = Engine::new(Arc::new(model));
+    let mut engine_rates = Vec::new();
+    let mut server_rates = Vec::new();
+    for step in ["engine", "server", "server", "engine"] {
+        if step == "engine" {
+            let r = tokio::task::block_in_place(|| engine_rate(&engine, &mixed_models, &list, args_rows));
+            println!("  run: engine alone          {r:>8.0} text tokens/s");
+            engine_rates.push(r);
+        } else {
+            let (r, batch) = saturate(&base, &mixed, &list, sat_clients, seconds).await;
+            println!("  run: server at saturation  {r:>8.0} text tokens/s  ({batch:.1} rows / batch)");
+            server_rates.push(r);
+        }
     }
-    println!("throughput ratio {TASKS} tasks / 1 task: {:.2}", merged[1].rps / merged[0].rps);
-    println!("throughput ratio {TASKS} mixed / 1 task: {:.2}", merged[2].rps / merged[0].rps);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (e, s) = (mean(&engine_rates), mean(&server_rates));
+    println!("saturation: server {s:.0} text tokens/s, engine {e:.0} text tokens/s; server / engine {:.2}", s / e);
     server.shutdown();
     server.wait().await.unwrap();
     std::fs::remove_dir_all(&store).ok();
