@@ -59,9 +59,26 @@ else
         rm -rf "$rootfs"
         echo "debootstrap bookworm (minbase) from $DEBIAN_MIRROR ..."
         debootstrap --variant=minbase bookworm "$rootfs" "$DEBIAN_MIRROR"
-        # Like the official slim image: no package lists or downloaded debs.
+        # Like the official slim image: no package lists or downloaded debs,
+        # and apt keeps no binary caches or .debs after a run (else every
+        # `apt-get install` layer carries ~90 MB of /var/cache/apt/*.bin).
         rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb \
                "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/log/*.log
+        cat > "$rootfs/etc/apt/apt.conf.d/docker-clean" <<'APT'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+APT
+        cat > "$rootfs/etc/dpkg/dpkg.cfg.d/docker-slim" <<'DPKG'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+DPKG
+        find "$rootfs/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete 2>/dev/null || true
+        rm -rf "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/*
         tar --numeric-owner -C "$rootfs" -cf "$tarball.tmp" .
         mv "$tarball.tmp" "$tarball"
         rm -rf "$rootfs"
