@@ -270,6 +270,42 @@ fn interrupted_run_leaves_a_checkpoint_that_resumes() {
 }
 
 #[test]
+fn resumed_run_ends_where_an_uninterrupted_run_ends() {
+    // The optimizer's moments travel in the checkpoint: 4 steps, a resume,
+    // and 4 more steps give the parameters of 8 steps in one go. (With the
+    // moments restarted from zero on resume they differ by ~4e-2.)
+    let model = tiny();
+    let engine = Engine::new(model.clone());
+    let data = separable(24);
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(Method::PTuning, Reparam::Mlp, 2, None, Pooling::Mean);
+    let base = TrainConfig { batch_size: 8, progress: false, lr: 0.05, head_lr: 0.05, warmup: 0.0, ..Default::default() };
+
+    let straight = Params::init(s.clone(), &model, &PromptInit::Random, 7).unwrap();
+    let cfg = TrainConfig { max_steps: Some(8), ..base.clone() };
+    train::train(&engine, &straight, &data, &[], &cfg, &AtomicBool::new(false)).unwrap();
+
+    let ckpt = dir.path().join("run.ckpt");
+    let resumed = Params::init(s.clone(), &model, &PromptInit::Random, 7).unwrap();
+    let first = TrainConfig { max_steps: Some(8), checkpoint: Some(ckpt.clone()), resume: true, ..base.clone() };
+    let half = TrainConfig { pause_at: Some(4), ..first.clone() };
+    let out = train::train(&engine, &resumed, &data, &[], &half, &AtomicBool::new(false)).unwrap();
+    assert!(out.interrupted);
+    assert_eq!((out.steps, train::checkpoint_step(&ckpt).unwrap()), (4, 4));
+    let fresh = Params::init(s, &model, &PromptInit::Random, 99).unwrap();
+    let out = train::train(&engine, &fresh, &data, &[], &first, &AtomicBool::new(false)).unwrap();
+    assert_eq!(out.steps, 8);
+
+    let want = straight.values().unwrap();
+    for (name, t) in fresh.values().unwrap() {
+        let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = want[&name].flatten_all().unwrap().to_vec1().unwrap();
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "{name}: resumed differs from uninterrupted by {diff}");
+    }
+}
+
+#[test]
 fn specs_that_make_no_sense_are_refused_with_the_reason() {
     let model = tiny();
     for (s, needle) in [

@@ -135,6 +135,10 @@ pub struct TrainArgs {
     /// Continue from the checkpoint if it exists.
     #[arg(long)]
     pub resume: bool,
+    /// Stop once this many steps are done, writing the checkpoint as Ctrl-C
+    /// would (train in slices; continue with --resume).
+    #[arg(long)]
+    pub pause_at_step: Option<usize>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -269,6 +273,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         checkpoint: Some(args.checkpoint.clone().unwrap_or_else(|| PathBuf::from(ckpt))),
         resume: args.resume,
+        pause_at: args.pause_at_step,
         progress: !args.quiet,
         eval_batch: 64,
     };
@@ -276,7 +281,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let ckpt_path = cfg.checkpoint.as_ref().expect("set above");
     if outcome.interrupted {
         anyhow::bail!(
-            "interrupted at step {}/{}; checkpoint {} — rerun with --resume to continue",
+            "stopped at step {}/{}; checkpoint {} — rerun with --resume to continue",
             outcome.steps,
             outcome.total_steps,
             ckpt_path.display()

@@ -5,23 +5,23 @@
 //! [`candle_core::Var`]s (see [`params`]). A step runs the same batched
 //! forward the server uses ([`Engine::forward`] in [`OpsMode::Train`], which
 //! composes layer norm and softmax so that they have a backward), takes the
-//! cross-entropy, and updates the variables with candle-nn's AdamW under a
+//! cross-entropy, and updates the variables with AdamW ([`optim`]) under a
 //! linear warm-up / linear decay schedule. Validation runs through
 //! [`Engine::classify`] on the folded task, exactly what serving computes.
 //!
 //! Checkpoints (one safetensors file, replaced atomically) hold the current
-//! and best parameters and the loop state; Ctrl-C stops at the next step
-//! boundary and writes one. AdamW's moment estimates are private to
-//! candle-nn, so a resumed run restarts them from zero.
+//! and best parameters, AdamW's moments and the loop state; Ctrl-C stops at
+//! the next step boundary and writes one, and a resumed run continues the
+//! trajectory an uninterrupted run would have taken.
 
 pub mod cli;
 pub mod data;
 pub mod metrics;
+pub mod optim;
 pub mod params;
 
 use anyhow::Context;
-use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -65,6 +65,10 @@ pub struct TrainConfig {
     pub checkpoint: Option<PathBuf>,
     /// Continue from `checkpoint` when it exists.
     pub resume: bool,
+    /// Pause (as Ctrl-C would: checkpoint written, `interrupted` set) once
+    /// this many steps are done, so a long run can be done in slices on a
+    /// shared machine and resumed with the same schedule.
+    pub pause_at: Option<usize>,
     /// Draw a progress bar.
     pub progress: bool,
     /// Rows per validation batch.
@@ -86,6 +90,7 @@ impl Default for TrainConfig {
             seed: 42,
             checkpoint: None,
             resume: false,
+            pause_at: None,
             progress: true,
             eval_batch: 64,
         }
@@ -139,9 +144,17 @@ struct CheckpointState {
 /// Checkpoint header key holding [`CheckpointState`] as JSON.
 const CKPT_STATE: &str = "softprompt.train.state";
 
-fn save_checkpoint(path: &Path, state: &CheckpointState, current: &HashMap<String, Tensor>, best: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+/// What a checkpoint holds besides the loop state: tensors by name.
+struct CheckpointTensors {
+    current: HashMap<String, Tensor>,
+    best: HashMap<String, Tensor>,
+    /// AdamW's state; empty in checkpoints written before it was saved.
+    optimizer: HashMap<String, Tensor>,
+}
+
+fn save_checkpoint(path: &Path, state: &CheckpointState, t: &CheckpointTensors) -> anyhow::Result<()> {
     let mut bufs = Vec::new();
-    for (prefix, map) in [("param.", current), ("best.", best)] {
+    for (prefix, map) in [("param.", &t.current), ("best.", &t.best), ("adamw.", &t.optimizer)] {
         for (name, t) in map {
             let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
             bufs.push((format!("{prefix}{name}"), t.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
@@ -170,7 +183,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Loaded = (CheckpointState, HashMap<String, Tensor>, HashMap<String, Tensor>);
+type Loaded = (CheckpointState, CheckpointTensors);
 
 fn load_checkpoint(path: &Path) -> anyhow::Result<Loaded> {
     let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
@@ -182,15 +195,17 @@ fn load_checkpoint(path: &Path) -> anyhow::Result<Loaded> {
         .ok_or_else(|| anyhow::anyhow!("{}: not a training checkpoint (no {CKPT_STATE} header)", path.display()))?;
     let state: CheckpointState = serde_json::from_str(state_json)?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)?;
-    let (mut cur, mut best) = (HashMap::new(), HashMap::new());
+    let mut out = CheckpointTensors { current: HashMap::new(), best: HashMap::new(), optimizer: HashMap::new() };
     for (name, t) in tensors {
         if let Some(n) = name.strip_prefix("param.") {
-            cur.insert(n.to_string(), t);
+            out.current.insert(n.to_string(), t);
         } else if let Some(n) = name.strip_prefix("best.") {
-            best.insert(n.to_string(), t);
+            out.best.insert(n.to_string(), t);
+        } else if let Some(n) = name.strip_prefix("adamw.") {
+            out.optimizer.insert(n.to_string(), t);
         }
     }
-    Ok((state, cur, best))
+    Ok((state, out))
 }
 
 /// Reads the loop position of a checkpoint (for tests and `--resume` messages).
@@ -275,9 +290,9 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
     let eval_every = if cfg.eval_every == 0 { per_epoch } else { cfg.eval_every };
     let lens: Vec<usize> = train.iter().map(|s| s.input.len()).collect();
 
-    let adam = |vars: Vec<Var>, lr: f64| AdamW::new(vars, ParamsAdamW { lr, weight_decay: cfg.weight_decay, ..Default::default() });
-    let mut opt_prompt = adam(params.prompt_vars(), cfg.lr)?;
-    let mut opt_head = adam(params.head_vars(), cfg.head_lr)?;
+    // Group 0: the prompt and its encoder; group 1: the head.
+    let adamw = optim::AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() };
+    let mut opt = optim::AdamW::new(params.named(), |name| usize::from(name.starts_with("head.")), adamw)?;
 
     let mut st = CheckpointState {
         spec: params.spec.clone(),
@@ -291,10 +306,15 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
     let mut best = params.values()?;
     if let (true, Some(path)) = (cfg.resume, &cfg.checkpoint) {
         if path.is_file() {
-            let (s, cur, b) = load_checkpoint(path)?;
+            let (s, saved) = load_checkpoint(path)?;
             anyhow::ensure!(s.spec == params.spec, "{}: checkpoint was made for {:?}, this run is {:?}", path.display(), s.spec, params.spec);
-            params.set_values(&cur)?;
-            best = b;
+            params.set_values(&saved.current)?;
+            if saved.optimizer.is_empty() {
+                tracing::warn!(checkpoint = %path.display(), "checkpoint has no optimizer state (older format); AdamW restarts from zero");
+            } else {
+                opt.set_state(&saved.optimizer).with_context(|| path.display().to_string())?;
+            }
+            best = saved.best;
             tracing::info!(step = s.step, checkpoint = %path.display(), "resuming");
             st = CheckpointState { total_steps: total, ..s };
         }
@@ -313,15 +333,16 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
     let mut batches: Vec<Vec<usize>> = Vec::new();
     let mut batches_epoch = usize::MAX;
 
-    let checkpoint = |st: &CheckpointState, best: &HashMap<String, Tensor>| -> anyhow::Result<()> {
+    let checkpoint = |st: &CheckpointState, best: &HashMap<String, Tensor>, opt: &optim::AdamW| -> anyhow::Result<()> {
         if let Some(p) = &cfg.checkpoint {
-            save_checkpoint(p, st, &params.values()?, best)?;
+            let tensors = CheckpointTensors { current: params.values()?, best: best.clone(), optimizer: opt.state()? };
+            save_checkpoint(p, st, &tensors)?;
         }
         Ok(())
     };
 
     while st.step < total {
-        if stop.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) || cfg.pause_at.is_some_and(|p| st.step >= p) {
             interrupted = true;
             break;
         }
@@ -332,13 +353,10 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
         }
         let batch: Vec<&Sample> = batches[st.step % per_epoch].iter().map(|&i| &train[i]).collect();
         let f = lr_factor(st.step, total, warmup);
-        opt_prompt.set_learning_rate(cfg.lr * f);
-        opt_head.set_learning_rate(cfg.head_lr * f);
         let task = params.task_model()?;
         let loss = batch_loss(engine, &task, &batch)?;
         let grads = loss.backward()?;
-        opt_prompt.step(&grads)?;
-        opt_head.step(&grads)?;
+        opt.step(&grads, &[cfg.lr * f, cfg.head_lr * f])?;
         let l = loss.to_scalar::<f32>()? as f64;
         anyhow::ensure!(l.is_finite(), "step {}: loss is {l}; lower --lr", st.step + 1);
         loss_sum += l;
@@ -373,14 +391,14 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
                     early = true;
                 }
             }
-            checkpoint(&st, &best)?;
+            checkpoint(&st, &best, &opt)?;
             if early {
                 break;
             }
         }
     }
     if interrupted {
-        checkpoint(&st, &best)?;
+        checkpoint(&st, &best, &opt)?;
     }
     pb.finish_and_clear();
     if !interrupted {
