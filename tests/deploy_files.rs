@@ -61,7 +61,11 @@ fn run(cmd: &mut Command) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 // --- Dockerfiles ---------------------------------------------------------
@@ -72,7 +76,10 @@ fn dockerfiles_lint_clean() {
     for file in ["Dockerfile", "deploy/Dockerfile.cuda"] {
         let out = run(Command::new(&hadolint).arg("--no-color").arg(root().join(file)));
         let said = text(&out);
-        assert!(out.status.success() && said.trim().is_empty(), "hadolint {file}:\n{said}");
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "hadolint {file}:\n{said}"
+        );
     }
 
     // The same linter fails a Dockerfile with known faults.
@@ -89,7 +96,9 @@ fn dockerfiles_lint_clean() {
 fn dockerfiles_keep_the_runtime_contract() {
     for file in ["Dockerfile", "deploy/Dockerfile.cuda"] {
         let df = read(file);
-        let runtime = &df[df.rfind("AS runtime").unwrap_or_else(|| panic!("{file}: no runtime stage"))..];
+        let runtime = &df[df
+            .rfind("AS runtime")
+            .unwrap_or_else(|| panic!("{file}: no runtime stage"))..];
         for needle in [
             "USER 10001:10001",
             "EXPOSE 8080",
@@ -102,18 +111,32 @@ fn dockerfiles_keep_the_runtime_contract() {
         ] {
             assert!(runtime.contains(needle), "{file}: runtime stage lacks `{needle}`");
         }
-        assert!(df.contains("ARG BAKE_MODEL=0") && df.contains("FROM model-${BAKE_MODEL} AS model"), "{file}");
+        assert!(
+            df.contains("ARG BAKE_MODEL=0") && df.contains("FROM model-${BAKE_MODEL} AS model"),
+            "{file}"
+        );
     }
     // Every path the build copies must be in the context (.dockerignore).
     let ignore = read(".dockerignore");
-    for kept in ["src", "benches", "prompts", "scripts", "deploy", "Cargo.toml", "Cargo.lock"] {
+    for kept in [
+        "src",
+        "benches",
+        "prompts",
+        "scripts",
+        "deploy",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
         assert!(
             !ignore.lines().any(|l| l.trim().trim_end_matches('/') == kept),
             ".dockerignore drops {kept}, which the Dockerfile copies"
         );
     }
     for dropped in ["target/", ".venv*/", "models/", "data/", ".git"] {
-        assert!(ignore.lines().any(|l| l.trim() == dropped), ".dockerignore should drop {dropped}");
+        assert!(
+            ignore.lines().any(|l| l.trim() == dropped),
+            ".dockerignore should drop {dropped}"
+        );
     }
 }
 
@@ -155,7 +178,11 @@ fn k8s_manifests_validate_strictly() {
     let deployment = read("deploy/k8s/deployment.yaml").replace("  replicas: 3\n", "  replicas: 3\n  replica: 3\n");
     std::fs::write(&bad, deployment).unwrap();
     let out = run(Command::new(&validate).arg("--strict").arg("--quiet").arg(&bad));
-    assert!(!out.status.success(), "kubernetes-validate passed an unknown field:\n{}", text(&out));
+    assert!(
+        !out.status.success(),
+        "kubernetes-validate passed an unknown field:\n{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -169,8 +196,10 @@ fn kustomization_lists_every_manifest() {
         .map(|l| l.trim_start_matches("  - ").trim().to_string())
         .collect();
     listed.sort();
-    let files: Vec<String> =
-        k8s_manifests().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let files: Vec<String> = k8s_manifests()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(listed, files, "kustomization.yaml resources vs deploy/k8s/*.yaml");
 }
 
@@ -196,7 +225,13 @@ fn k8s_grace_period_covers_prestop_and_drain() {
         grace * 1000 > pre_stop * 1000 + drain_ms,
         "terminationGracePeriodSeconds {grace}s must exceed preStop {pre_stop}s + shutdown {drain_ms}ms"
     );
-    for probe in ["path: /ready", "path: /health", "startupProbe:", "livenessProbe:", "readinessProbe:"] {
+    for probe in [
+        "path: /ready",
+        "path: /health",
+        "startupProbe:",
+        "livenessProbe:",
+        "readinessProbe:",
+    ] {
         assert!(deployment.contains(probe), "deployment.yaml lacks {probe}");
     }
 }
@@ -213,7 +248,11 @@ fn loopback_nginx_conf(prefix: &Path, servers: &[String], listen: u16) -> PathBu
     let conf = read("deploy/nginx.conf");
     assert_eq!(conf.matches(BEGIN).count(), 1, "one `{BEGIN}` line");
     assert_eq!(conf.matches(END).count(), 1, "one `{END}` line");
-    let listens: Vec<&str> = conf.lines().map(str::trim).filter(|l| l.starts_with("listen ")).collect();
+    let listens: Vec<&str> = conf
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("listen "))
+        .collect();
     assert_eq!(listens, ["listen 8080;"], "the only listen directive is `listen 8080;`");
     for absent in ["pid ", "error_log ", "_temp_path ", "user "] {
         assert!(
@@ -221,8 +260,16 @@ fn loopback_nginx_conf(prefix: &Path, servers: &[String], listen: u16) -> PathBu
             "nginx.conf sets `{absent}`, which a test must be able to set"
         );
     }
-    assert_eq!(conf.lines().filter(|l| l.trim() == "http {").count(), 1, "one `http {{` line");
-    assert_eq!(conf.matches("http {").count(), 1, "`http {{` only on the http block's line");
+    assert_eq!(
+        conf.lines().filter(|l| l.trim() == "http {").count(),
+        1,
+        "one `http {{` line"
+    );
+    assert_eq!(
+        conf.matches("http {").count(),
+        1,
+        "`http {{` only on the http block's line"
+    );
 
     let begin = conf.find(BEGIN).unwrap() + BEGIN.len();
     let end = conf[..conf.find(END).unwrap()].rfind('\n').unwrap();
@@ -236,7 +283,10 @@ fn loopback_nginx_conf(prefix: &Path, servers: &[String], listen: u16) -> PathBu
         .map(|k| format!("\n    {k}_temp_path {};", tmp.join(k).display()))
         .collect();
     out = out.replacen("http {", &format!("http {{{temps}"), 1);
-    out = out.replace("access_log /dev/stdout", &format!("access_log {}", prefix.join("access.log").display()));
+    out = out.replace(
+        "access_log /dev/stdout",
+        &format!("access_log {}", prefix.join("access.log").display()),
+    );
     let path = prefix.join("nginx.conf");
     std::fs::write(&path, out).unwrap();
     path
@@ -268,9 +318,20 @@ fn nginx_config_tests_ok_with_loopback_upstreams() {
     let conf = read("deploy/nginx.conf");
     let v1 = location_block(&conf, "/v1/");
     let admin = location_block(&conf, "/admin/");
-    assert!(v1.contains("non_idempotent") && v1.contains("http_503"), "classify retries:\n{v1}");
-    assert!(!admin.contains("non_idempotent"), "admin routes must not resend POSTs:\n{admin}");
-    for needle in ["keepalive ", "proxy_http_version 1.1;", "proxy_set_header Connection \"\";", "client_max_body_size 64m;"] {
+    assert!(
+        v1.contains("non_idempotent") && v1.contains("http_503"),
+        "classify retries:\n{v1}"
+    );
+    assert!(
+        !admin.contains("non_idempotent"),
+        "admin routes must not resend POSTs:\n{admin}"
+    );
+    for needle in [
+        "keepalive ",
+        "proxy_http_version 1.1;",
+        "proxy_set_header Connection \"\";",
+        "client_max_body_size 64m;",
+    ] {
         assert!(conf.contains(needle), "nginx.conf lacks `{needle}`");
     }
 
@@ -281,7 +342,9 @@ fn nginx_config_tests_ok_with_loopback_upstreams() {
     assert!(out.status.success(), "nginx -t:\n{}", text(&out));
 
     // nginx -t itself fails on a broken file.
-    let broken = std::fs::read_to_string(&path).unwrap().replace("keepalive 32;", "keepalive thirty-two;");
+    let broken = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("keepalive 32;", "keepalive thirty-two;");
     std::fs::write(&path, broken).unwrap();
     let out = run(nginx_cmd(dir.path(), &path, "").arg("-t"));
     assert!(!out.status.success(), "nginx -t passed a broken file:\n{}", text(&out));
@@ -357,7 +420,11 @@ fn request(port: u16, method: &str, path: &str) -> u16 {
     .unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
-    answer.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad answer: {answer}"))
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad answer: {answer}"))
 }
 
 struct KillOnDrop(Child);
@@ -403,13 +470,22 @@ fn nginx_retries_classify_but_not_admin_posts() {
         assert_eq!(request(listen, "POST", "/v1/tasks/t/classify"), 200);
     }
     let tried_draining = draining.hits.load(Ordering::SeqCst);
-    assert!(tried_draining >= 2, "round robin never reached the draining replica ({tried_draining})");
+    assert!(
+        tried_draining >= 2,
+        "round robin never reached the draining replica ({tried_draining})"
+    );
     assert_eq!(healthy.hits.load(Ordering::SeqCst), 6);
 
     // Admin POSTs: a 503 comes back as it is, never resent.
-    let before = (draining.hits.load(Ordering::SeqCst), healthy.hits.load(Ordering::SeqCst));
+    let before = (
+        draining.hits.load(Ordering::SeqCst),
+        healthy.hits.load(Ordering::SeqCst),
+    );
     let codes: Vec<u16> = (0..6).map(|_| request(listen, "POST", "/admin/tasks/t")).collect();
-    let after = (draining.hits.load(Ordering::SeqCst), healthy.hits.load(Ordering::SeqCst));
+    let after = (
+        draining.hits.load(Ordering::SeqCst),
+        healthy.hits.load(Ordering::SeqCst),
+    );
     let (to_draining, to_healthy) = (after.0 - before.0, after.1 - before.1);
     assert_eq!(to_draining + to_healthy, 6, "an admin POST was sent twice: {codes:?}");
     assert_eq!(codes.iter().filter(|&&c| c == 503).count(), to_draining, "{codes:?}");
@@ -450,7 +526,10 @@ assert s["s3-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
 assert "admin_token" in d["secrets"]
 print(" ".join(replicas))
 "#;
-    let out = run(Command::new(&python).arg("-c").arg(check).arg(root().join("deploy/compose.yaml")));
+    let out = run(Command::new(&python)
+        .arg("-c")
+        .arg(check)
+        .arg(root().join("deploy/compose.yaml")));
     let said = text(&out);
     assert!(
         out.status.success(),
@@ -466,7 +545,10 @@ print(" ".join(replicas))
         .map(|l| l.split_whitespace().next().unwrap().trim_end_matches(';'))
         .collect();
     assert_eq!(hosts, ["softprompt-1:8080", "softprompt-2:8080", "softprompt-3:8080"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "softprompt-1 softprompt-2 softprompt-3");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "softprompt-1 softprompt-2 softprompt-3"
+    );
 }
 
 // --- healthcheck script --------------------------------------------------
@@ -475,7 +557,11 @@ print(" ".join(replicas))
 fn healthcheck_script_tells_ok_from_not() {
     let script = root().join("deploy/healthcheck.sh");
     let probe = |port: u16| {
-        run(Command::new("bash").arg(&script).env("SOFTPROMPT_ADDR", format!("0.0.0.0:{port}"))).status.success()
+        run(Command::new("bash")
+            .arg(&script)
+            .env("SOFTPROMPT_ADDR", format!("0.0.0.0:{port}")))
+        .status
+        .success()
     };
     assert!(probe(backend(200, "{}").port), "200 must be healthy");
     assert!(!probe(backend(503, "{}").port), "503 must be unhealthy");
