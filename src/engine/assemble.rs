@@ -43,8 +43,12 @@ pub struct Assembled {
     pub position_ids: Tensor,
     /// `[B, 1, 1, P + S]` additive attention mask.
     pub mask: Tensor,
-    /// `[L, 2, B, heads, P, head_dim]`, when any row has a deep prompt.
+    /// `[L, 2, B, heads, P, head_dim]`, when any row has a deep prompt and
+    /// the caller asked for it (the fused CPU forward reads each row's deep
+    /// prompt in place instead).
     pub prefix: Option<Tensor>,
+    /// `(first packed token, positions)` of each row.
+    pub spans: Vec<(usize, usize)>,
     /// Distinct tasks of the batch, in first-seen order, with their rows.
     pub groups: Vec<(usize, Vec<u32>)>,
 }
@@ -93,6 +97,18 @@ pub fn assemble(
     config: &ModelConfig,
     word_embeddings: &Tensor,
     device: &Device,
+) -> Result<Assembled, EngineError> {
+    assemble_with(rows, config, word_embeddings, device, true)
+}
+
+/// [`assemble`], gathering the padded deep-prompt tensor only when
+/// `gather_prefix` (the candle-ops forward needs it, the fused one does not).
+pub fn assemble_with(
+    rows: &[Row<'_>],
+    config: &ModelConfig,
+    word_embeddings: &Tensor,
+    device: &Device,
+    gather_prefix: bool,
 ) -> Result<Assembled, EngineError> {
     if rows.is_empty() {
         return Err(EngineError::EmptyBatch);
@@ -152,6 +168,7 @@ pub fn assemble(
     let mut pack_index = vec![0u32; n];
     let mut first_index = vec![0u32; b];
     let mut mean_weights = vec![0f32; b * n];
+    let mut spans = Vec::with_capacity(b);
     let mut k = 0usize;
     for (r, l) in layouts.iter().enumerate() {
         let t = task_of_row[r];
@@ -161,6 +178,7 @@ pub fn assemble(
             mask[r * (p + s) + j] = 0.0;
         }
         first_index[r] = k as u32;
+        spans.push((k, l.len()));
         let texts = l.iter().filter(|x| matches!(x, Slot::Text { .. })).count().max(1);
         for (i, slot) in l.iter().enumerate() {
             positions[k] = offset + (nd_row + i) as u32;
@@ -203,7 +221,7 @@ pub fn assemble(
         words
     };
 
-    let prefix = if p > 0 {
+    let prefix = if p > 0 && gather_prefix {
         let width = config.num_hidden_layers * 2 * hidden;
         let mut table = vec![Tensor::zeros((1, width), candle_core::DType::F32, device)?];
         table.extend(tasks.iter().filter_map(|t| t.deep.clone()));
@@ -242,6 +260,7 @@ pub fn assemble(
         position_ids: u32s(positions)?,
         mask: Tensor::from_vec(mask, (b, 1, 1, p + s), device)?,
         prefix,
+        spans,
         groups,
     })
 }

@@ -9,7 +9,8 @@ pub mod template;
 use candle_core::{D, Tensor};
 use std::sync::Arc;
 
-use crate::model::encoder::Packing;
+use crate::model::encoder::{Packing, RowSpan};
+use crate::profile::time;
 use crate::model::{Encoded, Encoder, Model, ModelError, OpsMode};
 pub use task_model::{Head, Pooling, ShallowPrompt, TaskModel};
 pub use template::{Segment, Template};
@@ -78,15 +79,34 @@ impl Engine {
     /// this with [`OpsMode::Train`]; serving goes through [`Engine::classify`].
     pub fn forward(&self, rows: &[Row<'_>], mode: OpsMode) -> Result<Vec<TaskLogits>, EngineError> {
         let enc: &Encoder = &self.model.encoder;
-        let a = assemble::assemble(rows, &enc.config, enc.word_embeddings(), enc.device())?;
-        let x = enc.embed(&a.inputs, &a.type_ids, &a.position_ids, mode)?;
-        let pack = Packing {
-            batch: a.batch,
-            seq: a.seq,
-            pad_index: &a.pad_index,
-            pack_index: &a.pack_index,
+        let fused = enc.fused(mode);
+        let a = time("assemble", || {
+            assemble::assemble_with(rows, &enc.config, enc.word_embeddings(), enc.device(), !fused)
+        })?;
+        let x = time("embed", || enc.embed(&a.inputs, &a.type_ids, &a.position_ids, mode))?;
+        let hidden = if fused {
+            let spans: Vec<RowSpan> = a
+                .spans
+                .iter()
+                .zip(rows)
+                .map(|(&(start, len), r)| RowSpan { start, len, deep: r.task.deep.as_ref() })
+                .collect();
+            enc.encode_cpu(&x, &spans)?
+        } else {
+            let pack = Packing {
+                batch: a.batch,
+                seq: a.seq,
+                pad_index: &a.pad_index,
+                pack_index: &a.pack_index,
+            };
+            enc.encode(&x, &pack, &a.mask, a.prefix.as_ref(), mode)?
         };
-        let hidden = enc.encode(&x, &pack, &a.mask, a.prefix.as_ref(), mode)?;
+        time("heads", || self.heads(rows, &a, &hidden))
+    }
+
+    /// Pooling and each task's head over the encoder's packed output.
+    fn heads(&self, rows: &[Row<'_>], a: &assemble::Assembled, hidden: &Tensor) -> Result<Vec<TaskLogits>, EngineError> {
+        let enc: &Encoder = &self.model.encoder;
 
         let needs = |p: Pooling| a.groups.iter().any(|(first, _)| rows[*first].task.pooling == p);
         let first = hidden.index_select(&a.first_index, 0)?;
@@ -96,13 +116,13 @@ impl Engine {
             None
         };
         let mean = if needs(Pooling::Mean) {
-            Some(a.mean_weights.matmul(&hidden)?)
+            Some(a.mean_weights.matmul(hidden)?)
         } else {
             None
         };
 
         let mut out = Vec::with_capacity(a.groups.len());
-        for (first_row, members) in a.groups {
+        for (first_row, members) in a.groups.iter().cloned() {
             let task = rows[first_row].task;
             let features = match task.pooling {
                 Pooling::Pooler => pooled.as_ref(),

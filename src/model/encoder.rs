@@ -2,19 +2,24 @@
 //! carry its own key/value prefix in every layer.
 //!
 //! The forward takes already-assembled input embeddings (see
-//! `engine::assemble`): shallow prompts live in the embeddings, deep prompts
-//! come in as one gathered tensor that each layer slices.
+//! `engine::assemble`): shallow prompts live in the embeddings. Two layer
+//! stacks compute the same function: [`Encoder::encode_cpu`] for serving on
+//! the CPU (fused kernels on plain buffers, each row's deep prompt read in
+//! place), and [`Encoder::encode`] in candle ops for training (it has a
+//! backward) and for other devices, with deep prompts gathered into one
+//! padded tensor that each layer slices.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{CpuStorage, D, DType, Device, Layout, Storage, Tensor};
 
 use super::ModelError;
 use super::config::ModelConfig;
 use super::kernels;
 use super::weights::Weights;
 
-/// Which kernels to use. Serving uses candle's fused layer norm and softmax;
-/// training needs composed versions because the fused ones have no backward
-/// (their gradients silently come back as `None`).
+/// Which kernels to use. Serving on the CPU uses our fused kernels
+/// ([`Encoder::encode_cpu`]) and on other devices candle's fused layer norm
+/// and softmax; training needs composed versions because the fused ones have
+/// no backward (their gradients silently come back as `None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpsMode {
     Serve,
@@ -141,10 +146,6 @@ struct Layer {
     intermediate: Linear,
     output: Linear,
     out_norm: Norm,
-    /// `[bias; gamma; beta]` of (attention output, its norm) and (FFN
-    /// output, its norm), stacked for the fused CPU kernel.
-    attn_fused: Tensor,
-    out_fused: Tensor,
 }
 
 /// Where each row's tokens sit: packed `[N]` for per-token work, padded
@@ -156,6 +157,29 @@ pub struct Packing<'a> {
     pub pad_index: &'a Tensor,
     /// `[N]` packed token → padded slot.
     pub pack_index: &'a Tensor,
+}
+
+/// One row of a batch for [`Encoder::encode_cpu`]: its packed tokens and
+/// its deep prompt, if any.
+#[derive(Clone, Copy)]
+pub struct RowSpan<'a> {
+    /// First packed token of the row.
+    pub start: usize,
+    /// Positions of the row (virtual and text tokens).
+    pub len: usize,
+    /// `[n, layers·2·hidden]` in PEFT's layout.
+    pub deep: Option<&'a Tensor>,
+}
+
+/// The f32 values of a contiguous CPU tensor behind its storage guard.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused forward: expected a contiguous tensor")
+    };
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[start..end]),
+        _ => candle_core::bail!("fused forward: expected an f32 CPU tensor"),
+    }
 }
 
 /// The frozen encoder: embeddings, transformer layers and (when the
@@ -192,11 +216,8 @@ impl Encoder {
             let attn_norm = Norm::load(w, &format!("{p}.attention.output.LayerNorm"), h, eps)?;
             let output = Linear::load(w, &format!("{p}.output.dense"), h, i)?;
             let out_norm = Norm::load(w, &format!("{p}.output.LayerNorm"), h, eps)?;
-            let stack = |l: &Linear, n: &Norm| Tensor::stack(&[&l.bias, &n.weight, &n.bias], 0);
             layers.push(Layer {
                 qkv,
-                attn_fused: stack(&attn_out, &attn_norm)?,
-                out_fused: stack(&output, &out_norm)?,
                 attn_out,
                 attn_norm,
                 intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), i, h)?,
@@ -260,7 +281,118 @@ impl Encoder {
         self.embed_norm.forward(&x, mode)
     }
 
-    /// Runs all layers on packed tokens and returns them packed `[N, hidden]`.
+    /// Whether [`Encoder::encode_cpu`] serves this mode on this device.
+    pub fn fused(&self, mode: OpsMode) -> bool {
+        mode == OpsMode::Serve && self.device.is_cpu() && self.config.hidden_size % self.config.num_attention_heads == 0
+    }
+
+    /// The serving layer stack on the CPU: packed `[N, hidden]` in and out.
+    ///
+    /// Works on plain buffers allocated once per batch and reused by every
+    /// layer; weights and deep prompts are read in place through their
+    /// storage guards. Per layer: the QKV matmul (bias added later), fused
+    /// attention per (row, head) straight from and into packed tokens (see
+    /// [`kernels::attention`]), the output matmul with bias + residual +
+    /// layer norm in one pass, the FFN matmul with bias + GELU in one pass,
+    /// and the last matmul with bias + residual + layer norm. The linear
+    /// layers run the same gemm calls as candle's `matmul`.
+    pub fn encode_cpu(&self, x: &Tensor, rows: &[RowSpan<'_>]) -> candle_core::Result<Tensor> {
+        use crate::profile::time;
+        let c = &self.config;
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let eps = c.layer_norm_eps as f32;
+        let n = x.dim(0)?;
+        if x.dims() != [n, h] {
+            candle_core::bail!("fused forward: input {:?}, expected [N, {h}]", x.dims());
+        }
+        // Deep prompts, one guard per distinct tensor (rows of a task share it).
+        let mut deep: Vec<(candle_core::TensorId, Tensor)> = Vec::new();
+        let mut deep_of_row = Vec::with_capacity(rows.len());
+        for r in rows {
+            deep_of_row.push(match r.deep {
+                Some(t) => match deep.iter().position(|d| d.0 == t.id()) {
+                    Some(i) => Some(i),
+                    None => {
+                        deep.push((t.id(), t.contiguous()?));
+                        Some(deep.len() - 1)
+                    }
+                },
+                None => None,
+            });
+        }
+        let deep_guards: Vec<_> = deep.iter().map(|(_, t)| t.storage_and_layout()).collect();
+        let deep_data: Vec<&[f32]> =
+            deep_guards.iter().map(|(s, l)| cpu_f32(s, l)).collect::<candle_core::Result<_>>()?;
+        let width = c.num_hidden_layers * 2 * h;
+        let attn_rows: Vec<kernels::AttnRow> = rows
+            .iter()
+            .zip(&deep_of_row)
+            .map(|(r, d)| {
+                let prefix = d.map_or(&[][..], |i| deep_data[i]);
+                if prefix.len() % width != 0 {
+                    candle_core::bail!("fused forward: deep prompt is not [n, {width}]");
+                }
+                Ok(kernels::AttnRow { start: r.start, len: r.len, prefix })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        if attn_rows.iter().map(|r| r.len).sum::<usize>() != n
+            || attn_rows.windows(2).any(|w| w[0].start + w[0].len != w[1].start)
+            || attn_rows.first().is_some_and(|r| r.start != 0)
+        {
+            candle_core::bail!("fused forward: rows do not tile the {n} packed tokens");
+        }
+
+        // Every weight of every layer, read in place for this call.
+        let weights: Vec<&Tensor> = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.qkv.weight,
+                    &l.qkv.bias,
+                    &l.attn_out.weight,
+                    &l.attn_out.bias,
+                    &l.attn_norm.weight,
+                    &l.attn_norm.bias,
+                    &l.intermediate.weight,
+                    &l.intermediate.bias,
+                    &l.output.weight,
+                    &l.output.bias,
+                    &l.out_norm.weight,
+                    &l.out_norm.bias,
+                ]
+            })
+            .collect();
+        let guards: Vec<_> = weights.iter().map(|t| t.storage_and_layout()).collect();
+        let w: Vec<&[f32]> = guards.iter().map(|(s, l)| cpu_f32(s, l)).collect::<candle_core::Result<_>>()?;
+
+        let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut qkv = vec![0f32; n * 3 * h];
+        let mut ctx = vec![0f32; n * h];
+        let mut proj = vec![0f32; n * h];
+        let mut x1 = vec![0f32; n * h];
+        let mut mid = vec![0f32; n * inter];
+        let scale = 1.0 / (c.head_dim() as f32).sqrt();
+        for (l, w) in w.chunks_exact(12).enumerate() {
+            let [qkv_w, qkv_b, ao_w, ao_b, an_g, an_b, in_w, in_b, out_w, out_b, on_g, on_b]: [&[f32]; 12] =
+                w.try_into().expect("12 tensors per layer");
+            time("qkv.matmul", || kernels::matmul_wt(&mut qkv, &x, qkv_w, h));
+            let dims = kernels::AttnDims { hidden: h, heads: c.num_attention_heads, layers: c.num_hidden_layers, layer: l, scale };
+            time("attention", || kernels::attention(&mut ctx, &qkv, qkv_b, &attn_rows, dims));
+            time("attn_out.matmul", || kernels::matmul_wt(&mut proj, &ctx, ao_w, h));
+            let norm = kernels::NormParams { bias: ao_b, gamma: an_g, beta: an_b, eps };
+            time("attn_out.norm", || kernels::residual_norm(&mut x1, &proj, &x, norm));
+            time("ffn.in.matmul", || kernels::matmul_wt(&mut mid, &x1, in_w, h));
+            time("ffn.gelu", || kernels::bias_gelu(&mut mid, in_b));
+            time("ffn.out.matmul", || kernels::matmul_wt(&mut proj, &mid, out_w, inter));
+            let norm = kernels::NormParams { bias: out_b, gamma: on_g, beta: on_b, eps };
+            time("ffn.out.norm", || kernels::residual_norm(&mut x, &proj, &x1, norm));
+        }
+        Tensor::from_vec(x, (n, h), &self.device)
+    }
+
+    /// Runs all layers on packed tokens and returns them packed `[N, hidden]`,
+    /// in candle ops (training, other devices).
     ///
     /// * `x`: `[N, hidden]` embeddings, rows packed without padding.
     /// * `pack`: how packed tokens map to the padded `[B, S]` grid that
@@ -283,48 +415,22 @@ impl Encoder {
         let scale = 1.0 / (d as f64).sqrt();
         let mut x = x.clone();
         use crate::profile::time;
-        // Fused kernels exist for the CPU serving path only (no backward).
-        let fused = mode == OpsMode::Serve && self.device.is_cpu();
-        let eps = self.config.layer_norm_eps;
-        let mask2 = if fused { mask.flatten_from(1)? } else { mask.clone() };
         for (l, layer) in self.layers.iter().enumerate() {
-            let (q, mut k, mut v) = if fused {
-                let raw = time("qkv.matmul", || x.matmul(&layer.qkv.weight.t()?))?;
-                let qkv = time("qkv.split", || {
-                    kernels::qkv_heads(&raw, &layer.qkv.bias, pack.pad_index, (b, s, heads), scale)
-                })?;
-                (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
-            } else {
-                let qkv = time("qkv.matmul", || layer.qkv.forward(&x))?;
-                let qkv = time("qkv.split", || {
-                    qkv.index_select(pack.pad_index, 0)?
-                        .reshape((b, s, 3, heads, d))?
-                        .permute((2, 0, 3, 1, 4))?
-                        .contiguous()
-                })?;
-                let q = time("q.scale", || qkv.get(0)? * scale)?;
-                (q, qkv.get(1)?, qkv.get(2)?)
-            };
+            let qkv = time("qkv.matmul", || layer.qkv.forward(&x))?;
+            let qkv = time("qkv.split", || {
+                qkv.index_select(pack.pad_index, 0)?
+                    .reshape((b, s, 3, heads, d))?
+                    .permute((2, 0, 3, 1, 4))?
+                    .contiguous()
+            })?;
+            let q = time("q.scale", || qkv.get(0)? * scale)?;
+            let (mut k, mut v) = (qkv.get(1)?, qkv.get(2)?);
             if let Some(p) = prefix {
                 let pl = p.get(l)?;
                 k = time("prefix.cat", || Tensor::cat(&[&pl.get(0)?, &k], 2))?;
                 v = time("prefix.cat", || Tensor::cat(&[&pl.get(1)?, &v], 2))?;
             }
             let scores = time("attn.scores", || q.matmul(&k.t()?))?;
-            if fused {
-                let probs = time("attn.softmax", || kernels::masked_softmax(&scores, &mask2))?;
-                let ctx = time("attn.context", || probs.matmul(&v))?;
-                let ctx = time("attn.merge", || {
-                    ctx.transpose(1, 2)?.reshape((b * s, h))?.index_select(pack.pack_index, 0)
-                })?;
-                let attn = time("attn_out.matmul", || ctx.matmul(&layer.attn_out.weight.t()?))?;
-                let x1 = time("attn_out.norm", || kernels::residual_norm(&attn, &x, &layer.attn_fused, eps))?;
-                let inter = time("ffn.in.matmul", || x1.matmul(&layer.intermediate.weight.t()?))?;
-                let inter = time("ffn.gelu", || kernels::bias_gelu(&inter, &layer.intermediate.bias))?;
-                let out = time("ffn.out.matmul", || inter.matmul(&layer.output.weight.t()?))?;
-                x = time("ffn.out.norm", || kernels::residual_norm(&out, &x1, &layer.out_fused, eps))?;
-                continue;
-            }
             let scores = time("attn.mask", || scores.broadcast_add(mask))?;
             let probs = time("attn.softmax", || softmax_last(&scores, mode))?;
             let ctx = time("attn.context", || probs.matmul(&v))?;

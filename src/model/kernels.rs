@@ -1,294 +1,741 @@
-//! Fused CPU kernels for the serving forward.
+//! Fused CPU kernels for the serving forward, on plain `f32` slices.
 //!
-//! candle runs element-wise ops on one thread and each as its own pass over
-//! memory; on a 2-core CPU the bias adds, GELU, residual adds and masking
-//! cost as much as a third of a forward. These kernels fuse each chain into
-//! one parallel pass. They have no backward: training uses the composed ops
-//! (`OpsMode::Train`), and other devices use candle's ops.
+//! candle runs element-wise ops on one thread, each as its own pass over
+//! memory, and its `exp`/`erf` are scalar library calls; on a 2-core CPU the
+//! bias adds, GELU, softmax and the head split/merge around attention cost
+//! as much as the matmuls they surround. These kernels fuse each chain into
+//! one parallel pass, written as branch-free loops over fixed-width lane
+//! arrays so that LLVM vectorizes them. Each kernel is compiled twice: for
+//! the baseline target, and with AVX2+FMA enabled, picked at run time (the
+//! binary still runs on any x86-64 or other architecture).
+//!
+//! They have no backward: training uses candle's composed ops
+//! (`OpsMode::Train`), and other devices use candle's ops as well.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("{what}: expected a contiguous tensor")
-    };
-    match s {
-        CpuStorage::F32(v) => Ok(&v[start..end]),
-        _ => bail!("{what}: expected f32"),
+/// Multiply-add, fused where the kernel is compiled for FMA. Without the
+/// target feature `f32::mul_add` would be a slow library call, so the
+/// baseline build rounds twice instead.
+trait Arith {
+    fn fma(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// Kernels compiled with `avx2,fma`.
+struct Fused;
+/// Kernels compiled for the baseline target.
+struct Plain;
+
+impl Arith for Fused {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
     }
 }
 
-/// erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26); candle's scalar
-/// erf is several times slower and this error is far below f32 noise of the
-/// surrounding matmuls.
-#[inline(always)]
-fn erf(x: f32) -> f32 {
-    let s = x.signum();
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    s * (1.0 - poly * (-a * a).exp())
-}
-
-/// Rows per parallel work item: enough to amortize scheduling.
-const CHUNK_ROWS: usize = 16;
-
-struct BiasGelu;
-
-impl CustomOp2 for BiasGelu {
-    fn name(&self) -> &'static str {
-        "bias-gelu"
-    }
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(x, xl, "bias-gelu x")?;
-        let b = slice(b, bl, "bias-gelu bias")?;
-        let n = b.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n * CHUNK_ROWS)
-            .zip(x.par_chunks(n * CHUNK_ROWS))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_mut(n).zip(x.chunks(n)) {
-                    for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
-                        let v = x + b;
-                        *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+impl Arith for Plain {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
     }
 }
 
-/// `gelu_erf(x + bias)` over rows of `x` `[N, n]`.
-pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.apply_op2_no_bwd(bias, &BiasGelu)
-}
-
-struct ResidualNorm {
-    eps: f32,
-}
-
-impl CustomOp3 for ResidualNorm {
-    fn name(&self) -> &'static str {
-        "bias-residual-layer-norm"
+/// Whether this CPU runs the AVX2+FMA builds (std caches the answer).
+#[inline]
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        r: &CpuStorage,
-        rl: &Layout,
-        p: &CpuStorage,
-        pl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(x, xl, "residual-norm x")?;
-        let r = slice(r, rl, "residual-norm residual")?;
-        // p = [bias; gamma; beta] stacked: [3, n]
-        let p = slice(p, pl, "residual-norm params")?;
-        let n = p.len() / 3;
-        if x.len() != r.len() || x.len() % n != 0 {
-            bail!("residual-norm: shapes disagree");
-        }
-        let (bias, rest) = p.split_at(n);
-        let (gamma, beta) = rest.split_at(n);
-        let eps = self.eps;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n).zip(r.par_chunks(n)))
-            .for_each(|(o, (x, r))| {
-                let mut sum = 0f32;
-                for i in 0..n {
-                    let v = x[i] + bias[i] + r[i];
-                    o[i] = v;
-                    sum += v;
-                }
-                let mean = sum / n as f32;
-                let mut var = 0f32;
-                for v in o.iter() {
-                    let d = v - mean;
-                    var += d * d;
-                }
-                let inv = 1.0 / (var / n as f32 + eps).sqrt();
-                for i in 0..n {
-                    o[i] = (o[i] - mean) * inv * gamma[i] + beta[i];
-                }
-            });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
-/// `layer_norm(x + bias + residual)` with `params` = `[bias; gamma; beta]`
-/// stacked as `[3, n]`.
-pub fn residual_norm(x: &Tensor, residual: &Tensor, params: &Tensor, eps: f64) -> Result<Tensor> {
-    x.apply_op3_no_bwd(residual, params, &ResidualNorm { eps: eps as f32 })
-}
-
-struct MaskedSoftmax;
-
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "masked-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, sl: &Layout, m: &CpuStorage, ml: &Layout) -> Result<(CpuStorage, Shape)> {
-        let s = slice(s, sl, "masked-softmax scores")?;
-        let m = slice(m, ml, "masked-softmax mask")?;
-        let dims = sl.shape().dims();
-        let k = *dims.last().unwrap_or(&1);
-        let b = dims.first().copied().unwrap_or(1);
-        if m.len() != b * k {
-            bail!("masked-softmax: mask has {} values, expected {}", m.len(), b * k);
-        }
-        let rows_per_batch = s.len() / (b * k).max(1);
-        let mut out = vec![0f32; s.len()];
-        out.par_chunks_mut(k)
-            .zip(s.par_chunks(k))
-            .enumerate()
-            .for_each(|(row, (o, s))| {
-                let mask = &m[(row / rows_per_batch) * k..][..k];
-                let mut max = f32::NEG_INFINITY;
-                for i in 0..k {
-                    let v = s[i] + mask[i];
-                    o[i] = v;
-                    max = max.max(v);
+/// Declares `fn $name(args)` that runs `$imp::<Fused>` compiled with
+/// AVX2+FMA when the CPU has them, else `$imp::<Plain>`. The body is
+/// `#[inline(always)]` generic code, so it is compiled once per target
+/// feature set inside the wrapper.
+macro_rules! dispatch {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) => $imp:ident;) => {
+        $(#[$doc])*
+        $vis fn $name($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn wide($($a: $t),*) {
+                    $imp::<Fused>($($a),*)
                 }
-                let mut sum = 0f32;
-                for v in o.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                for v in o.iter_mut() {
-                    *v *= inv;
-                }
-            });
-        Ok((CpuStorage::F32(out), sl.shape().clone()))
-    }
-}
-
-/// `softmax(scores + mask)` over the last dim; `scores` `[B, …, K]`, `mask`
-/// `[B, K]` additive.
-pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    scores.apply_op2_no_bwd(mask, &MaskedSoftmax)
-}
-
-struct QkvHeads {
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    q_scale: f32,
-}
-
-impl CustomOp3 for QkvHeads {
-    fn name(&self) -> &'static str {
-        "qkv-heads"
-    }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-        idx: &CpuStorage,
-        il: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(x, xl, "qkv-heads x")?;
-        let bias = slice(b, bl, "qkv-heads bias")?;
-        let Some((i0, i1)) = il.contiguous_offsets() else { bail!("qkv-heads: index not contiguous") };
-        let CpuStorage::U32(idx) = idx else { bail!("qkv-heads: index must be u32") };
-        let idx = &idx[i0..i1];
-        let (bsz, seq, heads) = (self.batch, self.seq, self.heads);
-        let w = bias.len(); // 3 * hidden
-        let d = w / 3 / heads;
-        if idx.len() != bsz * seq || x.len() % w != 0 {
-            bail!("qkv-heads: shapes disagree");
-        }
-        let tokens = x.len() / w;
-        // Output [3, B, heads, S, D]; one work item per (kind, b, head).
-        let mut out = vec![0f32; 3 * bsz * heads * seq * d];
-        out.par_chunks_mut(seq * d).enumerate().for_each(|(item, o)| {
-            let kind = item / (bsz * heads);
-            let b = (item / heads) % bsz;
-            let h = item % heads;
-            let col = (kind * heads + h) * d;
-            let scale = if kind == 0 { self.q_scale } else { 1.0 };
-            for i in 0..seq {
-                let t = idx[b * seq + i] as usize;
-                if t >= tokens {
-                    continue;
-                }
-                let src = &x[t * w + col..][..d];
-                let bb = &bias[col..][..d];
-                for ((o, &v), &c) in o[i * d..][..d].iter_mut().zip(src).zip(bb) {
-                    *o = (v + c) * scale;
+                if has_avx2_fma() {
+                    // SAFETY: the CPU has the features `wide` is compiled for.
+                    return unsafe { wide($($a),*) };
                 }
             }
-        });
-        Ok((CpuStorage::F32(out), Shape::from_dims(&[3, bsz, heads, seq, d])))
+            $imp::<Plain>($($a),*)
+        }
+    };
+}
+
+/// Lanes of the accumulators in reductions and micro-kernels: two AVX2
+/// registers, enough independent chains to hide FMA latency.
+const LANES: usize = 16;
+
+/// `e^x` in f32, branch-free so that loops over it vectorize.
+///
+/// x = n·ln2 + r with |r| ≤ ln2/2 (n by the round-to-nearest "magic number"
+/// trick, ln 2 split in two so n·ln2_hi is exact), e^r by its Taylor series
+/// to degree 7 (truncation < 1e-8 relative), 2^n put into the exponent bits.
+/// Relative error is a couple of ulp. Inputs below ln(2^-126) give 0 (also
+/// -inf and the `f32::MIN` masks); inputs above 88.37 saturate at ≈2.4e38
+/// instead of overflowing: softmax and erf only feed it x ≤ 0.
+#[inline(always)]
+fn exp<F: Arith>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // 1.5·2^23: adding it leaves round(y) in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_375; // 355/512: 9 bits, so n·LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+    // Just under 127.5·ln 2, so that n = round(x·log2 e) ≤ 127.
+    const HI: f32 = 88.37;
+    const LO: f32 = -87.336_55;
+    let xc = if x > HI { HI } else { x };
+    let xc = if xc < LO { LO } else { xc };
+    let t = F::fma(xc, LOG2E, MAGIC);
+    let n = t - MAGIC;
+    let r = F::fma(n, -LN2_HI, xc);
+    let r = F::fma(n, -LN2_LO, r);
+    let mut p = 1.0 / 5040.0;
+    p = F::fma(p, r, 1.0 / 720.0);
+    p = F::fma(p, r, 1.0 / 120.0);
+    p = F::fma(p, r, 1.0 / 24.0);
+    p = F::fma(p, r, 1.0 / 6.0);
+    p = F::fma(p, r, 0.5);
+    p = F::fma(p, r, 1.0);
+    p = F::fma(p, r, 1.0);
+    // n ∈ [-126, 127] after the clamp: a normal power of two.
+    let ni = t.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let scale = f32::from_bits(((ni + 127) << 23) as u32);
+    let v = p * scale;
+    if x < LO { 0.0 } else { v }
+}
+
+/// erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7 in exact arithmetic,
+/// < 6e-7 evaluated in f32; PyTorch's vectorized erf uses the same
+/// formula), branch-free. candle's scalar erf is several times slower and
+/// this error is far below the f32 noise of the surrounding matmuls.
+#[inline(always)]
+fn erf<F: Arith>(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / F::fma(0.327_591_1, a, 1.0);
+    let mut p = 1.061_405_4;
+    p = F::fma(p, t, -1.453_152_1);
+    p = F::fma(p, t, 1.421_413_7);
+    p = F::fma(p, t, -0.284_496_74);
+    p = F::fma(p, t, 0.254_829_6);
+    p *= t;
+    F::fma(-p, exp::<F>(-a * a), 1.0).copysign(x)
+}
+
+/// Exact (erf-based) GELU.
+#[inline(always)]
+fn gelu<F: Arith>(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf::<F>(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+fn exp_slice_impl<F: Arith>(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = exp::<F>(*v);
     }
 }
 
-/// From packed `x @ Wqkv^T` `[N, 3*hidden]`: adds the bias, scatters tokens
-/// to the padded grid through `pad_index` `[B*S]`, splits heads and scales
-/// the queries, giving `[3, B, heads, S, head_dim]` in one pass.
-pub fn qkv_heads(
-    qkv: &Tensor,
-    bias: &Tensor,
-    pad_index: &Tensor,
-    (batch, seq, heads): (usize, usize, usize),
-    q_scale: f64,
-) -> Result<Tensor> {
-    qkv.apply_op3_no_bwd(bias, pad_index, &QkvHeads { batch, seq, heads, q_scale: q_scale as f32 })
+dispatch! {
+    /// `x ← e^x` element-wise (the kernels' exp, exposed for tests).
+    pub fn exp_in_place(x: &mut [f32]) => exp_slice_impl;
+}
+
+#[inline(always)]
+fn erf_slice_impl<F: Arith>(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = erf::<F>(*v);
+    }
+}
+
+dispatch! {
+    /// `x ← erf(x)` element-wise (the kernels' erf, exposed for tests).
+    pub fn erf_in_place(x: &mut [f32]) => erf_slice_impl;
+}
+
+/// Sum with `LANES` independent partial sums (a sequential float sum does
+/// not vectorize: reassociating it changes the result).
+#[inline(always)]
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+/// `softmax` of one row in place. The row holds only keys the query may
+/// see, so there is no mask to add.
+#[inline(always)]
+fn softmax_row<F: Arith>(x: &mut [f32]) {
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in mx.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for m in mx {
+        max = if m > max { m } else { max };
+    }
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = exp::<F>(*v - max);
+            *a += *v;
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for v in chunks.into_remainder() {
+        *v = exp::<F>(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Rows per parallel work item of the row-wise kernels: enough to amortize
+/// scheduling.
+const CHUNK_ROWS: usize = 16;
+
+#[inline(always)]
+fn bias_gelu_impl<F: Arith>(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v = gelu::<F>(*v + b);
+        }
+    }
+}
+
+dispatch! {
+    fn bias_gelu_rows(x: &mut [f32], bias: &[f32]) => bias_gelu_impl;
+}
+
+/// `x ← gelu_erf(x + bias)` over the rows of `x` `[N, bias.len()]`.
+pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
+    let n = bias.len();
+    assert!(n > 0 && x.len() % n == 0, "bias-gelu: {} values are not rows of {n}", x.len());
+    x.par_chunks_mut(n * CHUNK_ROWS).for_each(|c| bias_gelu_rows(c, bias));
+}
+
+/// Layer-norm parameters with the bias of the linear layer before it, as the
+/// fused residual kernel takes them.
+#[derive(Clone, Copy)]
+pub struct NormParams<'a> {
+    pub bias: &'a [f32],
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+    pub eps: f32,
+}
+
+#[inline(always)]
+fn residual_norm_impl<F: Arith>(out: &mut [f32], x: &[f32], r: &[f32], p: NormParams<'_>) {
+    let n = p.bias.len();
+    for ((o, x), r) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)).zip(r.chunks_exact(n)) {
+        for (((o, &x), &b), &r) in o.iter_mut().zip(x).zip(p.bias).zip(r) {
+            *o = x + b + r;
+        }
+        let mean = lane_sum(o) / n as f32;
+        let mut acc = [0f32; LANES];
+        let mut chunks = o.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                let d = v - mean;
+                *a = F::fma(d, d, *a);
+            }
+        }
+        let mut var = acc.iter().sum::<f32>();
+        for &v in chunks.remainder() {
+            var += (v - mean) * (v - mean);
+        }
+        let inv = 1.0 / (var / n as f32 + p.eps).sqrt();
+        for ((o, &g), &b) in o.iter_mut().zip(p.gamma).zip(p.beta) {
+            *o = F::fma((*o - mean) * inv, g, b);
+        }
+    }
+}
+
+dispatch! {
+    fn residual_norm_rows(out: &mut [f32], x: &[f32], r: &[f32], p: NormParams<'_>) => residual_norm_impl;
+}
+
+/// `out ← layer_norm(x + bias + residual)` over rows of `p.bias.len()`.
+pub fn residual_norm(out: &mut [f32], x: &[f32], residual: &[f32], p: NormParams<'_>) {
+    let n = p.bias.len();
+    assert!(
+        n > 0 && x.len() % n == 0 && x.len() == out.len() && x.len() == residual.len()
+            && p.gamma.len() == n && p.beta.len() == n,
+        "residual-norm: shapes disagree"
+    );
+    out.par_chunks_mut(n * CHUNK_ROWS)
+        .zip(x.par_chunks(n * CHUNK_ROWS).zip(residual.par_chunks(n * CHUNK_ROWS)))
+        .for_each(|(o, (x, r))| residual_norm_rows(o, x, r, p));
+}
+
+/// `out[m, n] ← x[m, k] · w[n, k]ᵀ` for a weight stored `[out, in]` as in
+/// the checkpoint: the same gemm call, strides and threading as candle's
+/// `x.matmul(&w.t())`, so results are bit-identical to it, but into a
+/// buffer the caller reuses across layers.
+pub fn matmul_wt(out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
+    assert!(k > 0 && x.len() % k == 0 && w.len() % k == 0, "matmul: inner dimensions disagree");
+    let (m, n) = (x.len() / k, w.len() / k);
+    assert_eq!(out.len(), m * n, "matmul: output size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the three buffers hold m·n, m·k and n·k values (checked above)
+    // and the strides below stay inside them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// One row of a batch as attention sees it.
+#[derive(Clone, Copy)]
+pub struct AttnRow<'a> {
+    /// First packed token of the row.
+    pub start: usize,
+    /// Positions of the row (virtual and text tokens).
+    pub len: usize,
+    /// The row's deep prompt, `[n, layers·2·hidden]` in PEFT's layout
+    /// (empty when it has none): its key and value rows go before the row's
+    /// own keys and values in every layer.
+    pub prefix: &'a [f32],
+}
+
+/// Sizes of one attention call.
+#[derive(Clone, Copy)]
+pub struct AttnDims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub layers: usize,
+    /// The layer being computed (selects its slice of deep prompts).
+    pub layer: usize,
+    /// Query scale, 1/√head_dim.
+    pub scale: f32,
+}
+
+/// Rows of the attention micro-kernels.
+const MR: usize = 4;
+
+/// The context output, shared by the work items of [`attention`].
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: every work item writes only its own (row tokens × head columns)
+// block of the output; blocks of different items are disjoint.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// A method, so that closures capture the whole (Send) wrapper.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch of the attention work items (queries, transposed
+    /// keys, scores, values), reused across items, layers and batches.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Self-attention of packed rows, each query attending to its own row's
+/// deep prefix and positions only.
+///
+/// * `out`: `[N, hidden]`, receives the merged heads' context (before the
+///   output projection);
+/// * `qkv`: `[N, 3·hidden]` = `x · Wqkvᵀ` without its bias, which is added
+///   here (queries are also scaled here);
+/// * `bias`: `[3·hidden]`.
+///
+/// One work item per (row, head): it gathers that head's queries, keys
+/// (transposed) and values into thread-local scratch, computes scores,
+/// softmax and the context there, and writes the context into its columns
+/// of `out`. No padded `[B, heads, S, P+S]` tensor, no mask, no scatter to
+/// a padded grid or merge back: short rows stay in L1/L2 and padding costs
+/// nothing.
+pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>], dims: AttnDims) {
+    let h = dims.hidden;
+    assert!(dims.heads > 0 && h % dims.heads == 0, "attention: heads must divide hidden");
+    assert_eq!(bias.len(), 3 * h, "attention: qkv bias");
+    let n = out.len() / h;
+    assert!(out.len() == n * h && qkv.len() == n * 3 * h, "attention: buffer sizes");
+    let width = dims.layers * 2 * h;
+    for r in rows {
+        assert!(r.start + r.len <= n, "attention: row outside the batch");
+        assert!(r.prefix.len() % width.max(1) == 0 && dims.layer < dims.layers, "attention: deep prompt shape");
+    }
+    let out = SharedOut(out.as_mut_ptr());
+    let heads = dims.heads;
+    (0..rows.len() * heads).into_par_iter().for_each(|item| {
+        let (r, head) = (item / heads, item % heads);
+        SCRATCH.with(|s| {
+            attend(&mut s.borrow_mut(), out, qkv, bias, &rows[r], head, dims);
+        });
+    });
+}
+
+dispatch! {
+    fn attend(
+        scratch: &mut Vec<f32>,
+        out: SharedOut,
+        qkv: &[f32],
+        bias: &[f32],
+        row: &AttnRow<'_>,
+        head: usize,
+        dims: AttnDims,
+    ) => attend_impl;
+}
+
+/// One (row, head) of [`attention`]. Scratch layout (zero-padded so that
+/// the micro-kernels have no tails): queries `[S↑MR, d]`, keys transposed
+/// `[d, T↑LANES]`, scores `[S↑MR, T↑LANES]`, values `[T, d↑LANES]`, where
+/// T = prefix + S keys.
+#[inline(always)]
+fn attend_impl<F: Arith>(
+    scratch: &mut Vec<f32>,
+    out: SharedOut,
+    qkv: &[f32],
+    bias: &[f32],
+    row: &AttnRow<'_>,
+    head: usize,
+    dims: AttnDims,
+) {
+    let h = dims.hidden;
+    let d = h / dims.heads;
+    let w3 = 3 * h;
+    let width = dims.layers * 2 * h;
+    let s = row.len;
+    if s == 0 {
+        return;
+    }
+    let p = row.prefix.len() / width;
+    let t = p + s;
+    let (sp, tp, dp) = (s.next_multiple_of(MR), t.next_multiple_of(LANES), d.next_multiple_of(LANES));
+    let sizes = [sp * d, d * tp, sp * tp, t * dp];
+    scratch.clear();
+    scratch.resize(sizes.iter().sum(), 0.0);
+    let (q, rest) = scratch.split_at_mut(sizes[0]);
+    let (kt, rest) = rest.split_at_mut(sizes[1]);
+    let (sc, v) = rest.split_at_mut(sizes[2]);
+
+    let col = head * d;
+    let (qb, kb, vb) = (&bias[col..][..d], &bias[h + col..][..d], &bias[2 * h + col..][..d]);
+    for i in 0..s {
+        let src = &qkv[(row.start + i) * w3 + col..][..d];
+        for ((o, &x), &b) in q[i * d..][..d].iter_mut().zip(src).zip(qb) {
+            *o = (x + b) * dims.scale;
+        }
+    }
+    // Deep prompt: element [j, ((2l + kv)·heads + head)·d + e].
+    let kcol = (2 * dims.layer * dims.heads + head) * d;
+    let vcol = ((2 * dims.layer + 1) * dims.heads + head) * d;
+    for j in 0..p {
+        let src = &row.prefix[j * width..][..width];
+        for (e, &x) in src[kcol..][..d].iter().enumerate() {
+            kt[e * tp + j] = x;
+        }
+        v[j * dp..][..d].copy_from_slice(&src[vcol..][..d]);
+    }
+    for j in 0..s {
+        let src = &qkv[(row.start + j) * w3..][..w3];
+        for (e, (&x, &b)) in src[h + col..][..d].iter().zip(kb).enumerate() {
+            kt[e * tp + p + j] = x + b;
+        }
+        for ((o, &x), &b) in v[(p + j) * dp..][..d].iter_mut().zip(&src[2 * h + col..][..d]).zip(vb) {
+            *o = x + b;
+        }
+    }
+
+    // scores = q · kᵀ, MR rows × LANES keys per step.
+    for i0 in (0..sp).step_by(MR) {
+        let qr: [&[f32]; MR] = std::array::from_fn(|r| &q[(i0 + r) * d..][..d]);
+        for j0 in (0..tp).step_by(LANES) {
+            let mut acc = [[0f32; LANES]; MR];
+            for e in 0..d {
+                let k: &[f32; LANES] = kt[e * tp + j0..][..LANES].try_into().unwrap();
+                for r in 0..MR {
+                    let a = qr[r][e];
+                    for c in 0..LANES {
+                        acc[r][c] = F::fma(a, k[c], acc[r][c]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                sc[(i0 + r) * tp + j0..][..LANES].copy_from_slice(a);
+            }
+        }
+    }
+    for i in 0..s {
+        softmax_row::<F>(&mut sc[i * tp..][..t]);
+    }
+    // context = probs · v, MR rows × LANES columns per step; only the real
+    // rows and head columns are written out.
+    let out = out.ptr();
+    for i0 in (0..sp).step_by(MR) {
+        let pr: [&[f32]; MR] = std::array::from_fn(|r| &sc[(i0 + r) * tp..][..t]);
+        for c0 in (0..dp).step_by(LANES) {
+            let mut acc = [[0f32; LANES]; MR];
+            for j in 0..t {
+                let vv: &[f32; LANES] = v[j * dp + c0..][..LANES].try_into().unwrap();
+                for r in 0..MR {
+                    let a = pr[r][j];
+                    for c in 0..LANES {
+                        acc[r][c] = F::fma(a, vv[c], acc[r][c]);
+                    }
+                }
+            }
+            let w = LANES.min(d - c0);
+            for (r, a) in acc.iter().enumerate().take(s.saturating_sub(i0)) {
+                let at = (row.start + i0 + r) * h + col + c0;
+                // SAFETY: `at + w` ≤ (start + s)·hidden ≤ N·hidden (checked in
+                // `attention`), and this (row, head) block is written by no
+                // other work item.
+                unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), out.add(at), w) };
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{D, Device};
+    use candle_core::{D, Device, Tensor};
 
-    fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let d: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-        assert!(d <= tol, "max |Δ| {d}");
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    fn vec(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Runs `f` on both builds of the kernels (where this CPU has AVX2+FMA).
+    fn both(x: &[f32], f: fn(&mut [f32]), plain: fn(&mut [f32])) -> [Vec<f32>; 2] {
+        let mut a = x.to_vec();
+        f(&mut a);
+        let mut b = x.to_vec();
+        plain(&mut b);
+        [a, b]
+    }
+
+    fn exp_plain(x: &mut [f32]) {
+        exp_slice_impl::<Plain>(x)
+    }
+
+    fn erf_plain(x: &mut [f32]) {
+        erf_slice_impl::<Plain>(x)
+    }
+
+    /// erf in f64 by Simpson's rule on 2/√π·e^(−t²): error ~1e-13, far below
+    /// what the f32 kernel is tested to.
+    fn erf_f64(x: f64) -> f64 {
+        let n = 20_000;
+        let hs = x / n as f64;
+        let f = |t: f64| (-t * t).exp();
+        let mut s = f(0.0) + f(x);
+        for i in 1..n {
+            s += f(i as f64 * hs) * if i % 2 == 1 { 4.0 } else { 2.0 };
+        }
+        s * hs / 3.0 * 2.0 / std::f64::consts::PI.sqrt()
     }
 
     #[test]
-    fn fused_kernels_match_candle_ops() {
+    fn exp_matches_f64_to_a_few_ulp() {
+        // Dense over the range where e^x is a normal f32, plus the edges.
+        let mut x: Vec<f32> = (0..200_001).map(|i| -87.3 + i as f32 * (88.3 + 87.3) / 200_000.0).collect();
+        x.extend([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 0.346_573_6, -0.346_573_6, 88.3, -87.3]);
+        for out in both(&x, exp_in_place, exp_plain) {
+            let mut worst = 0f64;
+            for (&x, &y) in x.iter().zip(&out) {
+                let want = (x as f64).exp();
+                worst = worst.max(((y as f64 - want) / want).abs());
+            }
+            assert!(worst < 2.5e-7, "exp: max relative error {worst:e}");
+            assert_eq!(out[200_001], 1.0, "exp(0) is exactly 1");
+        }
+        // Masks and underflow give exactly 0, never NaN; overflow saturates.
+        let edge = [f32::MIN, f32::NEG_INFINITY, -1e30, -88.0, -100.0, -87.4];
+        for out in both(&edge, exp_in_place, exp_plain) {
+            assert!(out.iter().all(|&v| v == 0.0), "{out:?}");
+        }
+        for out in both(&[f32::MAX, f32::INFINITY, 100.0], exp_in_place, exp_plain) {
+            assert!(out.iter().all(|&v| v.is_finite() && v > 2e38), "{out:?}");
+        }
+    }
+
+    #[test]
+    fn erf_and_gelu_match_f64() {
+        let x: Vec<f32> = (0..4_001).map(|i| -8.0 + i as f32 * 16.0 / 4_000.0).collect();
+        // Absolute error: A&S 7.1.26 is 1 − (…)·e^(−x²), which cancels near 0
+        // (relative error there is large, but GELU adds 1 to erf anyway).
+        for out in both(&x, erf_in_place, erf_plain) {
+            let worst = x.iter().zip(&out).map(|(&x, &y)| (y as f64 - erf_f64(x as f64)).abs()).fold(0.0, f64::max);
+            assert!(worst < 6e-7, "erf: max |error| {worst:e}");
+        }
+        // GELU through the fused kernel, with a bias, against f64.
+        let bias = [0.25f32, -0.5, 0.0, 1.0];
+        let mut g: Vec<f32> = x.iter().take(4_000).copied().collect();
+        bias_gelu(&mut g, &bias);
+        for (i, (&x, &y)) in x.iter().zip(&g).enumerate() {
+            let v = (x + bias[i % 4]) as f64;
+            let want = 0.5 * v * (1.0 + erf_f64(v / std::f64::consts::SQRT_2));
+            assert!((y as f64 - want).abs() < 1e-6 * (1.0 + v.abs()), "gelu({v}) = {y}, want {want}");
+        }
+        let mut huge = vec![f32::MAX, f32::MIN, 1e20, -1e20];
+        erf_in_place(&mut huge);
+        assert_eq!(huge, [1.0, -1.0, 1.0, -1.0]);
+    }
+
+    #[test]
+    fn softmax_matches_f64() {
+        let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
+        let want: Vec<f64> = {
+            let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        };
+        // `Fused` is correct on any CPU (mul_add is exact), only slow without FMA.
+        for f in [softmax_row::<Plain>, softmax_row::<Fused>] {
+            let mut r = row.clone();
+            f(&mut r);
+            for (a, b) in r.iter().zip(&want) {
+                assert!((*a as f64 - b).abs() < 1e-6 * b + 1e-12, "{a} vs {b}");
+            }
+        }
+        row.truncate(1);
+        softmax_row::<Plain>(&mut row);
+        assert_eq!(row, [1.0]);
+    }
+
+    #[test]
+    fn bias_gelu_and_residual_norm_match_candle_ops() {
         let dev = Device::Cpu;
-        let x = (Tensor::randn(0f32, 3.0, (37, 24), &dev).unwrap()).contiguous().unwrap();
+        let x = Tensor::randn(0f32, 3.0, (37, 24), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
         let want = x.broadcast_add(&b).unwrap().gelu_erf().unwrap();
-        close(&bias_gelu(&x, &b).unwrap(), &want, 1e-6);
+        let mut got = vec(&x);
+        bias_gelu(&mut got, &vec(&b));
+        assert!(max_diff(&got, &vec(&want)) <= 1e-6);
 
         let r = Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap();
         let g = Tensor::randn(1f32, 0.2, 24, &dev).unwrap();
         let beta = Tensor::randn(0f32, 0.2, 24, &dev).unwrap();
-        let params = Tensor::stack(&[&b, &g, &beta], 0).unwrap();
         let sum = x.broadcast_add(&b).unwrap().add(&r).unwrap();
         let want = candle_nn::ops::layer_norm(&sum, &g, &beta, 1e-12).unwrap();
-        close(&residual_norm(&x, &r, &params, 1e-12).unwrap(), &want, 1e-5);
+        let mut got = vec![0f32; 37 * 24];
+        let (bv, gv, betav) = (vec(&b), vec(&g), vec(&beta));
+        residual_norm(&mut got, &vec(&x), &vec(&r), NormParams { bias: &bv, gamma: &gv, beta: &betav, eps: 1e-12 });
+        assert!(max_diff(&got, &vec(&want)) <= 1e-5);
 
-        let s = Tensor::randn(0f32, 2.0, (3, 4, 5, 9), &dev).unwrap();
-        let mut m = vec![0f32; 27];
-        m[8] = f32::MIN;
-        m[20] = f32::MIN;
-        let mask = Tensor::from_vec(m, (3, 9), &dev).unwrap();
-        let want = candle_nn::ops::softmax(&s.broadcast_add(&mask.reshape((3, 1, 1, 9)).unwrap()).unwrap(), D::Minus1).unwrap();
-        close(&masked_softmax(&s, &mask).unwrap(), &want, 1e-6);
+        // matmul_wt is candle's x · wᵀ.
+        let w = Tensor::randn(0f32, 1.0, (40, 24), &dev).unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        let mut got = vec![0f32; 37 * 40];
+        matmul_wt(&mut got, &vec(&x), &vec(&w), 24);
+        assert_eq!(got, vec(&want), "same gemm call as candle");
+    }
 
-        // qkv: 5 packed tokens of 2 rows (lengths 3 and 2) on a [2, 3] grid.
-        let (heads, d) = (2, 4);
-        let x = Tensor::randn(0f32, 1.0, (5, 3 * heads * d), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 1.0, 3 * heads * d, &dev).unwrap();
-        let pad = Tensor::new(&[0u32, 1, 2, 3, 4, 0], &dev).unwrap();
-        let got = qkv_heads(&x, &bias, &pad, (2, 3, heads), 0.5).unwrap();
-        let want = x
-            .broadcast_add(&bias).unwrap()
-            .index_select(&pad, 0).unwrap()
-            .reshape((2, 3, 3, heads, d)).unwrap()
-            .permute((2, 0, 3, 1, 4)).unwrap()
-            .contiguous().unwrap();
-        let scale = Tensor::new(&[0.5f32, 1.0, 1.0], &dev).unwrap().reshape((3, 1, 1, 1, 1)).unwrap();
-        close(&got, &want.broadcast_mul(&scale).unwrap(), 1e-6);
+    /// Attention over packed rows of different lengths, one with a deep
+    /// prefix, against the padded, masked candle formulation.
+    #[test]
+    fn attention_matches_padded_masked_candle_ops() {
+        let dev = Device::Cpu;
+        // head_dim 24 (not a multiple of the lanes), 2 layers.
+        let (heads, d, layers) = (3, 24, 2);
+        let h = heads * d;
+        let lens = [5usize, 1, 19, 37];
+        let prefix_lens = [0usize, 3, 0, 17];
+        let n: usize = lens.iter().sum();
+        let qkv = vec(&Tensor::randn(0f32, 1.0, (n, 3 * h), &dev).unwrap());
+        let bias = vec(&Tensor::randn(0f32, 1.0, 3 * h, &dev).unwrap());
+        let prefixes: Vec<Vec<f32>> = prefix_lens
+            .iter()
+            .map(|&p| vec(&Tensor::randn(0f32, 1.0, (p.max(1), layers * 2 * h), &dev).unwrap())[..p * layers * 2 * h].to_vec())
+            .collect();
+        let mut rows = Vec::new();
+        let mut start = 0;
+        for (i, &len) in lens.iter().enumerate() {
+            rows.push(AttnRow { start, len, prefix: &prefixes[i] });
+            start += len;
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        for layer in 0..layers {
+            let mut got = vec![f32::NAN; n * h];
+            attention(&mut got, &qkv, &bias, &rows, AttnDims { hidden: h, heads, layers, layer, scale });
+            // Reference: per row, candle ops over [heads, S, d] with the prefix concatenated.
+            let qkv_t = Tensor::from_vec(qkv.clone(), (n, 3 * h), &dev).unwrap();
+            let bias_t = Tensor::from_vec(bias.clone(), 3 * h, &dev).unwrap();
+            let full = qkv_t.broadcast_add(&bias_t).unwrap();
+            for (i, r) in rows.iter().enumerate() {
+                let x = full.narrow(0, r.start, r.len).unwrap();
+                let split = |k: usize| x.narrow(1, k * h, h).unwrap().reshape((r.len, heads, d)).unwrap().transpose(0, 1).unwrap();
+                let q = (split(0) * scale as f64).unwrap();
+                let (mut k, mut v) = (split(1), split(2));
+                let p = prefix_lens[i];
+                if p > 0 {
+                    let pre = Tensor::from_vec(prefixes[i].clone(), (p, layers * 2, heads, d), &dev).unwrap();
+                    let pk = pre.get_on_dim(1, 2 * layer).unwrap().transpose(0, 1).unwrap();
+                    let pv = pre.get_on_dim(1, 2 * layer + 1).unwrap().transpose(0, 1).unwrap();
+                    k = Tensor::cat(&[&pk, &k], 1).unwrap();
+                    v = Tensor::cat(&[&pv, &v], 1).unwrap();
+                }
+                let scores = q.contiguous().unwrap().matmul(&k.t().unwrap().contiguous().unwrap()).unwrap();
+                let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+                let ctx = probs.matmul(&v.contiguous().unwrap()).unwrap();
+                let want = vec(&ctx.transpose(0, 1).unwrap().reshape((r.len, h)).unwrap());
+                let got = &got[r.start * h..(r.start + r.len) * h];
+                let diff = max_diff(got, &want);
+                assert!(diff <= 2e-6, "row {i} layer {layer}: max |Δ| {diff}");
+            }
+        }
     }
 }
