@@ -2,8 +2,10 @@
 //!
 //! An upload is parsed and validated against the model (registry.prepare)
 //! before anything is written, so a bad upload changes nothing served or
-//! stored; it is then written durably (store.put) and published before the
-//! answer, so every request admitted after the answer uses it.
+//! stored; it is then written durably to the shared store and published
+//! before the answer, so every request to this replica admitted after the
+//! answer uses it; the other replicas pick it up on their next store poll
+//! (`--sync-interval-ms`). A delete removes from the store, then here.
 
 use std::sync::Arc;
 
@@ -18,7 +20,6 @@ use super::api::{ErrorResponse, TaskDetails, UploadResponse};
 use super::auth::Admin;
 use super::classify::body_error;
 use super::error::ApiError;
-use super::metrics::TASKS;
 use super::state::AppState;
 use super::upload::{AdapterParts, UploadError, native_task};
 use crate::registry::validate_id;
@@ -59,7 +60,7 @@ pub struct AdapterUpload {
         (status = 415, description = "Unsupported content type", body = ErrorResponse),
         (status = 422, description = "Invalid task id, task file or adapter", body = ErrorResponse),
         (status = 500, description = "Store write failed", body = ErrorResponse),
-        (status = 503, description = "Not ready or shutting down", body = ErrorResponse),
+        (status = 503, description = "Not ready, shutting down, or the shared store cannot be reached", body = ErrorResponse),
     ),
     security(("admin_token" = []))
 )]
@@ -79,12 +80,8 @@ pub async fn put_task(
             .await
             .map_err(|e| ApiError::Internal(format!("validation task: {e}")))??
     };
-    let previous = {
-        let _writer = core.admin_lock.lock().await;
-        core.store.put(&id, &task).await?;
-        core.registry.publish(loaded.clone())
-    };
-    metrics::gauge!(TASKS).set(core.registry.len() as f64);
+    // Store first (durable, visible to the other replicas), then served here.
+    let previous = core.sync.put(&id, &task, loaded.clone()).await?;
     tracing::info!(task = %id, version = %loaded.version, replaced = previous.is_some(), "task uploaded");
     let status = if previous.is_some() { StatusCode::OK } else { StatusCode::CREATED };
     let body = UploadResponse {
@@ -133,7 +130,7 @@ async fn read_task(state: &Arc<AppState>, req: Request) -> Result<Task, ApiError
         (status = 401, description = "Missing or wrong bearer token, or admin API disabled", body = ErrorResponse),
         (status = 404, description = "Unknown task", body = ErrorResponse),
         (status = 500, description = "Store delete failed", body = ErrorResponse),
-        (status = 503, description = "Not ready or shutting down", body = ErrorResponse),
+        (status = 503, description = "Not ready, shutting down, or the shared store cannot be reached", body = ErrorResponse),
     ),
     security(("admin_token" = []))
 )]
@@ -146,12 +143,8 @@ pub async fn delete_task(
     if validate_id(&id).is_err() {
         return Err(ApiError::TaskNotFound(id));
     }
-    let (stored, served) = {
-        let _writer = core.admin_lock.lock().await;
-        let stored = core.store.delete(&id).await?;
-        (stored, core.registry.remove(&id).is_some())
-    };
-    metrics::gauge!(TASKS).set(core.registry.len() as f64);
+    // Store first (the other replicas drop it on their next poll), then here.
+    let (stored, served) = core.sync.delete(&id).await?;
     if !stored && !served {
         return Err(ApiError::TaskNotFound(id));
     }

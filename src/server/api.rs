@@ -277,6 +277,28 @@ pub struct HealthResponse {
 pub struct ReadyResponse {
     /// True exactly when the status code is 200.
     pub ready: bool,
-    /// `ready`, `loading`, `warming_up` or `draining`.
+    /// `ready`, `loading`, `waiting_for_store` (start-up cannot read the
+    /// prompt store; retrying), `warming_up` or `draining`.
     pub status: String,
+    /// The prompt store as this replica sees it. A store that becomes
+    /// unreachable after start-up does not make the replica unready: it
+    /// keeps serving the tasks it has (stale beats nothing) and says so here.
+    pub store: StoreStatus,
+}
+
+/// The prompt store in `GET /ready`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StoreStatus {
+    /// Where tasks are stored: a directory or `s3://bucket/prefix`.
+    pub location: String,
+    /// Whether the last attempt to read the store succeeded; null before
+    /// the first attempt.
+    pub reachable: Option<bool>,
+    /// Seconds since the store was last read in full; null before that.
+    pub last_sync_age_s: Option<f64>,
+    /// Why the last attempt to read the store failed; null when it did not.
+    pub error: Option<String>,
+    /// Tasks whose newest stored version does not load (see the log); an
+    /// older version of such a task, if there was one, is still served.
+    pub failing_tasks: usize,
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::batch::BatchConfig;
+use crate::store::StoreLocation;
 
 /// Options of the HTTP server.
 #[derive(Debug, Clone, Parser)]
@@ -17,10 +18,20 @@ pub struct ServeArgs {
     /// Model directory (Hugging Face layout).
     #[arg(long, env = "SOFTPROMPT_MODEL", default_value = crate::model::DEFAULT_MODEL_DIR)]
     pub model: PathBuf,
-    /// Prompt store: a directory of native task files and PEFT adapter
-    /// directories; uploads are written here.
-    #[arg(long, env = "SOFTPROMPT_PROMPTS", default_value = "prompts")]
-    pub prompts: PathBuf,
+    /// Prompt store, where tasks are loaded from and uploads are written: a
+    /// directory of native task files and PEFT adapter directories, or
+    /// s3://bucket/prefix (S3 or a compatible service) shared by every
+    /// replica. S3 is configured by the usual AWS_* variables:
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL
+    /// (MinIO, SeaweedFS...; path-style requests) and AWS_ALLOW_HTTP=true for
+    /// a plain-HTTP endpoint.
+    #[arg(long, env = "SOFTPROMPT_PROMPTS", default_value = "prompts", value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub prompts: StoreLocation,
+    /// How often (ms) the store is polled for tasks that other replicas (or
+    /// people) added, replaced or deleted; 0 turns polling off. A task
+    /// uploaded through one replica is served by all within about this long.
+    #[arg(long, env = "SOFTPROMPT_SYNC_INTERVAL_MS", default_value_t = 2_000)]
+    pub sync_interval_ms: u64,
     /// Address to listen on.
     #[arg(long, env = "SOFTPROMPT_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: String,
@@ -141,6 +152,11 @@ impl ServeArgs {
         Duration::from_millis(self.request_timeout_ms)
     }
 
+    /// Store poll period; `None` when polling is off.
+    pub fn sync_interval(&self) -> Option<Duration> {
+        (self.sync_interval_ms > 0).then(|| Duration::from_millis(self.sync_interval_ms))
+    }
+
     /// Bound on graceful shutdown.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
@@ -155,7 +171,8 @@ mod tests {
     fn defaults_need_no_arguments() {
         let a = ServeArgs::try_parse_from(["serve"]).unwrap();
         assert_eq!(a.model, PathBuf::from(crate::model::DEFAULT_MODEL_DIR));
-        assert_eq!(a.prompts, PathBuf::from("prompts"));
+        assert_eq!(a.prompts, StoreLocation::Dir(PathBuf::from("prompts")));
+        assert_eq!(a.sync_interval(), Some(Duration::from_secs(2)));
         assert!(a.batch_config().is_ok());
     }
 
@@ -172,6 +189,21 @@ mod tests {
         let none = ServeArgs::try_parse_from(["serve"]).unwrap();
         assert!(none.resolve_admin_token().unwrap().is_none());
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn prompts_take_a_directory_or_an_s3_url() {
+        let a = ServeArgs::try_parse_from(["serve", "--prompts", "s3://bucket/some/prefix", "--sync-interval-ms", "0"]).unwrap();
+        assert_eq!(
+            a.prompts,
+            StoreLocation::S3 {
+                bucket: "bucket".into(),
+                prefix: "some/prefix".into()
+            }
+        );
+        assert_eq!(a.sync_interval(), None);
+        let err = ServeArgs::try_parse_from(["serve", "--prompts", "gs://bucket/p"]).unwrap_err().to_string();
+        assert!(err.contains("unsupported store scheme"), "{err}");
     }
 
     #[test]

@@ -77,7 +77,11 @@ impl ApiError {
             ApiError::Store(e) => match e {
                 StoreError::NotFound(_) => (S::NOT_FOUND, "not_found"),
                 StoreError::Registry(e) => registry_status(e),
-                StoreError::Io { .. } | StoreError::Task { .. } => (S::INTERNAL_SERVER_ERROR, "store"),
+                // The shared store is down or refuses us: worth a retry.
+                StoreError::Remote { .. } => (S::SERVICE_UNAVAILABLE, "store_unavailable"),
+                StoreError::Io { .. } | StoreError::Task { .. } | StoreError::Config(_) => {
+                    (S::INTERNAL_SERVER_ERROR, "store")
+                }
             },
             ApiError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Body(_) => (S::BAD_REQUEST, "malformed_body"),

@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 
-use super::api::{HealthResponse, ReadyResponse};
+use super::api::{HealthResponse, ReadyResponse, StoreStatus};
 use super::openapi::ApiDoc;
 use super::state::AppState;
 
@@ -43,25 +43,35 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// 200 only when loaded, warmed up and not draining.
+/// 200 only when loaded (model and the whole prompt store), warmed up and
+/// not draining. Stays 200 when the store becomes unreachable later: the
+/// replica serves what it has and reports the store in the body.
 #[utoipa::path(
     get,
     path = "/ready",
     tag = "ops",
     responses(
-        (status = 200, description = "Ready for traffic", body = ReadyResponse),
-        (status = 503, description = "Loading, warming up or draining", body = ReadyResponse),
+        (status = 200, description = "Ready for traffic (the body says whether the prompt store is reachable)", body = ReadyResponse),
+        (status = 503, description = "Loading, waiting for the prompt store, warming up or draining", body = ReadyResponse),
     )
 )]
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let status = state.readiness();
     let ready = status == "ready";
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let store = state.store_health.snapshot();
     (
         code,
         Json(ReadyResponse {
             ready,
             status: status.into(),
+            store: StoreStatus {
+                location: store.location,
+                reachable: store.reachable,
+                last_sync_age_s: store.last_sync_age.map(|d| d.as_secs_f64()),
+                error: store.error,
+                failing_tasks: store.failing_tasks,
+            },
         }),
     )
         .into_response()
@@ -75,6 +85,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"))
 )]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.store_health.export_age();
     state.prometheus.run_upkeep();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

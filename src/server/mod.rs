@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod routes;
 pub mod scores;
 pub mod state;
+pub mod sync;
 pub mod tasks;
 pub mod upload;
 
@@ -37,7 +38,8 @@ use crate::batch::{BatchConfig, Batcher};
 use crate::engine::Engine;
 use crate::model::{Model, ModelError};
 use crate::registry::Registry;
-use crate::store::{DirStore, PromptStore, StoreError, load_all};
+use crate::store::StoreError;
+use sync::{RoundError, StoreSync};
 use crate::task::Limits;
 
 /// Why the server could not start.
@@ -78,8 +80,10 @@ pub struct Server {
 
 impl Server {
     /// Binds, starts answering (probes say 503 while loading), loads the
-    /// model and the stored tasks, starts the inference thread, and returns
-    /// once loading is done. Use `--addr 127.0.0.1:0` for a free port.
+    /// model and the stored tasks, starts the inference thread and the
+    /// store poller, and returns once loading is done. A store that cannot
+    /// be read is retried until it can, so this may wait; `/ready` says
+    /// why meanwhile. Use `--addr 127.0.0.1:0` for a free port.
     pub async fn start(args: ServeArgs) -> Result<Server, StartError> {
         let admin_token = args.resolve_admin_token()?;
         let batch_config = args.batch_config()?;
@@ -100,10 +104,15 @@ impl Server {
         let serve = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(drained).await });
         tracing::info!("listening on http://{addr}");
 
-        match load(&state.args, batch_config).await {
+        match load(&state, batch_config).await {
             Ok(core) => {
+                let sync = core.sync.clone();
                 if state.core.set(core).is_err() {
                     unreachable!("the core is set once, here");
+                }
+                if let Some(interval) = state.args.sync_interval() {
+                    let lifecycle = state.lifecycle.clone();
+                    tokio::spawn(sync.run(interval, async move { lifecycle.draining().await }));
                 }
             }
             Err(e) => {
@@ -174,7 +183,13 @@ impl Server {
 }
 
 /// Loads the model and the store's tasks and starts the inference thread.
-async fn load(args: &ServeArgs, batch_config: BatchConfig) -> Result<Core, StartError> {
+/// A store that cannot be read is retried until it can (or a drain
+/// starts): `/ready` says `waiting_for_store` with the reason meanwhile.
+async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, StartError> {
+    let args = &state.args;
+    // Opening parses the configuration only: a bad one fails before the
+    // model loads; an unreachable store is found by the first read below.
+    let store = crate::store::open(&args.prompts)?;
     let dir = args.model.clone();
     let model = tokio::task::spawn_blocking(move || Model::load(&dir, &Device::Cpu))
         .await
@@ -186,31 +201,41 @@ async fn load(args: &ServeArgs, batch_config: BatchConfig) -> Result<Core, Start
     let model = Arc::new(model);
     tracing::info!(model = %model.name, "model loaded");
     let registry = Arc::new(Registry::new(model.clone(), Limits::default()));
-    let store: Arc<dyn PromptStore> = Arc::new(DirStore::open(&args.prompts)?);
-    // Validation and device placement are CPU work: off the async workers.
-    let report = {
-        let (store, registry, strict) = (store.clone(), registry.clone(), args.strict);
-        let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || rt.block_on(load_all(store.as_ref(), &registry, strict)))
-            .await
-            .map_err(|e| StartError::Join(e.to_string()))??
+    let sync = Arc::new(StoreSync::new(store.clone(), registry.clone(), state.store_health.clone()));
+    let mut retry = START_RETRY_MIN;
+    let report = loop {
+        match sync.round(args.strict).await {
+            Ok(report) => break report,
+            Err(RoundError::Strict(e)) => return Err(StartError::Store(e)),
+            Err(RoundError::Unavailable(e)) => {
+                tracing::warn!(store = %store.location(), error = %e, retry_in_ms = retry.as_millis() as u64,
+                    "cannot load the prompt store; not ready until it can be read");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    _ = state.lifecycle.draining() => return Err(StartError::Store(e)),
+                }
+                retry = (retry * 2).min(START_RETRY_MAX);
+            }
+        }
     };
     tracing::info!(
         store = %store.location(),
-        loaded = report.loaded.len(),
-        skipped = report.skipped.len(),
+        loaded = report.added.len(),
+        skipped = report.failed.len(),
         "tasks loaded"
     );
-    ::metrics::gauge!(metrics::TASKS).set(registry.len() as f64);
     let batcher = Batcher::start(Engine::new(model.clone()), batch_config).map_err(StartError::Thread)?;
     Ok(Core {
         model,
         registry,
-        store,
+        sync,
         batcher,
-        admin_lock: tokio::sync::Mutex::new(()),
     })
 }
+
+/// Back-off between start-up attempts to read an unreachable store.
+const START_RETRY_MIN: Duration = Duration::from_millis(250);
+const START_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// `softprompt serve`: runs until SIGTERM/SIGINT, then shuts down
 /// gracefully and returns.

@@ -38,6 +38,7 @@ use super::{admin, api, classify, health, tasks};
         api::ErrorResponse,
         api::HealthResponse,
         api::ReadyResponse,
+        api::StoreStatus,
         admin::AdapterUpload,
     )),
     modifiers(&AdminToken),

@@ -7,10 +7,10 @@ use super::config::ServeArgs;
 use super::error::ApiError;
 use super::lifecycle::Lifecycle;
 use super::metrics::TaskLabels;
+use super::sync::{StoreHealth, StoreSync};
 use crate::batch::Batcher;
 use crate::model::Model;
 use crate::registry::Registry;
-use crate::store::PromptStore;
 
 /// The loaded half of the server. Set once, after start-up loading; until
 /// then the routes that need it answer 503 `not_ready`.
@@ -19,14 +19,12 @@ pub struct Core {
     pub model: Arc<Model>,
     /// The served version of every task.
     pub registry: Arc<Registry>,
-    /// Where uploads are written before they are published.
-    pub store: Arc<dyn PromptStore>,
+    /// The prompt store and the poller that converges the registry on it.
+    /// Admin writes go through it: store first, then publish, serialized
+    /// with each other and with the poller (see [`StoreSync`]).
+    pub sync: Arc<StoreSync>,
     /// The queue in front of the inference thread.
     pub batcher: Batcher,
-    /// Serializes admin writes so that the order of store writes and the
-    /// order of publishes agree (two racing PUTs of one id cannot leave the
-    /// store on one version and the registry on the other).
-    pub admin_lock: tokio::sync::Mutex<()>,
 }
 
 /// Shared state of every route.
@@ -43,12 +41,16 @@ pub struct AppState {
     pub task_labels: TaskLabels,
     /// Renders `/metrics`.
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    /// Whether the prompt store can be read; known before the core exists,
+    /// so `/ready` can say why start-up waits.
+    pub store_health: Arc<StoreHealth>,
 }
 
 impl AppState {
     /// State before loading.
     pub fn new(args: ServeArgs, admin_token: Option<String>) -> Self {
         let task_labels = TaskLabels::new(args.metrics_max_tasks);
+        let store_health = Arc::new(StoreHealth::new(args.prompts.to_string()));
         AppState {
             args,
             admin_token,
@@ -56,18 +58,28 @@ impl AppState {
             lifecycle: Arc::new(Lifecycle::default()),
             task_labels,
             prometheus: super::metrics::prometheus(),
+            store_health,
         }
     }
 
     /// The core, or 503 while loading.
     pub fn core(&self) -> Result<&Core, ApiError> {
-        self.core.get().ok_or(ApiError::NotReady("the model is loading"))
+        self.core.get().ok_or_else(|| {
+            ApiError::NotReady(if self.store_health.is_unreachable() {
+                "waiting for the prompt store, which cannot be read"
+            } else {
+                "the model and tasks are loading"
+            })
+        })
     }
 
-    /// Ready to take traffic: loaded, warmed up, not draining.
+    /// Ready to take traffic: loaded (model and the whole store), warmed
+    /// up, not draining. Once ready, a store that becomes unreachable does
+    /// not make the replica unready: it keeps serving the tasks it has.
     pub fn readiness(&self) -> &'static str {
         match self.core.get() {
             _ if self.lifecycle.is_draining() => "draining",
+            None if self.store_health.is_unreachable() => "waiting_for_store",
             None => "loading",
             Some(c) if !c.batcher.is_warm() => "warming_up",
             Some(_) => "ready",

@@ -1,14 +1,23 @@
 //! A directory of task files: `<id>.safetensors` (native) and `<id>/`
 //! (PEFT adapter directories, read-only: uploads are stored native).
+//!
+//! File system calls block, so every trait method runs its work on the
+//! blocking pool: a slow disk (or a network mount shared by replicas) never
+//! stalls the async workers that answer requests.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
 
-use super::{PromptStore, StoreError};
+use super::{PromptStore, StoreEntry, StoreError};
 use crate::registry::validate_id;
-use crate::task::{Task, native, peft};
+use crate::task::{Task, TaskError, native, peft};
+
+/// Optional label names beside a PEFT adapter's two files.
+pub const LABELS_FILE: &str = "labels.json";
 
 /// Tasks in a local directory (default `prompts/`).
+#[derive(Clone)]
 pub struct DirStore {
     root: PathBuf,
 }
@@ -25,11 +34,29 @@ impl DirStore {
         self.root.join(format!("{id}.{}", native::EXTENSION))
     }
 
-    fn list_sync(&self) -> Result<Vec<String>, StoreError> {
-        let mut ids = Vec::new();
+    /// Runs blocking file work off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&DirStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || work(&this))
+            .await
+            .map_err(|e| {
+                io(
+                    &self.root,
+                    std::io::Error::other(format!("store worker: {e}")),
+                )
+            })?
+    }
+
+    fn list_sync(&self) -> Result<Vec<StoreEntry>, StoreError> {
+        let mut entries = Vec::new();
         for entry in std::fs::read_dir(&self.root).map_err(|e| io(&self.root, e))? {
             let path = entry.map_err(|e| io(&self.root, e))?.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
             let id = if path.is_dir() && path.join(peft::CONFIG_FILE).is_file() {
                 name.to_string()
             } else if let Some(stem) = name.strip_suffix(&format!(".{}", native::EXTENSION)) {
@@ -38,33 +65,60 @@ impl DirStore {
                 continue;
             };
             // Temp files of interrupted writes start with '.', and are not ids.
-            if validate_id(&id).is_ok() {
-                ids.push(id);
+            if validate_id(&id).is_err() {
+                continue;
+            }
+            // A file removed between read_dir and here is simply not listed.
+            if let Some(token) = self.token(&id)? {
+                entries.push(StoreEntry { id, token });
             }
         }
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        entries.dedup_by(|a, b| a.id == b.id);
+        Ok(entries)
+    }
+
+    /// Version token of `id` as `load` would read it (the native file
+    /// shadows an adapter directory): modification time and length of each
+    /// file. `None` when the task is not there.
+    fn token(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let file = self.native_path(id);
+        if let Some(t) = file_token(&file)? {
+            return Ok(Some(format!("n:{t}")));
+        }
+        let dir = self.root.join(id);
+        let Some(config) = file_token(&dir.join(peft::CONFIG_FILE))? else {
+            return Ok(None);
+        };
+        let weights = file_token(&dir.join(peft::WEIGHTS_FILE))?.unwrap_or_else(|| "-".into());
+        let labels = file_token(&dir.join(LABELS_FILE))?.unwrap_or_else(|| "-".into());
+        Ok(Some(format!("p:{config},{weights},{labels}")))
     }
 
     fn load_sync(&self, id: &str) -> Result<Task, StoreError> {
         validate_id(id)?;
         let file = self.native_path(id);
         let dir = self.root.join(id);
-        let task = |source| StoreError::Task { id: id.to_string(), source };
+        let task = |source| StoreError::Task {
+            id: id.to_string(),
+            source,
+        };
         if file.is_file() {
             native::read_file(&file).map_err(task)
         } else if dir.join(peft::CONFIG_FILE).is_file() {
-            let labels = read_labels(&dir);
+            let labels = read_labels(&dir).map_err(task)?;
             peft::read_dir(&dir, labels).map_err(task)
         } else {
             Err(StoreError::NotFound(id.to_string()))
         }
     }
 
-    fn put_sync(&self, id: &str, task: &Task) -> Result<(), StoreError> {
+    fn put_sync(&self, id: &str, task: &Task) -> Result<String, StoreError> {
         validate_id(id)?;
-        let bytes = native::to_bytes(task).map_err(|source| StoreError::Task { id: id.to_string(), source })?;
+        let bytes = native::to_bytes(task).map_err(|source| StoreError::Task {
+            id: id.to_string(),
+            source,
+        })?;
         let target = self.native_path(id);
         write_atomic(&self.root, &target, &bytes)?;
         // A native file now shadows any adapter directory of the same id;
@@ -73,20 +127,27 @@ impl DirStore {
         if dir.join(peft::CONFIG_FILE).is_file() {
             std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
         }
-        Ok(())
+        self.token(id)?.ok_or_else(|| {
+            io(
+                &target,
+                std::io::Error::other("the file just written is gone"),
+            )
+        })
     }
 
     fn delete_sync(&self, id: &str) -> Result<bool, StoreError> {
         validate_id(id)?;
         let mut found = false;
-        let file = self.native_path(id);
-        if file.is_file() {
-            std::fs::remove_file(&file).map_err(|e| io(&file, e))?;
-            found = true;
-        }
+        // The adapter directory first: while the native file exists it
+        // shadows the directory, so no reader ever sees the directory alone.
         let dir = self.root.join(id);
         if dir.join(peft::CONFIG_FILE).is_file() {
             std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            found = true;
+        }
+        let file = self.native_path(id);
+        if file.is_file() {
+            std::fs::remove_file(&file).map_err(|e| io(&file, e))?;
             found = true;
         }
         if found {
@@ -96,24 +157,65 @@ impl DirStore {
     }
 }
 
-/// Optional `labels.json` (a JSON array) beside a PEFT adapter's files.
-fn read_labels(dir: &Path) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(dir.join("labels.json")).ok()?;
-    serde_json::from_str(&text).ok()
+/// `mtime-in-ns:length` of a file, `None` when it does not exist.
+fn file_token(path: &Path) -> Result<Option<String>, StoreError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => m,
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(path, e)),
+    };
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok(Some(format!("{mtime}:{}", meta.len())))
+}
+
+/// Optional `labels.json` (a JSON array of strings) beside a PEFT adapter's
+/// files. A file that is there but unreadable is an error, not a silent
+/// fallback to `LABEL_i` names.
+fn read_labels(dir: &Path) -> Result<Option<Vec<String>>, TaskError> {
+    let path = dir.join(LABELS_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => parse_labels(&bytes).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TaskError::Io {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Parses a `labels.json`: a JSON array of label names in head order.
+pub fn parse_labels(bytes: &[u8]) -> Result<Vec<String>, TaskError> {
+    serde_json::from_slice(bytes).map_err(|e| TaskError::Format {
+        what: LABELS_FILE.into(),
+        reason: format!("expected a JSON array of label names: {e}"),
+    })
 }
 
 fn io(path: &Path, source: std::io::Error) -> StoreError {
-    StoreError::Io { location: path.display().to_string(), source }
+    StoreError::Io {
+        location: path.display().to_string(),
+        source,
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))
 }
 
 /// Temp file in the same directory, fsync, rename over the target, fsync
 /// the directory: readers see the old file or the new one, never a part.
 pub fn write_atomic(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("task");
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("task");
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -130,17 +232,20 @@ pub fn write_atomic(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), Store
 
 #[async_trait::async_trait]
 impl PromptStore for DirStore {
-    async fn list(&self) -> Result<Vec<String>, StoreError> {
-        self.list_sync()
+    async fn list(&self) -> Result<Vec<StoreEntry>, StoreError> {
+        self.blocking(|s| s.list_sync()).await
     }
     async fn load(&self, id: &str) -> Result<Task, StoreError> {
-        self.load_sync(id)
+        let id = id.to_string();
+        self.blocking(move |s| s.load_sync(&id)).await
     }
-    async fn put(&self, id: &str, task: &Task) -> Result<(), StoreError> {
-        self.put_sync(id, task)
+    async fn put(&self, id: &str, task: &Task) -> Result<String, StoreError> {
+        let (id, task) = (id.to_string(), task.clone());
+        self.blocking(move |s| s.put_sync(&id, &task)).await
     }
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        self.delete_sync(id)
+        let id = id.to_string();
+        self.blocking(move |s| s.delete_sync(&id)).await
     }
     fn location(&self) -> String {
         self.root.display().to_string()

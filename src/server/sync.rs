@@ -1,0 +1,522 @@
+//! Keeps this replica's registry converged on the prompt store, which
+//! replicas behind one load balancer share.
+//!
+//! - Every `--sync-interval-ms` the store is listed; a task whose version
+//!   token differs from the one last acted on is downloaded and, if its
+//!   content differs from what is served, validated and published; a task
+//!   gone from the store stops being served.
+//! - A task whose new version does not load is logged once per version and
+//!   counted (`softprompt_store_tasks_failing`); the last good version, if
+//!   any, keeps being served. The store is the truth, but a broken upload
+//!   by hand must not take a working task down.
+//! - Admin writes go through [`StoreSync::put`] and [`StoreSync::delete`]:
+//!   store first (durable), then the registry, under the same lock that the
+//!   poller takes to apply a round, and the token the store returned is
+//!   remembered, so the next poll does not reload the replica's own upload.
+//!   A round that raced with an admin write leaves the written ids alone
+//!   (the next round sees the store after the write).
+//! - A store that cannot be reached changes nothing served: the replica
+//!   keeps serving what it has, reports it in `/ready` and `/metrics`, and
+//!   catches up on the first round that succeeds.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use super::metrics::TASKS;
+use crate::registry::{LoadedTask, Registry};
+use crate::store::{PromptStore, StoreError};
+use crate::task::Task;
+
+/// Gauge: 1 when the last attempt to read the store succeeded, else 0.
+pub const STORE_REACHABLE: &str = "softprompt_store_reachable";
+/// Counter: polls (and start-up attempts) that could not read the store.
+pub const STORE_SYNC_FAILURES: &str = "softprompt_store_sync_failures_total";
+/// Gauge: seconds since the store was last read in full (set at scrape time).
+pub const STORE_SYNC_AGE: &str = "softprompt_store_last_sync_age_seconds";
+/// Gauge: tasks whose newest stored version does not load (an older
+/// version, if there was one, is still served).
+pub const STORE_TASKS_FAILING: &str = "softprompt_store_tasks_failing";
+/// Counter: changes applied from the store, by `change` (`added`,
+/// `replaced`, `removed`, `failed`).
+pub const STORE_CHANGES: &str = "softprompt_store_changes_total";
+
+/// Tasks downloaded at once in one round: enough to hide an object store's
+/// latency, few enough not to flood a small machine.
+const PARALLEL_LOADS: usize = 4;
+
+/// What a replica knows about its store, for `/ready` and `/metrics`.
+/// Exists before the store is first read, so start-up problems show too.
+pub struct StoreHealth {
+    location: String,
+    inner: Mutex<Health>,
+}
+
+#[derive(Default)]
+struct Health {
+    reachable: Option<bool>,
+    last_ok: Option<Instant>,
+    error: Option<String>,
+    failing: usize,
+}
+
+/// A copy of [`StoreHealth`] at one instant.
+#[derive(Debug, Clone)]
+pub struct HealthSnapshot {
+    /// Where tasks are stored.
+    pub location: String,
+    /// Whether the last attempt to read the store succeeded; `None` before
+    /// the first attempt.
+    pub reachable: Option<bool>,
+    /// Time since the store was last read in full.
+    pub last_sync_age: Option<Duration>,
+    /// Why the last attempt failed.
+    pub error: Option<String>,
+    /// Tasks whose newest stored version does not load.
+    pub failing_tasks: usize,
+}
+
+impl StoreHealth {
+    /// Nothing known yet about the store at `location`.
+    pub fn new(location: impl Into<String>) -> Self {
+        StoreHealth {
+            location: location.into(),
+            inner: Mutex::new(Health::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current state.
+    pub fn snapshot(&self) -> HealthSnapshot {
+        let h = self.lock();
+        HealthSnapshot {
+            location: self.location.clone(),
+            reachable: h.reachable,
+            last_sync_age: h.last_ok.map(|t| t.elapsed()),
+            error: h.error.clone(),
+            failing_tasks: h.failing,
+        }
+    }
+
+    /// True once an attempt to read the store failed and none succeeded
+    /// since.
+    pub fn is_unreachable(&self) -> bool {
+        self.lock().reachable == Some(false)
+    }
+
+    /// Sets the age gauge; called before `/metrics` renders.
+    pub fn export_age(&self) {
+        if let Some(t) = self.lock().last_ok {
+            metrics::gauge!(STORE_SYNC_AGE).set(t.elapsed().as_secs_f64());
+        }
+    }
+
+    fn succeeded(&self, at: Instant, failing: usize) {
+        let mut h = self.lock();
+        if h.reachable == Some(false) {
+            tracing::info!(store = %self.location, "store reachable again");
+        }
+        h.reachable = Some(true);
+        h.last_ok = Some(at);
+        h.error = None;
+        h.failing = failing;
+        metrics::gauge!(STORE_REACHABLE).set(1.0);
+        metrics::gauge!(STORE_TASKS_FAILING).set(failing as f64);
+    }
+
+    fn failed(&self, error: &StoreError) {
+        let mut h = self.lock();
+        // Once per outage at warn; repeats at debug, so an outage does not
+        // flood the log every interval.
+        if h.reachable != Some(false) {
+            tracing::warn!(store = %self.location, error = %error, "cannot read the prompt store; the tasks served stay as they are");
+        } else {
+            tracing::debug!(store = %self.location, error = %error, "store still unreachable");
+        }
+        h.reachable = Some(false);
+        h.error = Some(error.to_string());
+        metrics::gauge!(STORE_REACHABLE).set(0.0);
+        metrics::counter!(STORE_SYNC_FAILURES).increment(1);
+    }
+}
+
+/// Why a round did not bring the registry fully up to date.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    /// The store could not be read (the round applied what it could).
+    #[error(transparent)]
+    Unavailable(StoreError),
+    /// Strict mode: a task in the store does not load.
+    #[error(transparent)]
+    Strict(StoreError),
+}
+
+/// What one round changed.
+#[derive(Debug, Default)]
+pub struct RoundReport {
+    /// Ids newly served.
+    pub added: Vec<String>,
+    /// Ids now served in a new version.
+    pub replaced: Vec<String>,
+    /// Ids no longer served.
+    pub removed: Vec<String>,
+    /// Ids whose stored version does not load, with the reason (newly
+    /// found this round; known failures are not repeated).
+    pub failed: Vec<(String, String)>,
+}
+
+impl RoundReport {
+    /// True when the round changed nothing and found no new failure.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.replaced.is_empty()
+            && self.removed.is_empty()
+            && self.failed.is_empty()
+    }
+}
+
+/// The store token a served (or refused) task came from.
+struct Seen {
+    token: String,
+    failed: bool,
+}
+
+/// Book of what was last done with each id, guarded by the lock that
+/// serializes admin writes and the application of rounds.
+#[derive(Default)]
+struct Book {
+    /// Counts admin writes.
+    epoch: u64,
+    /// Id → the store token last acted on.
+    seen: HashMap<String, Seen>,
+    /// Id → epoch of its last admin write, kept until a round that listed
+    /// the store after that write has applied.
+    touched: HashMap<String, u64>,
+}
+
+impl Book {
+    fn touch(&mut self, id: &str) {
+        self.epoch += 1;
+        self.touched.insert(id.to_string(), self.epoch);
+    }
+
+    fn failing(&self) -> usize {
+        self.seen.values().filter(|s| s.failed).count()
+    }
+}
+
+/// What loading one changed id gave.
+enum Fetched {
+    /// A new version, validated and placed on the device.
+    Ready(Arc<LoadedTask>),
+    /// Same content as served (e.g. this replica's own upload).
+    Same,
+    /// The stored version does not load.
+    Bad(StoreError),
+    /// Deleted between the listing and the download.
+    Gone,
+    /// The store failed while downloading it.
+    Unavailable(StoreError),
+}
+
+/// Converges a registry on a store; see the module documentation.
+pub struct StoreSync {
+    store: Arc<dyn PromptStore>,
+    registry: Arc<Registry>,
+    health: Arc<StoreHealth>,
+    book: tokio::sync::Mutex<Book>,
+}
+
+impl StoreSync {
+    /// A syncer of `registry` on `store`, reporting into `health`.
+    pub fn new(
+        store: Arc<dyn PromptStore>,
+        registry: Arc<Registry>,
+        health: Arc<StoreHealth>,
+    ) -> Self {
+        StoreSync {
+            store,
+            registry,
+            health,
+            book: tokio::sync::Mutex::new(Book::default()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn PromptStore> {
+        &self.store
+    }
+
+    /// Writes `task` durably, then serves `loaded` (its prepared form);
+    /// returns the version it replaced. Nothing is published if the write
+    /// fails.
+    pub async fn put(
+        &self,
+        id: &str,
+        task: &Task,
+        loaded: Arc<LoadedTask>,
+    ) -> Result<Option<Arc<LoadedTask>>, StoreError> {
+        let mut book = self.book.lock().await;
+        book.touch(id);
+        let token = self.store.put(id, task).await?;
+        let previous = self.registry.publish(loaded);
+        book.seen.insert(
+            id.to_string(),
+            Seen {
+                token,
+                failed: false,
+            },
+        );
+        metrics::gauge!(TASKS).set(self.registry.len() as f64);
+        Ok(previous)
+    }
+
+    /// Deletes `id` from the store, then stops serving it; returns (was
+    /// stored, was served).
+    pub async fn delete(&self, id: &str) -> Result<(bool, bool), StoreError> {
+        let mut book = self.book.lock().await;
+        book.touch(id);
+        let stored = self.store.delete(id).await?;
+        let served = self.registry.remove(id).is_some();
+        book.seen.remove(id);
+        metrics::gauge!(TASKS).set(self.registry.len() as f64);
+        Ok((stored, served))
+    }
+
+    /// One pass: list the store, load what changed, apply. With `strict`,
+    /// the first task that does not load fails the round before anything
+    /// is applied (start-up with `--strict`).
+    pub async fn round(&self, strict: bool) -> Result<RoundReport, RoundError> {
+        let started = Instant::now();
+        let (epoch, known) = {
+            let book = self.book.lock().await;
+            let known: HashMap<String, String> = book
+                .seen
+                .iter()
+                .map(|(id, s)| (id.clone(), s.token.clone()))
+                .collect();
+            (book.epoch, known)
+        };
+        let listing = match self.store.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                self.health.failed(&e);
+                return Err(RoundError::Unavailable(e));
+            }
+        };
+        let listed: HashSet<&str> = listing.iter().map(|e| e.id.as_str()).collect();
+        let mut gone: Vec<String> = known
+            .keys()
+            .cloned()
+            .chain(self.registry.list().iter().map(|t| t.id.clone()))
+            .filter(|id| !listed.contains(id.as_str()))
+            .collect();
+        gone.sort();
+        gone.dedup();
+        let changed: Vec<(String, String)> = listing
+            .iter()
+            .filter(|e| known.get(&e.id) != Some(&e.token))
+            .map(|e| (e.id.clone(), e.token.clone()))
+            .collect();
+
+        let fetched = match self.fetch_all(changed, strict).await {
+            Ok(f) => f,
+            Err(e) => return Err(RoundError::Strict(e)),
+        };
+
+        let mut report = RoundReport::default();
+        let mut unavailable = None;
+        let mut book = self.book.lock().await;
+        // Ids written by this replica after the listing was taken: the
+        // listing is older than what is served, so leave them to the next
+        // round.
+        let raced = |book: &Book, id: &str| book.touched.get(id).is_some_and(|&e| e > epoch);
+        for (id, token, outcome) in fetched {
+            if raced(&book, &id) {
+                continue;
+            }
+            match outcome {
+                Fetched::Ready(task) => {
+                    let version = task.version.clone();
+                    match self.registry.publish(task) {
+                        Some(old) => {
+                            tracing::info!(task = %id, from = %old.version, to = %version, "task replaced from the store");
+                            report.replaced.push(id.clone());
+                        }
+                        None => {
+                            tracing::info!(task = %id, version = %version, "task added from the store");
+                            report.added.push(id.clone());
+                        }
+                    }
+                    book.seen.insert(
+                        id,
+                        Seen {
+                            token,
+                            failed: false,
+                        },
+                    );
+                }
+                Fetched::Same => {
+                    book.seen.insert(
+                        id,
+                        Seen {
+                            token,
+                            failed: false,
+                        },
+                    );
+                }
+                Fetched::Bad(e) => {
+                    let serving = self.registry.get(&id).map(|t| t.version.clone());
+                    match &serving {
+                        Some(v) => tracing::warn!(task = %id, error = %e, still_serving = %v,
+                            "the stored version of a task does not load; still serving the last good version"),
+                        None => {
+                            tracing::warn!(task = %id, error = %e, "the stored task does not load; not serving it")
+                        }
+                    }
+                    report.failed.push((id.clone(), e.to_string()));
+                    book.seen.insert(
+                        id,
+                        Seen {
+                            token,
+                            failed: true,
+                        },
+                    );
+                }
+                Fetched::Gone => {}
+                Fetched::Unavailable(e) => {
+                    unavailable.get_or_insert(e);
+                }
+            }
+        }
+        for id in gone {
+            if raced(&book, &id) {
+                continue;
+            }
+            book.seen.remove(&id);
+            if let Some(old) = self.registry.remove(&id) {
+                tracing::info!(task = %id, version = %old.version, "task removed: gone from the store");
+                report.removed.push(id);
+            }
+        }
+        book.touched.retain(|_, e| *e > epoch);
+        let failing = book.failing();
+        drop(book);
+
+        metrics::gauge!(TASKS).set(self.registry.len() as f64);
+        for (change, n) in [
+            ("added", report.added.len()),
+            ("replaced", report.replaced.len()),
+            ("removed", report.removed.len()),
+            ("failed", report.failed.len()),
+        ] {
+            if n > 0 {
+                metrics::counter!(STORE_CHANGES, "change" => change).increment(n as u64);
+            }
+        }
+        match unavailable {
+            Some(e) => {
+                self.health.failed(&e);
+                Err(RoundError::Unavailable(e))
+            }
+            None => {
+                self.health.succeeded(started, failing);
+                Ok(report)
+            }
+        }
+    }
+
+    /// Downloads and prepares the changed ids, a few at a time.
+    async fn fetch_all(
+        &self,
+        changed: Vec<(String, String)>,
+        strict: bool,
+    ) -> Result<Vec<(String, String, Fetched)>, StoreError> {
+        let mut out = Vec::with_capacity(changed.len());
+        let mut running = JoinSet::new();
+        let mut pending = changed.into_iter();
+        loop {
+            while running.len() < PARALLEL_LOADS {
+                let Some((id, token)) = pending.next() else {
+                    break;
+                };
+                let (store, registry) = (self.store.clone(), self.registry.clone());
+                running.spawn(async move {
+                    let outcome = fetch(store.as_ref(), &registry, &id).await;
+                    (id, token, outcome)
+                });
+            }
+            let Some(joined) = running.join_next().await else {
+                break;
+            };
+            let (id, token, outcome) = match joined {
+                Ok(done) => done,
+                // A loader panicked: a bug, not a store problem; surface it.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => unreachable!("loaders are never cancelled while awaited: {e}"),
+            };
+            if strict && let Fetched::Bad(e) = outcome {
+                running.abort_all();
+                return Err(e);
+            }
+            out.push((id, token, outcome));
+        }
+        Ok(out)
+    }
+
+    /// Polls the store every `interval` until `stop` resolves.
+    pub async fn run(self: Arc<Self>, interval: Duration, stop: impl Future<Output = ()>) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; start-up just loaded
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stop => return,
+            }
+            match self.round(false).await {
+                Ok(r) if !r.is_empty() => tracing::info!(
+                    added = r.added.len(),
+                    replaced = r.replaced.len(),
+                    removed = r.removed.len(),
+                    failed = r.failed.len(),
+                    tasks = self.registry.len(),
+                    "synced with the store"
+                ),
+                Ok(_) => {}
+                // Logged (once per outage) by StoreHealth.
+                Err(RoundError::Unavailable(_)) => {}
+                Err(RoundError::Strict(e)) => tracing::warn!(error = %e, "store sync"),
+            }
+        }
+    }
+}
+
+/// Downloads one task and prepares it unless it is the version served.
+async fn fetch(store: &dyn PromptStore, registry: &Arc<Registry>, id: &str) -> Fetched {
+    let task = match store.load(id).await {
+        Ok(t) => t,
+        Err(StoreError::NotFound(_)) => return Fetched::Gone,
+        Err(e) if e.is_unavailable() => return Fetched::Unavailable(e),
+        Err(e) => return Fetched::Bad(e),
+    };
+    if registry.get(id).is_some_and(|t| t.version == task.version) {
+        return Fetched::Same;
+    }
+    // Validation and device placement are CPU work: off the async workers.
+    let (registry, id) = (registry.clone(), id.to_string());
+    match tokio::task::spawn_blocking(move || registry.prepare(&id, &task)).await {
+        Ok(Ok(loaded)) => Fetched::Ready(loaded),
+        Ok(Err(e)) => Fetched::Bad(StoreError::Registry(e)),
+        Err(e) => Fetched::Unavailable(StoreError::Io {
+            location: "task loader".into(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
