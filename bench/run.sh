@@ -51,6 +51,12 @@ rm -f "$OUT"/rust_round*.json "$OUT"/peft_round*.json "$OUT"/summary.json "$OUT"
 cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
 load_start="$(uptime | sed 's/.*load average: //')"
 echo "CPU: $cpu; $(nproc) CPUs; $THREADS threads; load average at start: $load_start"
+if awk -v l="${load_start%%,*}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
+    # Under contention PyTorch's OpenMP workers busy-wait for descheduled
+    # peers and (c) slows several-fold, far more than the engine (bench/README.md).
+    echo "warning: the machine is busy (load ${load_start%%,*} on $(nproc) CPUs): (c) is distorted;" \
+        "only a quiet run counts (OMP_WAIT_POLICY=PASSIVE softens the distortion)" >&2
+fi
 rust_round() { RAYON_NUM_THREADS="$THREADS" "$BIN" --model "$MODEL" --out "$OUT" run --round "$1"; }
 peft_round() { "$PY" bench/peft_workload.py --out "$OUT" --round "$1" --threads "$THREADS"; }
 for r in $(seq 1 "$ROUNDS"); do

@@ -123,7 +123,10 @@ fn prepare(
     window: usize,
     data: &[PathBuf],
 ) -> Result<()> {
-    ensure!(window >= 1 && n_requests >= 1, "window and requests must be ≥ 1");
+    ensure!(
+        window >= 1 && n_requests >= 1,
+        "window and requests must be ≥ 1"
+    );
     let cfg = model.config();
     let adapters = out.join("adapters");
     if adapters.exists() {
@@ -135,7 +138,11 @@ fn prepare(
     let mut task_info = Vec::with_capacity(TASKS);
     for i in 0..TASKS {
         // Alternate kinds so that both halves see the same length draws.
-        let kind = if i % 2 == 0 { Kind::Shallow } else { Kind::Deep };
+        let kind = if i % 2 == 0 {
+            Kind::Shallow
+        } else {
+            Kind::Deep
+        };
         let n = lengths.random_range(PROMPT_MIN..=PROMPT_MAX);
         let m = random_task(cfg, &Device::Cpu, kind, n, LABELS, TASK_SEED + i as u64)?;
         let meta = TaskMeta {
@@ -155,7 +162,11 @@ fn prepare(
         let id = task_id(i);
         peft::write_dir(&task, &adapters.join(&id))
             .with_context(|| format!("exporting task {id} as a PEFT adapter"))?;
-        let peft_type = if kind == Kind::Shallow { "PROMPT_TUNING" } else { "PREFIX_TUNING" };
+        let peft_type = if kind == Kind::Shallow {
+            "PROMPT_TUNING"
+        } else {
+            "PREFIX_TUNING"
+        };
         task_info.push(json!({"id": id, "peft_type": peft_type, "num_virtual_tokens": n}));
         tasks.push(task.model);
     }
@@ -197,7 +208,10 @@ fn prepare(
         "data_rule": "the first `requests` lines of the data files, in order",
         "seeds": {"lengths": LENGTH_SEED, "tasks": TASK_SEED, "requests": REQUEST_SEED},
     });
-    std::fs::write(out.join("workload.json"), serde_json::to_vec_pretty(&workload)?)?;
+    std::fs::write(
+        out.join("workload.json"),
+        serde_json::to_vec_pretty(&workload)?,
+    )?;
     println!(
         "prepared {TASKS} tasks ({} shallow, {} deep), {n_requests} requests in windows of {window} under {}",
         TASKS.div_ceil(2),
@@ -222,7 +236,11 @@ fn read_texts(files: &[PathBuf], n: usize) -> Result<Vec<String>> {
             out.push(text.to_string());
         }
     }
-    ensure!(out.len() == n, "only {} sentences in {files:?}, {n} asked", out.len());
+    ensure!(
+        out.len() == n,
+        "only {} sentences in {files:?}, {n} asked",
+        out.len()
+    );
     Ok(out)
 }
 
@@ -346,12 +364,19 @@ fn run(model: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
         "logits_a": logits_a,
         "logits_b": logits_b,
     });
-    std::fs::write(out.join(format!("rust_round{round}.json")), serde_json::to_vec(&result)?)?;
+    std::fs::write(
+        out.join(format!("rust_round{round}.json")),
+        serde_json::to_vec(&result)?,
+    )?;
     Ok(())
 }
 
 /// (a): each window as one batch, rows in arrival order.
-fn mixed(engine: &Engine, tasks: &[TaskModel], windows: &[&[Request]]) -> Result<(Vec<Vec<f32>>, usize)> {
+fn mixed(
+    engine: &Engine,
+    tasks: &[TaskModel],
+    windows: &[&[Request]],
+) -> Result<(Vec<Vec<f32>>, usize)> {
     let mut logits = Vec::new();
     for w in windows {
         let rows: Vec<Row> = w
@@ -368,7 +393,11 @@ fn mixed(engine: &Engine, tasks: &[TaskModel], windows: &[&[Request]]) -> Result
 
 /// (b): each window split into one batch per task, tasks in order of first
 /// arrival, rows in arrival order; logits returned in request order.
-fn per_task(engine: &Engine, tasks: &[TaskModel], windows: &[&[Request]]) -> Result<(Vec<Vec<f32>>, usize)> {
+fn per_task(
+    engine: &Engine,
+    tasks: &[TaskModel],
+    windows: &[&[Request]],
+) -> Result<(Vec<Vec<f32>>, usize)> {
     let mut logits = Vec::new();
     let mut batches = 0;
     for w in windows {
@@ -405,7 +434,10 @@ fn groups_by_first_arrival(w: &[Request]) -> Vec<Vec<usize>> {
             })
             .push(i);
     }
-    order.into_iter().map(|t| members.remove(&t).unwrap_or_default()).collect()
+    order
+        .into_iter()
+        .map(|t| members.remove(&t).unwrap_or_default())
+        .collect()
 }
 
 /// Useful FLOPs of one row, as `benches/engine.rs` counts them: every
@@ -418,7 +450,9 @@ fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize, labels: usize) ->
     let i = cfg.intermediate_size as f64;
     let l = cfg.num_hidden_layers as f64;
     let (q, k) = (positions as f64, keys as f64);
-    l * (q * 2.0 * (4.0 * h * h + 2.0 * h * i) + 4.0 * q * k * h) + 2.0 * h * h + 2.0 * h * labels as f64
+    l * (q * 2.0 * (4.0 * h * h + 2.0 * h * i) + 4.0 * q * k * h)
+        + 2.0 * h * h
+        + 2.0 * h * labels as f64
 }
 
 /// f32 matmul rate (GFLOP/s) at the encoder's four linear shapes with `n`
