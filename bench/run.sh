@@ -48,7 +48,7 @@ BIN=target/release/examples/workload
 "$BIN" --model "$MODEL" --out "$OUT" prepare --requests "$REQUESTS" --window "$WINDOW"
 rm -f "$OUT"/rust_round*.json "$OUT"/peft_round*.json "$OUT"/summary.json "$OUT"/report.md
 
-cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
+cpu="$( (lscpu 2>/dev/null || true) | sed -n 's/^Model name: *//p' | head -n 1)"
 load_start="$(uptime | sed 's/.*load average: //')"
 echo "CPU: $cpu; $(nproc) CPUs; $THREADS threads; load average at start: $load_start"
 if awk -v l="${load_start%%,*}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
