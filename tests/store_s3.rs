@@ -416,3 +416,38 @@ async fn an_unreachable_store_changes_nothing_served_and_is_reported() {
     assert_eq!(health.snapshot().reachable, Some(true));
     assert!(health.snapshot().error.is_none());
 }
+
+/// The same poller over a directory store (the default): files dropped in,
+/// replaced or removed by hand are picked up without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_store_is_polled_the_same_way() {
+    let model = Arc::new(
+        Model::load(
+            &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bert"),
+            &Device::Cpu,
+        )
+        .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn PromptStore> =
+        Arc::new(softprompt::store::DirStore::open(dir.path()).unwrap());
+    let registry = Arc::new(Registry::new(model, Limits::default()));
+    let health = Arc::new(StoreHealth::new(store.location()));
+    let sync = StoreSync::new(store.clone(), registry.clone(), health.clone());
+    assert!(sync.round(false).await.unwrap().is_empty());
+
+    let (a, b) = (task("pt_random_2"), task("prefix_2"));
+    native::write_file(&dir.path().join("dropped.safetensors"), &a).unwrap();
+    assert_eq!(sync.round(false).await.unwrap().added, ["dropped"]);
+    native::write_file(&dir.path().join("dropped.safetensors"), &b).unwrap();
+    assert_eq!(sync.round(false).await.unwrap().replaced, ["dropped"]);
+    assert_eq!(registry.get("dropped").unwrap().version, b.version);
+    // Its own upload is not reloaded, even though the file is new.
+    let prepared = registry.prepare("dropped", &a).unwrap();
+    sync.put("dropped", &a, prepared).await.unwrap();
+    assert!(sync.round(false).await.unwrap().is_empty());
+    std::fs::remove_file(dir.path().join("dropped.safetensors")).unwrap();
+    assert_eq!(sync.round(false).await.unwrap().removed, ["dropped"]);
+    assert!(registry.is_empty());
+    assert_eq!(health.snapshot().reachable, Some(true));
+}

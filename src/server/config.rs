@@ -30,6 +30,9 @@ pub struct ServeArgs {
     /// How often (ms) the store is polled for tasks that other replicas (or
     /// people) added, replaced or deleted; 0 turns polling off. A task
     /// uploaded through one replica is served by all within about this long.
+    /// A new version that does not load leaves the last good one served; a
+    /// store that cannot be read leaves everything served as it is, and
+    /// /ready reports it.
     #[arg(long, env = "SOFTPROMPT_SYNC_INTERVAL_MS", default_value_t = 2_000)]
     pub sync_interval_ms: u64,
     /// Address to listen on.

@@ -157,7 +157,10 @@ impl DirStore {
     }
 }
 
-/// `mtime-in-ns:length` of a file, `None` when it does not exist.
+/// `inode:mtime-in-ns:length` of a file, `None` when it does not exist.
+/// The inode matters: file times tick only every few milliseconds, so two
+/// replaces of one length in one tick would share mtime and length; but
+/// every write here is a new file renamed into place, with a new inode.
 fn file_token(path: &Path) -> Result<Option<String>, StoreError> {
     let meta = match std::fs::metadata(path) {
         Ok(m) if m.is_file() => m,
@@ -170,7 +173,11 @@ fn file_token(path: &Path) -> Result<Option<String>, StoreError> {
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    Ok(Some(format!("{mtime}:{}", meta.len())))
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0u64;
+    Ok(Some(format!("{inode}:{mtime}:{}", meta.len())))
 }
 
 /// Optional `labels.json` (a JSON array of strings) beside a PEFT adapter's
@@ -249,5 +256,64 @@ impl PromptStore for DirStore {
     }
     fn location(&self) -> String {
         self.root.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Task {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/adapters")
+            .join(name);
+        peft::read_dir(&dir, None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn tokens_follow_every_write_and_put_returns_the_listed_one() {
+        let root = tempfile::tempdir().unwrap();
+        let store = DirStore::open(root.path()).unwrap();
+        let a = fixture("pt_random_2");
+        let t1 = store.put("x", &a).await.unwrap();
+        let listed = store.list().await.unwrap();
+        assert_eq!(
+            listed,
+            [StoreEntry {
+                id: "x".into(),
+                token: t1.clone()
+            }]
+        );
+        // The same bytes again: a new file, so a new token (a poller then
+        // compares content hashes and changes nothing).
+        let t2 = store.put("x", &a).await.unwrap();
+        assert_ne!(t1, t2);
+        assert_eq!(store.list().await.unwrap()[0].token, t2);
+        assert_eq!(store.load("x").await.unwrap().version, a.version);
+
+        // An adapter directory: its token covers labels.json too.
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/adapters/prefix_2");
+        let dst = root.path().join("ad");
+        std::fs::create_dir(&dst).unwrap();
+        for f in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
+            std::fs::copy(src.join(f), dst.join(f)).unwrap();
+        }
+        let before = store.list().await.unwrap();
+        assert_eq!(before.len(), 2);
+        std::fs::write(dst.join(LABELS_FILE), r#"["a","b"]"#).unwrap();
+        let after = store.list().await.unwrap();
+        assert_ne!(before[0].token, after[0].token);
+        assert_eq!(store.load("ad").await.unwrap().meta.labels, ["a", "b"]);
+        std::fs::write(dst.join(LABELS_FILE), "not json").unwrap();
+        let err = store
+            .load("ad")
+            .await
+            .err()
+            .expect("bad labels.json refused");
+        assert!(err.to_string().contains(LABELS_FILE), "{err}");
+
+        assert!(store.delete("ad").await.unwrap());
+        assert!(store.delete("x").await.unwrap());
+        assert!(store.list().await.unwrap().is_empty());
     }
 }
