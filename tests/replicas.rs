@@ -101,6 +101,9 @@ impl Replica {
         }
         cmd.envs(AWS_ENV.iter().copied())
             .env("AWS_ENDPOINT_URL", &self.store_endpoint)
+            // The store is on loopback: never through a proxy of the host.
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("no_proxy", "127.0.0.1,localhost")
             .env("SOFTPROMPT_MODEL", root().join("tests/fixtures/tiny-bert"))
             .env("SOFTPROMPT_PROMPTS", format!("s3://{BUCKET}/{PREFIX}"))
             .env("SOFTPROMPT_ADDR", format!("127.0.0.1:{}", self.port))
