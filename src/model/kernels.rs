@@ -15,14 +15,21 @@
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Multiply-add, fused where the kernel is compiled for FMA. Without the
-/// target feature `f32::mul_add` would be a slow library call, so the
-/// baseline build rounds twice instead.
+/// What differs between the two builds of a kernel.
 trait Arith {
+    /// Multiply-add, fused where the kernel is compiled for FMA. Without the
+    /// target feature `f32::mul_add` would be a slow library call, so the
+    /// baseline build rounds twice instead.
     fn fma(a: f32, b: f32, c: f32) -> f32;
+
+    /// The attention micro-kernel: `out[r][c] = Σ_e a[r][e] · b[e·stride + c]`
+    /// for `MR` rows of `a` (all of one length k) and `LANES` columns of `b`.
+    fn block(a: [&[f32]; MR], b: &[f32], stride: usize) -> [[f32; LANES]; MR];
 }
 
-/// Kernels compiled with `avx2,fma`.
+/// Kernels compiled with `avx2,fma`. Its `block` uses AVX2 instructions:
+/// code generic over [`Arith`] runs with `Fused` only inside the AVX2+FMA
+/// wrappers of [`dispatch!`].
 struct Fused;
 /// Kernels compiled for the baseline target.
 struct Plain;
@@ -32,12 +39,87 @@ impl Arith for Fused {
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
+
+    #[inline(always)]
+    fn block(a: [&[f32]; MR], b: &[f32], stride: usize) -> [[f32; LANES]; MR] {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `Fused` code runs only where AVX2 and FMA are present
+            // (see the type's doc); `avx2::block` checks the slice bounds.
+            unsafe { avx2::block(a, b, stride) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Plain::block(a, b, stride)
+        }
+    }
 }
 
 impl Arith for Plain {
     #[inline(always)]
     fn fma(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
+    }
+
+    #[inline(always)]
+    fn block(a: [&[f32]; MR], b: &[f32], stride: usize) -> [[f32; LANES]; MR] {
+        let mut acc = [[0f32; LANES]; MR];
+        for e in 0..a[0].len() {
+            let row: &[f32; LANES] = b[e * stride..][..LANES].try_into().unwrap();
+            for r in 0..MR {
+                let x = a[r][e];
+                for c in 0..LANES {
+                    acc[r][c] += x * row[c];
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// The micro-kernel in AVX2 intrinsics: LLVM does not keep a `[[f32; 16]; 4]`
+/// accumulator of generic code in registers (it spilled it and ran scalar
+/// FMAs, 3× slower than the matmuls around it).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{LANES, MR};
+    use std::arch::x86_64::*;
+
+    /// [`super::Arith::block`] on 2 × 8-lane registers per row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn block(a: [&[f32]; MR], b: &[f32], stride: usize) -> [[f32; LANES]; MR] {
+        const { assert!(MR == 4 && LANES == 16) };
+        let k = a[0].len();
+        assert!(a.iter().all(|r| r.len() == k), "block: rows of a differ in length");
+        assert!(k == 0 || (k - 1) * stride + LANES <= b.len(), "block: b too short");
+        let mut acc = [_mm256_setzero_ps(); 2 * MR];
+        let bp = b.as_ptr();
+        for e in 0..k {
+            // SAFETY: e·stride + 16 ≤ b.len() and e < k = every a[r].len()
+            // (both checked above).
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp.add(e * stride));
+                let b1 = _mm256_loadu_ps(bp.add(e * stride + 8));
+                for r in 0..MR {
+                    let x = _mm256_set1_ps(*a[r].get_unchecked(e));
+                    acc[2 * r] = _mm256_fmadd_ps(x, b0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm256_fmadd_ps(x, b1, acc[2 * r + 1]);
+                }
+            }
+        }
+        let mut out = [[0f32; LANES]; MR];
+        for r in 0..MR {
+            // SAFETY: out[r] holds 16 values.
+            unsafe {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[2 * r]);
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[2 * r + 1]);
+            }
+        }
+        out
     }
 }
 
@@ -394,12 +476,14 @@ thread_local! {
 ///   here (queries are also scaled here);
 /// * `bias`: `[3·hidden]`.
 ///
-/// One work item per (row, head): it gathers that head's queries, keys
-/// (transposed) and values into thread-local scratch, computes scores,
-/// softmax and the context there, and writes the context into its columns
-/// of `out`. No padded `[B, heads, S, P+S]` tensor, no mask, no scatter to
-/// a padded grid or merge back: short rows stay in L1/L2 and padding costs
-/// nothing.
+/// One work item per (row, group of heads): it copies its slice of the
+/// row's `qkv` (contiguous in the packed layout, so the copy streams) into
+/// thread-local scratch as per-head queries, transposed keys and values,
+/// then per head computes scores, softmax and the context there and writes
+/// the context into its columns of `out`. No padded `[B, heads, S, P+S]`
+/// tensor, no mask, no scatter to a padded grid or merge back: short rows
+/// stay in L1/L2 and padding costs nothing. Heads are split into groups
+/// only when there are too few rows to keep every thread busy.
 pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>], dims: AttnDims) {
     let h = dims.hidden;
     assert!(dims.heads > 0 && h % dims.heads == 0, "attention: heads must divide hidden");
@@ -411,12 +495,17 @@ pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>
         assert!(r.start + r.len <= n, "attention: row outside the batch");
         assert!(r.prefix.len() % width.max(1) == 0 && dims.layer < dims.layers, "attention: deep prompt shape");
     }
+    if rows.is_empty() {
+        return;
+    }
     let out = SharedOut(out.as_mut_ptr());
-    let heads = dims.heads;
-    (0..rows.len() * heads).into_par_iter().for_each(|item| {
-        let (r, head) = (item / heads, item % heads);
+    // Enough items for about 4 per thread, but whole rows when there are.
+    let groups = (4 * rayon::current_num_threads()).div_ceil(rows.len()).clamp(1, dims.heads);
+    (0..rows.len() * groups).into_par_iter().for_each(|item| {
+        let (r, g) = (item / groups, item % groups);
+        let heads = g * dims.heads / groups..(g + 1) * dims.heads / groups;
         SCRATCH.with(|s| {
-            attend(&mut s.borrow_mut(), out, qkv, bias, &rows[r], head, dims);
+            attend(&mut s.borrow_mut(), out, qkv, bias, &rows[r], heads, dims);
         });
     });
 }
@@ -428,15 +517,16 @@ dispatch! {
         qkv: &[f32],
         bias: &[f32],
         row: &AttnRow<'_>,
-        head: usize,
+        heads: std::ops::Range<usize>,
         dims: AttnDims,
     ) => attend_impl;
 }
 
-/// One (row, head) of [`attention`]. Scratch layout (zero-padded so that
-/// the micro-kernels have no tails): queries `[S↑MR, d]`, keys transposed
-/// `[d, T↑LANES]`, scores `[S↑MR, T↑LANES]`, values `[T, d↑LANES]`, where
-/// T = prefix + S keys.
+/// One (row, heads) item of [`attention`]. Scratch layout, per head of the
+/// group: queries `[S↑MR, d]`, keys transposed `[d, T↑LANES]`, values
+/// `[T, d↑LANES]` (T = prefix + S keys), then one scores buffer
+/// `[S↑MR, T↑LANES]` reused by every head. The padding is zero so that the
+/// micro-kernel has no tails; it is the only part cleared.
 #[inline(always)]
 fn attend_impl<F: Arith>(
     scratch: &mut Vec<f32>,
@@ -444,7 +534,7 @@ fn attend_impl<F: Arith>(
     qkv: &[f32],
     bias: &[f32],
     row: &AttnRow<'_>,
-    head: usize,
+    heads: std::ops::Range<usize>,
     dims: AttnDims,
 ) {
     let h = dims.hidden;
@@ -452,92 +542,103 @@ fn attend_impl<F: Arith>(
     let w3 = 3 * h;
     let width = dims.layers * 2 * h;
     let s = row.len;
-    if s == 0 {
+    let g = heads.len();
+    if s == 0 || g == 0 {
         return;
     }
     let p = row.prefix.len() / width;
     let t = p + s;
     let (sp, tp, dp) = (s.next_multiple_of(MR), t.next_multiple_of(LANES), d.next_multiple_of(LANES));
-    let sizes = [sp * d, d * tp, sp * tp, t * dp];
-    scratch.clear();
-    scratch.resize(sizes.iter().sum(), 0.0);
-    let (q, rest) = scratch.split_at_mut(sizes[0]);
-    let (kt, rest) = rest.split_at_mut(sizes[1]);
-    let (sc, v) = rest.split_at_mut(sizes[2]);
+    let (qn, kn, vn) = (sp * d, d * tp, t * dp);
+    let per_head = qn + kn + vn;
+    // No clearing: every value read is written below first, padding included.
+    scratch.resize(g * per_head + sp * tp, 0.0);
+    let (bufs, sc) = scratch.split_at_mut(g * per_head);
+    let (col0, cols) = (heads.start * d, g * d);
 
-    let col = head * d;
-    let (qb, kb, vb) = (&bias[col..][..d], &bias[h + col..][..d], &bias[2 * h + col..][..d]);
-    for i in 0..s {
-        let src = &qkv[(row.start + i) * w3 + col..][..d];
-        for ((o, &x), &b) in q[i * d..][..d].iter_mut().zip(src).zip(qb) {
-            *o = (x + b) * dims.scale;
+    // Clear the padding: query rows S.., key columns T.., value columns d...
+    for hb in bufs.chunks_exact_mut(per_head) {
+        let (q, rest) = hb.split_at_mut(qn);
+        let (kt, v) = rest.split_at_mut(kn);
+        q[s * d..].fill(0.0);
+        for e in 0..d {
+            kt[e * tp + t..(e + 1) * tp].fill(0.0);
+        }
+        if dp > d {
+            for j in 0..t {
+                v[j * dp + d..(j + 1) * dp].fill(0.0);
+            }
         }
     }
-    // Deep prompt: element [j, ((2l + kv)·heads + head)·d + e].
-    let kcol = (2 * dims.layer * dims.heads + head) * d;
-    let vcol = ((2 * dims.layer + 1) * dims.heads + head) * d;
+    // The row's own tokens: one pass over its contiguous qkv rows, the
+    // group's columns of q, k and v, bias added, queries scaled.
+    let (qb, kb, vb) = (&bias[col0..][..cols], &bias[h + col0..][..cols], &bias[2 * h + col0..][..cols]);
+    for i in 0..s {
+        let src = &qkv[(row.start + i) * w3..][..w3];
+        let (sq, sk, sv) = (&src[col0..][..cols], &src[h + col0..][..cols], &src[2 * h + col0..][..cols]);
+        for (k, hb) in bufs.chunks_exact_mut(per_head).enumerate() {
+            let (q, rest) = hb.split_at_mut(qn);
+            let (kt, v) = rest.split_at_mut(kn);
+            let c = k * d..(k + 1) * d;
+            for ((o, &x), &b) in q[i * d..][..d].iter_mut().zip(&sq[c.clone()]).zip(&qb[c.clone()]) {
+                *o = (x + b) * dims.scale;
+            }
+            for (e, (&x, &b)) in sk[c.clone()].iter().zip(&kb[c.clone()]).enumerate() {
+                kt[e * tp + p + i] = x + b;
+            }
+            for ((o, &x), &b) in v[(p + i) * dp..][..d].iter_mut().zip(&sv[c.clone()]).zip(&vb[c]) {
+                *o = x + b;
+            }
+        }
+    }
+    // Deep prompt: element [j, ((2l + kv)·heads + head)·d + e], used as is.
     for j in 0..p {
         let src = &row.prefix[j * width..][..width];
-        for (e, &x) in src[kcol..][..d].iter().enumerate() {
-            kt[e * tp + j] = x;
-        }
-        v[j * dp..][..d].copy_from_slice(&src[vcol..][..d]);
-    }
-    for j in 0..s {
-        let src = &qkv[(row.start + j) * w3..][..w3];
-        for (e, (&x, &b)) in src[h + col..][..d].iter().zip(kb).enumerate() {
-            kt[e * tp + p + j] = x + b;
-        }
-        for ((o, &x), &b) in v[(p + j) * dp..][..d].iter_mut().zip(&src[2 * h + col..][..d]).zip(vb) {
-            *o = x + b;
+        for (k, hb) in bufs.chunks_exact_mut(per_head).enumerate() {
+            let head = heads.start + k;
+            let (kt, v) = hb[qn..].split_at_mut(kn);
+            let kcol = (2 * dims.layer * dims.heads + head) * d;
+            let vcol = ((2 * dims.layer + 1) * dims.heads + head) * d;
+            for (e, &x) in src[kcol..][..d].iter().enumerate() {
+                kt[e * tp + j] = x;
+            }
+            v[j * dp..][..d].copy_from_slice(&src[vcol..][..d]);
         }
     }
 
-    // scores = q · kᵀ, MR rows × LANES keys per step.
-    for i0 in (0..sp).step_by(MR) {
-        let qr: [&[f32]; MR] = std::array::from_fn(|r| &q[(i0 + r) * d..][..d]);
-        for j0 in (0..tp).step_by(LANES) {
-            let mut acc = [[0f32; LANES]; MR];
-            for e in 0..d {
-                let k: &[f32; LANES] = kt[e * tp + j0..][..LANES].try_into().unwrap();
-                for r in 0..MR {
-                    let a = qr[r][e];
-                    for c in 0..LANES {
-                        acc[r][c] = F::fma(a, k[c], acc[r][c]);
-                    }
+    let out = out.ptr();
+    for (k, hb) in bufs.chunks_exact(per_head).enumerate() {
+        let (q, rest) = hb.split_at(qn);
+        let (kt, v) = rest.split_at(kn);
+        // scores = q · kᵀ, MR rows × LANES keys per step.
+        for i0 in (0..sp).step_by(MR) {
+            let qr: [&[f32]; MR] = std::array::from_fn(|r| &q[(i0 + r) * d..][..d]);
+            for j0 in (0..tp).step_by(LANES) {
+                let acc = F::block(qr, &kt[j0..], tp);
+                for (r, a) in acc.iter().enumerate() {
+                    sc[(i0 + r) * tp + j0..][..LANES].copy_from_slice(a);
                 }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                sc[(i0 + r) * tp + j0..][..LANES].copy_from_slice(a);
             }
         }
-    }
-    for i in 0..s {
-        softmax_row::<F>(&mut sc[i * tp..][..t]);
-    }
-    // context = probs · v, MR rows × LANES columns per step; only the real
-    // rows and head columns are written out.
-    let out = out.ptr();
-    for i0 in (0..sp).step_by(MR) {
-        let pr: [&[f32]; MR] = std::array::from_fn(|r| &sc[(i0 + r) * tp..][..t]);
-        for c0 in (0..dp).step_by(LANES) {
-            let mut acc = [[0f32; LANES]; MR];
-            for j in 0..t {
-                let vv: &[f32; LANES] = v[j * dp + c0..][..LANES].try_into().unwrap();
-                for r in 0..MR {
-                    let a = pr[r][j];
-                    for c in 0..LANES {
-                        acc[r][c] = F::fma(a, vv[c], acc[r][c]);
-                    }
+        for i in 0..s {
+            softmax_row::<F>(&mut sc[i * tp..][..t]);
+        }
+        // context = probs · v, MR rows × LANES columns per step; only the
+        // real rows and head columns are written out. Padding query rows
+        // have all-zero scores left unnormalized: they are never written.
+        let col = (heads.start + k) * d;
+        for i0 in (0..sp).step_by(MR) {
+            let pr: [&[f32]; MR] = std::array::from_fn(|r| &sc[(i0 + r) * tp..][..t]);
+            for c0 in (0..dp).step_by(LANES) {
+                let acc = F::block(pr, &v[c0..], dp);
+                let w = LANES.min(d - c0);
+                for (r, a) in acc.iter().enumerate().take(s.saturating_sub(i0)) {
+                    let at = (row.start + i0 + r) * h + col + c0;
+                    // SAFETY: `at + w` ≤ (start + s)·hidden ≤ N·hidden
+                    // (checked in `attention`), and this (row, head) block
+                    // is written by no other work item.
+                    unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), out.add(at), w) };
                 }
-            }
-            let w = LANES.min(d - c0);
-            for (r, a) in acc.iter().enumerate().take(s.saturating_sub(i0)) {
-                let at = (row.start + i0 + r) * h + col + c0;
-                // SAFETY: `at + w` ≤ (start + s)·hidden ≤ N·hidden (checked in
-                // `attention`), and this (row, head) block is written by no
-                // other work item.
-                unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), out.add(at), w) };
             }
         }
     }
@@ -572,6 +673,14 @@ mod tests {
 
     fn erf_plain(x: &mut [f32]) {
         erf_slice_impl::<Plain>(x)
+    }
+
+    fn softmax_plain(x: &mut [f32]) {
+        softmax_row::<Plain>(x)
+    }
+
+    dispatch! {
+        fn softmax_in_place(x: &mut [f32]) => softmax_row;
     }
 
     /// erf in f64 by Simpson's rule on 2/√π·e^(−t²): error ~1e-13, far below
@@ -643,8 +752,7 @@ mod tests {
             let s: f64 = e.iter().sum();
             e.iter().map(|v| v / s).collect()
         };
-        // `Fused` is correct on any CPU (mul_add is exact), only slow without FMA.
-        for f in [softmax_row::<Plain>, softmax_row::<Fused>] {
+        for f in [softmax_in_place, softmax_plain] {
             let mut r = row.clone();
             f(&mut r);
             for (a, b) in r.iter().zip(&want) {
@@ -692,8 +800,8 @@ mod tests {
         // head_dim 24 (not a multiple of the lanes), 2 layers.
         let (heads, d, layers) = (3, 24, 2);
         let h = heads * d;
-        let lens = [5usize, 1, 19, 37];
-        let prefix_lens = [0usize, 3, 0, 17];
+        let lens = [5usize, 1, 19, 37, 2, 3, 4, 5, 6];
+        let prefix_lens = [0usize, 3, 0, 17, 0, 1, 0, 2, 0];
         let n: usize = lens.iter().sum();
         let qkv = vec(&Tensor::randn(0f32, 1.0, (n, 3 * h), &dev).unwrap());
         let bias = vec(&Tensor::randn(0f32, 1.0, 3 * h, &dev).unwrap());
@@ -736,6 +844,12 @@ mod tests {
                 let diff = max_diff(got, &want);
                 assert!(diff <= 2e-6, "row {i} layer {layer}: max |Δ| {diff}");
             }
+            // A row alone (its heads split over work items) gives the same bits.
+            let mut alone = vec![f32::NAN; n * h];
+            let one = [rows[3]];
+            attention(&mut alone, &qkv, &bias, &one, AttnDims { hidden: h, heads, layers, layer, scale });
+            let span = rows[3].start * h..(rows[3].start + rows[3].len) * h;
+            assert_eq!(alone[span.clone()], got[span]);
         }
     }
 }
