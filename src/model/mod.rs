@@ -2,6 +2,7 @@
 //! forward. One [`Model`] is loaded per process and shared by every task.
 
 pub mod config;
+pub mod device;
 pub mod encoder;
 pub mod kernels;
 pub mod tokenizer;
@@ -12,6 +13,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 pub use config::{Architecture, ModelConfig};
+pub use device::{DeviceError, DeviceSpec};
 pub use encoder::{Encoder, Linear, OpsMode};
 pub use tokenizer::{Encoded, TextTokenizer, TokenizeError};
 

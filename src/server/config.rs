@@ -35,6 +35,11 @@ pub struct ServeArgs {
     /// /ready reports it.
     #[arg(long, env = "SOFTPROMPT_SYNC_INTERVAL_MS", default_value_t = 2_000)]
     pub sync_interval_ms: u64,
+    /// Device of the model: cpu, cuda, cuda:N, metal, metal:N, or auto (the
+    /// first CUDA GPU if this build has CUDA support and one is present).
+    /// CUDA and Metal need a binary built with `--features cuda` / `metal`.
+    #[arg(long, env = "SOFTPROMPT_DEVICE", default_value = "cpu")]
+    pub device: crate::model::DeviceSpec,
     /// Address to listen on.
     #[arg(long, env = "SOFTPROMPT_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: String,

@@ -27,7 +27,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::Device;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -61,6 +60,8 @@ pub enum StartError {
     },
     #[error("prompt store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Device(#[from] crate::model::DeviceError),
     #[error("inference thread: {0}")]
     Thread(std::io::Error),
     #[error("start-up task failed: {0}")]
@@ -190,8 +191,10 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     // Opening parses the configuration only: a bad one fails before the
     // model loads; an unreachable store is found by the first read below.
     let store = crate::store::open(&args.prompts)?;
+    let device = args.device.open()?;
+    tracing::info!(device = %args.device, "model device");
     let dir = args.model.clone();
-    let model = tokio::task::spawn_blocking(move || Model::load(&dir, &Device::Cpu))
+    let model = tokio::task::spawn_blocking(move || Model::load(&dir, &device))
         .await
         .map_err(|e| StartError::Join(e.to_string()))?
         .map_err(|source| StartError::Model {
