@@ -6,7 +6,10 @@
 //! Prints: the f32 matmul rate at the model's own shapes; tokens/s and
 //! achieved GFLOP/s for a single-task batch (32 rows × 64 text tokens, one
 //! shallow task) and for a mixed batch of the same rows over 8 tasks
-//! (4 shallow, 4 deep, prompt lengths 5–32).
+//! (4 shallow, 4 deep, prompt lengths 5–32); and for short rows (sentences
+//! of 10–40 tokens, 160 rows over 64 tasks, 32 shallow and 32 deep with
+//! 20-token prompts) run as mixed batches of 64 rows and as one-task batches
+//! of 1–4 rows, where per-batch fixed costs show.
 
 use candle_core::{Device, Tensor};
 use softprompt::engine::synthetic::{Kind, random_input, random_task};
@@ -17,71 +20,188 @@ use std::time::Instant;
 
 const ROWS: usize = 32;
 const TEXT: usize = 64;
+const SHORT_TASKS: usize = 64;
 
 fn main() -> anyhow::Result<()> {
-    let dir = std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
+    let dir =
+        std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
     let device = Device::Cpu;
     let model = Arc::new(Model::load(std::path::Path::new(&dir), &device)?);
     let cfg = model.config().clone();
     let engine = Engine::new(model);
     println!("model {dir}; threads {}", rayon_threads());
 
-    let inputs: Vec<_> = (0..ROWS).map(|i| random_input(&cfg, TEXT, i as u64)).collect();
+    let inputs: Vec<_> = (0..ROWS)
+        .map(|i| random_input(&cfg, TEXT, i as u64))
+        .collect();
     let single = random_task(&cfg, &device, Kind::Shallow, 20, 2, 1)?;
-    let single_rows: Vec<Row> = inputs.iter().map(|input| Row { input, task: &single }).collect();
+    let single_rows: Vec<Row> = inputs
+        .iter()
+        .map(|input| Row {
+            input,
+            task: &single,
+        })
+        .collect();
 
     let lens = [5, 12, 20, 32, 8, 16, 24, 30];
     let tasks: Vec<TaskModel> = lens
         .iter()
         .enumerate()
         .map(|(i, &n)| {
-            let kind = if i % 2 == 0 { Kind::Shallow } else { Kind::Deep };
+            let kind = if i % 2 == 0 {
+                Kind::Shallow
+            } else {
+                Kind::Deep
+            };
             random_task(&cfg, &device, kind, n, 2 + i % 3, 100 + i as u64)
         })
         .collect::<Result<_, _>>()?;
     let mixed_rows: Vec<Row> = inputs
         .iter()
         .enumerate()
-        .map(|(i, input)| Row { input, task: &tasks[i % tasks.len()] })
+        .map(|(i, input)| Row {
+            input,
+            task: &tasks[i % tasks.len()],
+        })
         .collect();
 
-    // Interleave the three measurements over several rounds and report
-    // medians, so that load from other processes hits all of them alike.
+    // Short rows over 64 tasks: task i has 1 + i % 4 rows of 10–40 tokens.
+    let short_tasks: Vec<TaskModel> = (0..SHORT_TASKS)
+        .map(|i| {
+            let kind = if i % 2 == 0 {
+                Kind::Shallow
+            } else {
+                Kind::Deep
+            };
+            random_task(&cfg, &device, kind, 20, 2 + i % 3, 1000 + i as u64)
+        })
+        .collect::<Result<_, _>>()?;
+    let mut short_inputs = Vec::new();
+    for i in 0..SHORT_TASKS {
+        for j in 0..1 + i % 4 {
+            let seed = (i * 4 + j) as u64;
+            short_inputs.push((
+                i,
+                random_input(&cfg, 10 + (seed * 7919 % 31) as usize, 5000 + seed),
+            ));
+        }
+    }
+    // One task per batch, as a queue that groups requests by task forms them.
+    let per_task: Vec<Vec<Row>> = (0..SHORT_TASKS)
+        .map(|i| {
+            short_inputs
+                .iter()
+                .filter(|(t, _)| *t == i)
+                .map(|(t, input)| Row {
+                    input,
+                    task: &short_tasks[*t],
+                })
+                .collect()
+        })
+        .collect();
+    // The same rows interleaved over tasks, in batches of 64.
+    let mut interleaved: Vec<Row> = Vec::new();
+    for k in 0..4 {
+        interleaved.extend(per_task.iter().filter_map(|b| b.get(k).copied()));
+    }
+    let short_mixed: Vec<Vec<Row>> = interleaved.chunks(64).map(<[Row]>::to_vec).collect();
+
+    // Interleave the measurements over several rounds and report medians,
+    // so that load from other processes hits all of them alike.
     let rounds = 5;
     let (mut mm, mut ss, mut ms) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sm, mut sp) = (Vec::new(), Vec::new());
+    // Per-op times of each scenario (SOFTPROMPT_PROFILE=1).
+    let mut prof = vec![Vec::new(); 4];
+    let mut took = |i: usize| softprompt::profile::merge(&mut prof[i], softprompt::profile::take());
     for _ in 0..rounds {
         mm.push(matmul_rate(&cfg, &device)?);
-        ss.push(measure(&engine, &single_rows, &cfg)?);
-        ms.push(measure(&engine, &mixed_rows, &cfg)?);
+        ss.push(measure(
+            &engine,
+            std::slice::from_ref(&single_rows),
+            &cfg,
+            4,
+        )?);
+        took(0);
+        ms.push(measure(
+            &engine,
+            std::slice::from_ref(&mixed_rows),
+            &cfg,
+            4,
+        )?);
+        took(1);
+        sm.push(measure(&engine, &short_mixed, &cfg, 1)?);
+        took(2);
+        sp.push(measure(&engine, &per_task, &cfg, 1)?);
+        took(3);
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
     let matmul = median(mm);
-    let s = (median(ss.iter().map(|x| x.0).collect()), median(ss.iter().map(|x| x.1).collect()));
-    let m = (median(ms.iter().map(|x| x.0).collect()), median(ms.iter().map(|x| x.1).collect()));
+    let s = (
+        median(ss.iter().map(|x| x.0).collect()),
+        median(ss.iter().map(|x| x.1).collect()),
+    );
+    let m = (
+        median(ms.iter().map(|x| x.0).collect()),
+        median(ms.iter().map(|x| x.1).collect()),
+    );
     let ratio = median(ss.iter().zip(&ms).map(|(a, b)| b.0 / a.0).collect());
     println!("medians over {rounds} interleaved rounds");
     println!("matmul f32 at model shapes: {matmul:.1} GFLOP/s");
     println!(
         "single-task {ROWS}x{TEXT}: {:.0} text tokens/s, {:.1} GFLOP/s ({:.0}% of matmul)",
-        s.0, s.1, 100.0 * s.1 / matmul
+        s.0,
+        s.1,
+        100.0 * s.1 / matmul
     );
     println!(
         "mixed 8 tasks {ROWS}x{TEXT}: {:.0} text tokens/s, {:.1} GFLOP/s ({:.0}% of matmul)",
-        m.0, m.1, 100.0 * m.1 / matmul
+        m.0,
+        m.1,
+        100.0 * m.1 / matmul
     );
     println!("mixed / single throughput (median of per-round ratios): {ratio:.3}");
-    if std::env::var("SOFTPROMPT_PROFILE").is_ok() {
-        println!("\nper-op time over both runs (SOFTPROMPT_PROFILE=1):");
-        softprompt::profile::print();
+    let short = |name: &str, v: &[(f64, f64)], batches: usize| {
+        let (t, g) = (
+            median(v.iter().map(|x| x.0).collect()),
+            median(v.iter().map(|x| x.1).collect()),
+        );
+        println!(
+            "short rows, {name} ({} rows in {batches} batches): {t:.0} text tokens/s, {g:.1} GFLOP/s ({:.0}% of matmul)",
+            short_inputs.len(),
+            100.0 * g / matmul
+        );
+    };
+    short(
+        &format!("{SHORT_TASKS} tasks mixed"),
+        &sm,
+        short_mixed.len(),
+    );
+    short("one task per batch", &sp, per_task.len());
+    let per_batch = median(sp.iter().zip(&sm).map(|(a, b)| a.0 / b.0).collect());
+    println!("short rows, one-task batches / mixed batches throughput: {per_batch:.3}");
+    if softprompt::profile::on() {
+        let names = [
+            "single task",
+            "mixed 8 tasks",
+            "short rows, 64 tasks mixed",
+            "short rows, one task per batch",
+        ];
+        for (name, p) in names.iter().zip(&prof) {
+            println!("\nper-op time, {name} (SOFTPROMPT_PROFILE=1):");
+            softprompt::profile::print_table(p);
+        }
     }
     Ok(())
 }
 
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Useful FLOPs of one row: linears over every query position, attention
@@ -94,20 +214,31 @@ pub fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize) -> f64 {
     l * (q * 2.0 * (4.0 * h * h + 2.0 * h * i) + 4.0 * q * k * h)
 }
 
-fn measure(engine: &Engine, rows: &[Row], cfg: &ModelConfig) -> anyhow::Result<(f64, f64)> {
+/// (text tokens/s, useful GFLOP/s) of running every batch `iters` times,
+/// after one warm-up pass.
+fn measure(
+    engine: &Engine,
+    batches: &[Vec<Row>],
+    cfg: &ModelConfig,
+    iters: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let rows = batches.iter().flatten();
     let flops: f64 = rows
-        .iter()
+        .clone()
         .map(|r| {
             let q = r.input.len() + r.task.shallow_len();
             row_flops(cfg, q, q + r.task.deep_len())
         })
         .sum();
-    let text: usize = rows.iter().map(|r| r.input.len()).sum();
-    engine.classify(rows)?; // warm-up
-    let iters = 4;
+    let text: usize = rows.map(|r| r.input.len()).sum();
+    for b in batches {
+        engine.classify(b)?; // warm-up
+    }
     let t = Instant::now();
     for _ in 0..iters {
-        engine.classify(rows)?;
+        for b in batches {
+            engine.classify(b)?;
+        }
     }
     let secs = t.elapsed().as_secs_f64() / iters as f64;
     Ok((text as f64 / secs, flops / secs / 1e9))

@@ -40,24 +40,53 @@ pub fn time<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
 /// Accumulated (name, total, calls), largest first; empties the table.
 pub fn take() -> Vec<(&'static str, Duration, u64)> {
     let mut t = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<_> = std::mem::take(&mut *t).into_iter().map(|(k, (d, n))| (k, d, n)).collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    let mut v: Vec<_> = std::mem::take(&mut *t)
+        .into_iter()
+        .map(|(k, (d, n))| (k, d, n))
+        .collect();
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v
 }
 
-/// Prints the table to stdout (benchmarks).
+/// Prints the table to stdout (benchmarks) and empties it.
 pub fn print() {
-    let v = take();
+    print_table(&take());
+}
+
+/// Whether `SOFTPROMPT_PROFILE` is on.
+pub fn on() -> bool {
+    enabled()
+}
+
+/// Prints (name, total, calls) rows with each one's share of the total.
+pub fn print_table(v: &[(&'static str, Duration, u64)]) {
     let total: Duration = v.iter().map(|x| x.1).sum();
     if v.is_empty() {
         return;
     }
     println!("{:<22} {:>10} {:>7} {:>8}", "op", "ms", "%", "calls");
-    for (name, d, n) in v {
+    for &(name, d, n) in v {
         println!(
             "{name:<22} {:>10.1} {:>6.1}% {n:>8}",
             d.as_secs_f64() * 1e3,
             100.0 * d.as_secs_f64() / total.as_secs_f64().max(1e-12)
         );
     }
+}
+
+/// Adds `more` (as from [`take`]) into `into`, largest total first.
+pub fn merge(
+    into: &mut Vec<(&'static str, Duration, u64)>,
+    more: Vec<(&'static str, Duration, u64)>,
+) {
+    for (name, d, n) in more {
+        match into.iter_mut().find(|e| e.0 == name) {
+            Some(e) => {
+                e.1 += d;
+                e.2 += n;
+            }
+            None => into.push((name, d, n)),
+        }
+    }
+    into.sort_by_key(|e| std::cmp::Reverse(e.1));
 }

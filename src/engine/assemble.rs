@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use super::task_model::TaskModel;
 use super::template::Segment;
 use super::{EngineError, Row};
+pub use crate::model::encoder::Source;
 use crate::model::{Encoded, ModelConfig};
 
 /// Additive mask value for keys a query must not see (as HF uses finfo.min).
@@ -29,7 +30,16 @@ pub struct Assembled {
     pub tokens: usize,
     /// `[N, hidden]` input vectors before type/position embeddings, packed
     /// row after row with no padding: the linear layers never see padding.
-    pub inputs: Tensor,
+    /// Only for the candle-ops forward; the fused CPU forward reads
+    /// [`Assembled::sources`] instead.
+    pub inputs: Option<Tensor>,
+    /// Where each packed token's input vector comes from (`task` numbers
+    /// the shallow prompts as `groups` orders the tasks).
+    pub sources: Vec<Source>,
+    /// Token type and position id of each packed token (also as tensors in
+    /// `type_ids`, `position_ids`).
+    pub types: Vec<u32>,
+    pub positions: Vec<u32>,
     /// `[B*S]`: for each padded slot, the packed row it reads (padding
     /// slots read row 0; they are masked as keys and dropped as queries).
     pub pad_index: Tensor,
@@ -90,25 +100,26 @@ fn layout(input: &Encoded, task: &TaskModel) -> Vec<Slot> {
     out
 }
 
-/// Builds the batch tensors; refuses a row that does not fit the model's
-/// positions.
+/// Builds the batch tensors, all of them (as the candle-ops forward needs);
+/// refuses a row that does not fit the model's positions.
 pub fn assemble(
     rows: &[Row<'_>],
     config: &ModelConfig,
     word_embeddings: &Tensor,
     device: &Device,
 ) -> Result<Assembled, EngineError> {
-    assemble_with(rows, config, word_embeddings, device, true)
+    assemble_with(rows, config, word_embeddings, device, false)
 }
 
-/// [`assemble`], gathering the padded deep-prompt tensor only when
-/// `gather_prefix` (the candle-ops forward needs it, the fused one does not).
+/// [`assemble`]; with `fused`, for the fused CPU forward, which reads word
+/// vectors, shallow and deep prompts in place: the `inputs` and padded
+/// `prefix` tensors are not built.
 pub fn assemble_with(
     rows: &[Row<'_>],
     config: &ModelConfig,
     word_embeddings: &Tensor,
     device: &Device,
-    gather_prefix: bool,
+    fused: bool,
 ) -> Result<Assembled, EngineError> {
     if rows.is_empty() {
         return Err(EngineError::EmptyBatch);
@@ -159,6 +170,7 @@ pub fn assemble_with(
     let n: usize = layouts.iter().map(Vec::len).sum();
     let mut word_ids = vec![0u32; n];
     let mut virt_ids = vec![0u32; n];
+    let mut sources = Vec::with_capacity(n);
     let mut is_text = vec![0f32; n];
     let mut types = vec![0u32; n];
     let mut positions = vec![offset; n];
@@ -179,18 +191,40 @@ pub fn assemble_with(
         }
         first_index[r] = k as u32;
         spans.push((k, l.len()));
-        let texts = l.iter().filter(|x| matches!(x, Slot::Text { .. })).count().max(1);
+        let texts = l
+            .iter()
+            .filter(|x| matches!(x, Slot::Text { .. }))
+            .count()
+            .max(1);
         for (i, slot) in l.iter().enumerate() {
             positions[k] = offset + (nd_row + i) as u32;
             mask[r * (p + s) + p + i] = 0.0;
             pad_index[r * s + i] = k as u32;
             pack_index[k] = (r * s + i) as u32;
             match *slot {
-                Slot::Virtual(v) => virt_ids[k] = virt_offset[t] + v,
+                Slot::Virtual(v) => {
+                    virt_ids[k] = virt_offset[t] + v;
+                    sources.push(Source::Virtual {
+                        task: t as u32,
+                        index: v,
+                    });
+                }
                 Slot::Text { id, ty } => {
                     if id as usize >= config.vocab_size {
-                        return Err(EngineError::BadToken { row: r, id, vocab: config.vocab_size });
+                        return Err(EngineError::BadToken {
+                            row: r,
+                            id,
+                            vocab: config.vocab_size,
+                        });
                     }
+                    if ty as usize >= config.type_vocab_size {
+                        return Err(EngineError::BadTokenType {
+                            row: r,
+                            ty,
+                            types: config.type_vocab_size,
+                        });
+                    }
+                    sources.push(Source::Word(id));
                     word_ids[k] = id;
                     types[k] = ty;
                     is_text[k] = 1.0;
@@ -205,23 +239,21 @@ pub fn assemble_with(
         let len = v.len();
         Tensor::from_vec(v, (len,), device)
     };
-    let words = word_embeddings.index_select(&u32s(word_ids)?, 0)?;
-    let inputs = if nv > 1 {
-        let mut table = vec![Tensor::zeros((1, hidden), candle_core::DType::F32, device)?];
-        table.extend(
-            tasks
-                .iter()
-                .filter_map(|t| t.shallow.as_ref().map(|sp| sp.embeddings.clone())),
-        );
-        let table = Tensor::cat(&table, 0)?;
-        let virt = table.index_select(&u32s(virt_ids)?, 0)?;
-        let text_mask = Tensor::from_vec(is_text, (n, 1), device)?;
-        (words.broadcast_mul(&text_mask)? + virt)?
+    let inputs = if fused {
+        None
     } else {
-        words
+        Some(input_vectors(
+            word_ids,
+            virt_ids,
+            is_text,
+            nv,
+            &tasks,
+            word_embeddings,
+            device,
+        )?)
     };
 
-    let prefix = if p > 0 && gather_prefix {
+    let prefix = if p > 0 && !fused {
         let width = config.num_hidden_layers * 2 * hidden;
         let mut table = vec![Tensor::zeros((1, width), candle_core::DType::F32, device)?];
         table.extend(tasks.iter().filter_map(|t| t.deep.clone()));
@@ -233,14 +265,7 @@ pub fn assemble_with(
             .reshape((b, p, config.num_hidden_layers * 2, heads, config.head_dim()))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?
-            .reshape((
-                config.num_hidden_layers,
-                2,
-                b,
-                heads,
-                p,
-                config.head_dim(),
-            ))?;
+            .reshape((config.num_hidden_layers, 2, b, heads, p, config.head_dim()))?;
         Some(gathered)
     } else {
         None
@@ -256,11 +281,46 @@ pub fn assemble_with(
         pack_index: u32s(pack_index)?,
         first_index: u32s(first_index)?,
         mean_weights: Tensor::from_vec(mean_weights, (b, n), device)?,
-        type_ids: u32s(types)?,
-        position_ids: u32s(positions)?,
+        type_ids: u32s(types.clone())?,
+        position_ids: u32s(positions.clone())?,
+        types,
+        positions,
+        sources,
         mask: Tensor::from_vec(mask, (b, 1, 1, p + s), device)?,
         prefix,
         spans,
         groups,
+    })
+}
+
+/// The `[N, hidden]` input vectors for the candle-ops forward: word vectors
+/// of text tokens plus a per-batch table of virtual vectors (row 0 zeros),
+/// so that gradients reach the shallow prompts.
+fn input_vectors(
+    word_ids: Vec<u32>,
+    virt_ids: Vec<u32>,
+    is_text: Vec<f32>,
+    nv: u32,
+    tasks: &[&TaskModel],
+    word_embeddings: &Tensor,
+    device: &Device,
+) -> Result<Tensor, EngineError> {
+    let n = word_ids.len();
+    let hidden = word_embeddings.dim(1)?;
+    let u32s = |v: Vec<u32>| Tensor::from_vec(v, (n,), device);
+    let words = word_embeddings.index_select(&u32s(word_ids)?, 0)?;
+    Ok(if nv > 1 {
+        let mut table = vec![Tensor::zeros((1, hidden), candle_core::DType::F32, device)?];
+        table.extend(
+            tasks
+                .iter()
+                .filter_map(|t| t.shallow.as_ref().map(|sp| sp.embeddings.clone())),
+        );
+        let table = Tensor::cat(&table, 0)?;
+        let virt = table.index_select(&u32s(virt_ids)?, 0)?;
+        let text_mask = Tensor::from_vec(is_text, (n, 1), device)?;
+        (words.broadcast_mul(&text_mask)? + virt)?
+    } else {
+        words
     })
 }

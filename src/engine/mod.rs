@@ -10,8 +10,8 @@ use candle_core::{D, Tensor};
 use std::sync::Arc;
 
 use crate::model::encoder::{Packing, RowSpan};
-use crate::profile::time;
 use crate::model::{Encoded, Encoder, Model, ModelError, OpsMode};
+use crate::profile::time;
 pub use task_model::{Head, Pooling, ShallowPrompt, TaskModel};
 pub use template::{Segment, Template};
 
@@ -24,6 +24,8 @@ pub enum EngineError {
     RowTooLong { row: usize, len: usize, max: usize },
     #[error("row {row}: token id {id} outside the vocabulary of {vocab}")]
     BadToken { row: usize, id: u32, vocab: usize },
+    #[error("row {row}: token type {ty} but the model has {types}")]
+    BadTokenType { row: usize, ty: u32, types: usize },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("tensor op: {0}")]
@@ -81,18 +83,43 @@ impl Engine {
         let enc: &Encoder = &self.model.encoder;
         let fused = enc.fused(mode);
         let a = time("assemble", || {
-            assemble::assemble_with(rows, &enc.config, enc.word_embeddings(), enc.device(), !fused)
+            assemble::assemble_with(
+                rows,
+                &enc.config,
+                enc.word_embeddings(),
+                enc.device(),
+                fused,
+            )
         })?;
-        let x = time("embed", || enc.embed(&a.inputs, &a.type_ids, &a.position_ids, mode))?;
         let hidden = if fused {
+            // Shallow prompts by task, in the order `a.sources` numbers them.
+            let prompts: Vec<Option<&Tensor>> = a
+                .groups
+                .iter()
+                .map(|(first, _)| rows[*first].task.shallow.as_ref().map(|s| &s.embeddings))
+                .collect();
+            let x = time("embed", || {
+                enc.embed_cpu(&a.sources, &prompts, &a.types, &a.positions)
+            })?;
             let spans: Vec<RowSpan> = a
                 .spans
                 .iter()
                 .zip(rows)
-                .map(|(&(start, len), r)| RowSpan { start, len, deep: r.task.deep.as_ref() })
+                .map(|(&(start, len), r)| RowSpan {
+                    start,
+                    len,
+                    deep: r.task.deep.as_ref(),
+                })
                 .collect();
-            enc.encode_cpu(&x, &spans)?
+            enc.encode_cpu(x, &spans)?
         } else {
+            let inputs = a
+                .inputs
+                .as_ref()
+                .expect("assembled for the candle-ops forward");
+            let x = time("embed", || {
+                enc.embed(inputs, &a.type_ids, &a.position_ids, mode)
+            })?;
             let pack = Packing {
                 batch: a.batch,
                 seq: a.seq,
@@ -105,10 +132,19 @@ impl Engine {
     }
 
     /// Pooling and each task's head over the encoder's packed output.
-    fn heads(&self, rows: &[Row<'_>], a: &assemble::Assembled, hidden: &Tensor) -> Result<Vec<TaskLogits>, EngineError> {
+    fn heads(
+        &self,
+        rows: &[Row<'_>],
+        a: &assemble::Assembled,
+        hidden: &Tensor,
+    ) -> Result<Vec<TaskLogits>, EngineError> {
         let enc: &Encoder = &self.model.encoder;
 
-        let needs = |p: Pooling| a.groups.iter().any(|(first, _)| rows[*first].task.pooling == p);
+        let needs = |p: Pooling| {
+            a.groups
+                .iter()
+                .any(|(first, _)| rows[*first].task.pooling == p)
+        };
         let first = hidden.index_select(&a.first_index, 0)?;
         let pooled = if needs(Pooling::Pooler) {
             Some(enc.pool(&first)?)

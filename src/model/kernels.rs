@@ -94,8 +94,14 @@ mod avx2 {
     pub unsafe fn block(a: [&[f32]; MR], b: &[f32], stride: usize) -> [[f32; LANES]; MR] {
         const { assert!(MR == 4 && LANES == 16) };
         let k = a[0].len();
-        assert!(a.iter().all(|r| r.len() == k), "block: rows of a differ in length");
-        assert!(k == 0 || (k - 1) * stride + LANES <= b.len(), "block: b too short");
+        assert!(
+            a.iter().all(|r| r.len() == k),
+            "block: rows of a differ in length"
+        );
+        assert!(
+            k == 0 || (k - 1) * stride + LANES <= b.len(),
+            "block: b too short"
+        );
         let mut acc = [_mm256_setzero_ps(); 2 * MR];
         let bp = b.as_ptr();
         for e in 0..k {
@@ -177,7 +183,7 @@ fn exp<F: Arith>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // 1.5·2^23: adding it leaves round(y) in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_375; // 355/512: 9 bits, so n·LN2_HI is exact
+    const LN2_HI: f32 = 355.0 / 512.0; // 9 bits, so n·LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
     // Just under 127.5·ln 2, so that n = round(x·log2 e) ≤ 127.
     const HI: f32 = 88.37;
@@ -276,7 +282,10 @@ fn softmax_row<F: Arith>(x: &mut [f32]) {
             *m = if v > *m { v } else { *m };
         }
     }
-    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     for m in mx {
         max = if m > max { m } else { max };
     }
@@ -319,8 +328,13 @@ dispatch! {
 /// `x ← gelu_erf(x + bias)` over the rows of `x` `[N, bias.len()]`.
 pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
     let n = bias.len();
-    assert!(n > 0 && x.len() % n == 0, "bias-gelu: {} values are not rows of {n}", x.len());
-    x.par_chunks_mut(n * CHUNK_ROWS).for_each(|c| bias_gelu_rows(c, bias));
+    assert!(
+        n > 0 && x.len().is_multiple_of(n),
+        "bias-gelu: {} values are not rows of {n}",
+        x.len()
+    );
+    x.par_chunks_mut(n * CHUNK_ROWS)
+        .for_each(|c| bias_gelu_rows(c, bias));
 }
 
 /// Layer-norm parameters with the bias of the linear layer before it, as the
@@ -333,30 +347,42 @@ pub struct NormParams<'a> {
     pub eps: f32,
 }
 
+/// Layer norm of one row in place (two-pass variance, as candle and
+/// PyTorch compute it).
+#[inline(always)]
+fn layer_norm_row<F: Arith>(o: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let n = o.len();
+    let mean = lane_sum(o) / n as f32;
+    let mut acc = [0f32; LANES];
+    let mut chunks = o.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            let d = v - mean;
+            *a = F::fma(d, d, *a);
+        }
+    }
+    let mut var = acc.iter().sum::<f32>();
+    for &v in chunks.remainder() {
+        var += (v - mean) * (v - mean);
+    }
+    let inv = 1.0 / (var / n as f32 + eps).sqrt();
+    for ((o, &g), &b) in o.iter_mut().zip(gamma).zip(beta) {
+        *o = F::fma((*o - mean) * inv, g, b);
+    }
+}
+
 #[inline(always)]
 fn residual_norm_impl<F: Arith>(out: &mut [f32], x: &[f32], r: &[f32], p: NormParams<'_>) {
     let n = p.bias.len();
-    for ((o, x), r) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)).zip(r.chunks_exact(n)) {
+    for ((o, x), r) in out
+        .chunks_exact_mut(n)
+        .zip(x.chunks_exact(n))
+        .zip(r.chunks_exact(n))
+    {
         for (((o, &x), &b), &r) in o.iter_mut().zip(x).zip(p.bias).zip(r) {
             *o = x + b + r;
         }
-        let mean = lane_sum(o) / n as f32;
-        let mut acc = [0f32; LANES];
-        let mut chunks = o.chunks_exact(LANES);
-        for c in &mut chunks {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                let d = v - mean;
-                *a = F::fma(d, d, *a);
-            }
-        }
-        let mut var = acc.iter().sum::<f32>();
-        for &v in chunks.remainder() {
-            var += (v - mean) * (v - mean);
-        }
-        let inv = 1.0 / (var / n as f32 + p.eps).sqrt();
-        for ((o, &g), &b) in o.iter_mut().zip(p.gamma).zip(p.beta) {
-            *o = F::fma((*o - mean) * inv, g, b);
-        }
+        layer_norm_row::<F>(o, p.gamma, p.beta, p.eps);
     }
 }
 
@@ -368,13 +394,69 @@ dispatch! {
 pub fn residual_norm(out: &mut [f32], x: &[f32], residual: &[f32], p: NormParams<'_>) {
     let n = p.bias.len();
     assert!(
-        n > 0 && x.len() % n == 0 && x.len() == out.len() && x.len() == residual.len()
-            && p.gamma.len() == n && p.beta.len() == n,
+        n > 0
+            && x.len().is_multiple_of(n)
+            && x.len() == out.len()
+            && x.len() == residual.len()
+            && p.gamma.len() == n
+            && p.beta.len() == n,
         "residual-norm: shapes disagree"
     );
     out.par_chunks_mut(n * CHUNK_ROWS)
-        .zip(x.par_chunks(n * CHUNK_ROWS).zip(residual.par_chunks(n * CHUNK_ROWS)))
+        .zip(
+            x.par_chunks(n * CHUNK_ROWS)
+                .zip(residual.par_chunks(n * CHUNK_ROWS)),
+        )
         .for_each(|(o, (x, r))| residual_norm_rows(o, x, r, p));
+}
+
+/// The embedding layer's inputs for one token: its word or virtual-token
+/// vector, its token-type and position vectors.
+#[derive(Clone, Copy)]
+pub struct EmbedToken<'a> {
+    pub input: &'a [f32],
+    pub token_type: &'a [f32],
+    pub position: &'a [f32],
+}
+
+#[inline(always)]
+fn embed_impl<F: Arith>(
+    out: &mut [f32],
+    tokens: &[EmbedToken<'_>],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    let n = gamma.len();
+    for (o, t) in out.chunks_exact_mut(n).zip(tokens) {
+        for (((o, &x), &ty), &p) in o.iter_mut().zip(t.input).zip(t.token_type).zip(t.position) {
+            *o = x + ty + p;
+        }
+        layer_norm_row::<F>(o, gamma, beta, eps);
+    }
+}
+
+dispatch! {
+    fn embed_rows(out: &mut [f32], tokens: &[EmbedToken<'_>], gamma: &[f32], beta: &[f32], eps: f32) => embed_impl;
+}
+
+/// The embedding layer over packed tokens: `out[k] ← layer_norm(input +
+/// token_type + position)`, one parallel pass instead of candle's gathers,
+/// adds and norm.
+pub fn embed(out: &mut [f32], tokens: &[EmbedToken<'_>], gamma: &[f32], beta: &[f32], eps: f32) {
+    let n = gamma.len();
+    assert!(
+        n > 0
+            && beta.len() == n
+            && out.len() == tokens.len() * n
+            && tokens
+                .iter()
+                .all(|t| t.input.len() == n && t.token_type.len() == n && t.position.len() == n),
+        "embed: shapes disagree"
+    );
+    out.par_chunks_mut(n * CHUNK_ROWS)
+        .zip(tokens.par_chunks(CHUNK_ROWS))
+        .for_each(|(o, t)| embed_rows(o, t, gamma, beta, eps));
 }
 
 /// `out[m, n] ← x[m, k] · w[n, k]ᵀ` for a weight stored `[out, in]` as in
@@ -382,14 +464,21 @@ pub fn residual_norm(out: &mut [f32], x: &[f32], residual: &[f32], p: NormParams
 /// `x.matmul(&w.t())`, so results are bit-identical to it, but into a
 /// buffer the caller reuses across layers.
 pub fn matmul_wt(out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
-    assert!(k > 0 && x.len() % k == 0 && w.len() % k == 0, "matmul: inner dimensions disagree");
+    assert!(
+        k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),
+        "matmul: inner dimensions disagree"
+    );
     let (m, n) = (x.len() / k, w.len() / k);
     assert_eq!(out.len(), m * n, "matmul: output size");
     if m == 0 || n == 0 {
         return;
     }
     let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the three buffers hold m·n, m·k and n·k values (checked above)
     // and the strides below stay inside them.
     unsafe {
@@ -486,21 +575,32 @@ thread_local! {
 /// only when there are too few rows to keep every thread busy.
 pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>], dims: AttnDims) {
     let h = dims.hidden;
-    assert!(dims.heads > 0 && h % dims.heads == 0, "attention: heads must divide hidden");
+    assert!(
+        dims.heads > 0 && h.is_multiple_of(dims.heads),
+        "attention: heads must divide hidden"
+    );
     assert_eq!(bias.len(), 3 * h, "attention: qkv bias");
     let n = out.len() / h;
-    assert!(out.len() == n * h && qkv.len() == n * 3 * h, "attention: buffer sizes");
+    assert!(
+        out.len() == n * h && qkv.len() == n * 3 * h,
+        "attention: buffer sizes"
+    );
     let width = dims.layers * 2 * h;
     for r in rows {
         assert!(r.start + r.len <= n, "attention: row outside the batch");
-        assert!(r.prefix.len() % width.max(1) == 0 && dims.layer < dims.layers, "attention: deep prompt shape");
+        assert!(
+            r.prefix.len() % width.max(1) == 0 && dims.layer < dims.layers,
+            "attention: deep prompt shape"
+        );
     }
     if rows.is_empty() {
         return;
     }
     let out = SharedOut(out.as_mut_ptr());
     // Enough items for about 4 per thread, but whole rows when there are.
-    let groups = (4 * rayon::current_num_threads()).div_ceil(rows.len()).clamp(1, dims.heads);
+    let groups = (4 * rayon::current_num_threads())
+        .div_ceil(rows.len())
+        .clamp(1, dims.heads);
     (0..rows.len() * groups).into_par_iter().for_each(|item| {
         let (r, g) = (item / groups, item % groups);
         let heads = g * dims.heads / groups..(g + 1) * dims.heads / groups;
@@ -548,7 +648,11 @@ fn attend_impl<F: Arith>(
     }
     let p = row.prefix.len() / width;
     let t = p + s;
-    let (sp, tp, dp) = (s.next_multiple_of(MR), t.next_multiple_of(LANES), d.next_multiple_of(LANES));
+    let (sp, tp, dp) = (
+        s.next_multiple_of(MR),
+        t.next_multiple_of(LANES),
+        d.next_multiple_of(LANES),
+    );
     let (qn, kn, vn) = (sp * d, d * tp, t * dp);
     let per_head = qn + kn + vn;
     // No clearing: every value read is written below first, padding included.
@@ -572,21 +676,37 @@ fn attend_impl<F: Arith>(
     }
     // The row's own tokens: one pass over its contiguous qkv rows, the
     // group's columns of q, k and v, bias added, queries scaled.
-    let (qb, kb, vb) = (&bias[col0..][..cols], &bias[h + col0..][..cols], &bias[2 * h + col0..][..cols]);
+    let (qb, kb, vb) = (
+        &bias[col0..][..cols],
+        &bias[h + col0..][..cols],
+        &bias[2 * h + col0..][..cols],
+    );
     for i in 0..s {
         let src = &qkv[(row.start + i) * w3..][..w3];
-        let (sq, sk, sv) = (&src[col0..][..cols], &src[h + col0..][..cols], &src[2 * h + col0..][..cols]);
+        let (sq, sk, sv) = (
+            &src[col0..][..cols],
+            &src[h + col0..][..cols],
+            &src[2 * h + col0..][..cols],
+        );
         for (k, hb) in bufs.chunks_exact_mut(per_head).enumerate() {
             let (q, rest) = hb.split_at_mut(qn);
             let (kt, v) = rest.split_at_mut(kn);
             let c = k * d..(k + 1) * d;
-            for ((o, &x), &b) in q[i * d..][..d].iter_mut().zip(&sq[c.clone()]).zip(&qb[c.clone()]) {
+            for ((o, &x), &b) in q[i * d..][..d]
+                .iter_mut()
+                .zip(&sq[c.clone()])
+                .zip(&qb[c.clone()])
+            {
                 *o = (x + b) * dims.scale;
             }
             for (e, (&x, &b)) in sk[c.clone()].iter().zip(&kb[c.clone()]).enumerate() {
                 kt[e * tp + p + i] = x + b;
             }
-            for ((o, &x), &b) in v[(p + i) * dp..][..d].iter_mut().zip(&sv[c.clone()]).zip(&vb[c]) {
+            for ((o, &x), &b) in v[(p + i) * dp..][..d]
+                .iter_mut()
+                .zip(&sv[c.clone()])
+                .zip(&vb[c])
+            {
                 *o = x + b;
             }
         }
@@ -651,7 +771,10 @@ mod tests {
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     fn vec(t: &Tensor) -> Vec<f32> {
@@ -699,8 +822,21 @@ mod tests {
     #[test]
     fn exp_matches_f64_to_a_few_ulp() {
         // Dense over the range where e^x is a normal f32, plus the edges.
-        let mut x: Vec<f32> = (0..200_001).map(|i| -87.3 + i as f32 * (88.3 + 87.3) / 200_000.0).collect();
-        x.extend([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 0.346_573_6, -0.346_573_6, 88.3, -87.3]);
+        let mut x: Vec<f32> = (0..200_001)
+            .map(|i| -87.3 + i as f32 * (88.3 + 87.3) / 200_000.0)
+            .collect();
+        x.extend([
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+            0.5,
+            -0.5,
+            0.346_573_6,
+            -0.346_573_6,
+            88.3,
+            -87.3,
+        ]);
         for out in both(&x, exp_in_place, exp_plain) {
             let mut worst = 0f64;
             for (&x, &y) in x.iter().zip(&out) {
@@ -722,11 +858,17 @@ mod tests {
 
     #[test]
     fn erf_and_gelu_match_f64() {
-        let x: Vec<f32> = (0..4_001).map(|i| -8.0 + i as f32 * 16.0 / 4_000.0).collect();
+        let x: Vec<f32> = (0..4_001)
+            .map(|i| -8.0 + i as f32 * 16.0 / 4_000.0)
+            .collect();
         // Absolute error: A&S 7.1.26 is 1 − (…)·e^(−x²), which cancels near 0
         // (relative error there is large, but GELU adds 1 to erf anyway).
         for out in both(&x, erf_in_place, erf_plain) {
-            let worst = x.iter().zip(&out).map(|(&x, &y)| (y as f64 - erf_f64(x as f64)).abs()).fold(0.0, f64::max);
+            let worst = x
+                .iter()
+                .zip(&out)
+                .map(|(&x, &y)| (y as f64 - erf_f64(x as f64)).abs())
+                .fold(0.0, f64::max);
             assert!(worst < 6e-7, "erf: max |error| {worst:e}");
         }
         // GELU through the fused kernel, with a bias, against f64.
@@ -736,7 +878,10 @@ mod tests {
         for (i, (&x, &y)) in x.iter().zip(&g).enumerate() {
             let v = (x + bias[i % 4]) as f64;
             let want = 0.5 * v * (1.0 + erf_f64(v / std::f64::consts::SQRT_2));
-            assert!((y as f64 - want).abs() < 1e-6 * (1.0 + v.abs()), "gelu({v}) = {y}, want {want}");
+            assert!(
+                (y as f64 - want).abs() < 1e-6 * (1.0 + v.abs()),
+                "gelu({v}) = {y}, want {want}"
+            );
         }
         let mut huge = vec![f32::MAX, f32::MIN, 1e20, -1e20];
         erf_in_place(&mut huge);
@@ -781,7 +926,37 @@ mod tests {
         let want = candle_nn::ops::layer_norm(&sum, &g, &beta, 1e-12).unwrap();
         let mut got = vec![0f32; 37 * 24];
         let (bv, gv, betav) = (vec(&b), vec(&g), vec(&beta));
-        residual_norm(&mut got, &vec(&x), &vec(&r), NormParams { bias: &bv, gamma: &gv, beta: &betav, eps: 1e-12 });
+        residual_norm(
+            &mut got,
+            &vec(&x),
+            &vec(&r),
+            NormParams {
+                bias: &bv,
+                gamma: &gv,
+                beta: &betav,
+                eps: 1e-12,
+            },
+        );
+        assert!(max_diff(&got, &vec(&want)) <= 1e-5);
+
+        // embed: the sum of three gathered rows, then layer norm.
+        let (xv, rv) = (vec(&x), vec(&r));
+        let tokens: Vec<EmbedToken> = (0..37)
+            .map(|k| EmbedToken {
+                input: &xv[k * 24..][..24],
+                token_type: &rv[k * 24..][..24],
+                position: &bv,
+            })
+            .collect();
+        let mut got = vec![0f32; 37 * 24];
+        embed(&mut got, &tokens, &gv, &betav, 1e-12);
+        let want = candle_nn::ops::layer_norm(
+            &(x.add(&r).unwrap().broadcast_add(&b).unwrap()),
+            &g,
+            &beta,
+            1e-12,
+        )
+        .unwrap();
         assert!(max_diff(&got, &vec(&want)) <= 1e-5);
 
         // matmul_wt is candle's x · wᵀ.
@@ -807,36 +982,77 @@ mod tests {
         let bias = vec(&Tensor::randn(0f32, 1.0, 3 * h, &dev).unwrap());
         let prefixes: Vec<Vec<f32>> = prefix_lens
             .iter()
-            .map(|&p| vec(&Tensor::randn(0f32, 1.0, (p.max(1), layers * 2 * h), &dev).unwrap())[..p * layers * 2 * h].to_vec())
+            .map(|&p| {
+                vec(&Tensor::randn(0f32, 1.0, (p.max(1), layers * 2 * h), &dev).unwrap())
+                    [..p * layers * 2 * h]
+                    .to_vec()
+            })
             .collect();
         let mut rows = Vec::new();
         let mut start = 0;
         for (i, &len) in lens.iter().enumerate() {
-            rows.push(AttnRow { start, len, prefix: &prefixes[i] });
+            rows.push(AttnRow {
+                start,
+                len,
+                prefix: &prefixes[i],
+            });
             start += len;
         }
         let scale = 1.0 / (d as f32).sqrt();
         for layer in 0..layers {
             let mut got = vec![f32::NAN; n * h];
-            attention(&mut got, &qkv, &bias, &rows, AttnDims { hidden: h, heads, layers, layer, scale });
+            attention(
+                &mut got,
+                &qkv,
+                &bias,
+                &rows,
+                AttnDims {
+                    hidden: h,
+                    heads,
+                    layers,
+                    layer,
+                    scale,
+                },
+            );
             // Reference: per row, candle ops over [heads, S, d] with the prefix concatenated.
             let qkv_t = Tensor::from_vec(qkv.clone(), (n, 3 * h), &dev).unwrap();
             let bias_t = Tensor::from_vec(bias.clone(), 3 * h, &dev).unwrap();
             let full = qkv_t.broadcast_add(&bias_t).unwrap();
             for (i, r) in rows.iter().enumerate() {
                 let x = full.narrow(0, r.start, r.len).unwrap();
-                let split = |k: usize| x.narrow(1, k * h, h).unwrap().reshape((r.len, heads, d)).unwrap().transpose(0, 1).unwrap();
+                let split = |k: usize| {
+                    x.narrow(1, k * h, h)
+                        .unwrap()
+                        .reshape((r.len, heads, d))
+                        .unwrap()
+                        .transpose(0, 1)
+                        .unwrap()
+                };
                 let q = (split(0) * scale as f64).unwrap();
                 let (mut k, mut v) = (split(1), split(2));
                 let p = prefix_lens[i];
                 if p > 0 {
-                    let pre = Tensor::from_vec(prefixes[i].clone(), (p, layers * 2, heads, d), &dev).unwrap();
-                    let pk = pre.get_on_dim(1, 2 * layer).unwrap().transpose(0, 1).unwrap();
-                    let pv = pre.get_on_dim(1, 2 * layer + 1).unwrap().transpose(0, 1).unwrap();
+                    let pre =
+                        Tensor::from_vec(prefixes[i].clone(), (p, layers * 2, heads, d), &dev)
+                            .unwrap();
+                    let pk = pre
+                        .get_on_dim(1, 2 * layer)
+                        .unwrap()
+                        .transpose(0, 1)
+                        .unwrap();
+                    let pv = pre
+                        .get_on_dim(1, 2 * layer + 1)
+                        .unwrap()
+                        .transpose(0, 1)
+                        .unwrap();
                     k = Tensor::cat(&[&pk, &k], 1).unwrap();
                     v = Tensor::cat(&[&pv, &v], 1).unwrap();
                 }
-                let scores = q.contiguous().unwrap().matmul(&k.t().unwrap().contiguous().unwrap()).unwrap();
+                let scores = q
+                    .contiguous()
+                    .unwrap()
+                    .matmul(&k.t().unwrap().contiguous().unwrap())
+                    .unwrap();
                 let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
                 let ctx = probs.matmul(&v.contiguous().unwrap()).unwrap();
                 let want = vec(&ctx.transpose(0, 1).unwrap().reshape((r.len, h)).unwrap());
@@ -847,7 +1063,19 @@ mod tests {
             // A row alone (its heads split over work items) gives the same bits.
             let mut alone = vec![f32::NAN; n * h];
             let one = [rows[3]];
-            attention(&mut alone, &qkv, &bias, &one, AttnDims { hidden: h, heads, layers, layer, scale });
+            attention(
+                &mut alone,
+                &qkv,
+                &bias,
+                &one,
+                AttnDims {
+                    hidden: h,
+                    heads,
+                    layers,
+                    layer,
+                    scale,
+                },
+            );
             let span = rows[3].start * h..(rows[3].start + rows[3].len) * h;
             assert_eq!(alone[span.clone()], got[span]);
         }
