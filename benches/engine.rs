@@ -14,6 +14,7 @@
 use candle_core::{Device, Tensor};
 use softprompt::engine::synthetic::{Kind, random_input, random_task};
 use softprompt::engine::{Engine, Row, TaskModel};
+use softprompt::model::kernels::matmul_wt;
 use softprompt::model::{Model, ModelConfig};
 use std::sync::Arc;
 use std::time::Instant;
@@ -109,13 +110,14 @@ fn main() -> anyhow::Result<()> {
     // Interleave the measurements over several rounds and report medians,
     // so that load from other processes hits all of them alike.
     let rounds = 5;
-    let (mut mm, mut ss, mut ms) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut mm, mut mo, mut ss, mut ms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut sm, mut sp) = (Vec::new(), Vec::new());
     // Per-op times of each scenario (SOFTPROMPT_PROFILE=1).
     let mut prof = vec![Vec::new(); 4];
     let mut took = |i: usize| softprompt::profile::merge(&mut prof[i], softprompt::profile::take());
     for _ in 0..rounds {
         mm.push(matmul_rate(&cfg, &device)?);
+        mo.push(own_matmul_rate(&cfg));
         ss.push(measure(
             &engine,
             std::slice::from_ref(&single_rows),
@@ -140,6 +142,7 @@ fn main() -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     let matmul = median(mm);
+    let own = median(mo);
     let s = (
         median(ss.iter().map(|x| x.0).collect()),
         median(ss.iter().map(|x| x.1).collect()),
@@ -151,6 +154,10 @@ fn main() -> anyhow::Result<()> {
     let ratio = median(ss.iter().zip(&ms).map(|(a, b)| b.0 / a.0).collect());
     println!("medians over {rounds} interleaved rounds");
     println!("matmul f32 at model shapes: {matmul:.1} GFLOP/s");
+    println!(
+        "engine's own matmul (kernels::matmul_wt) at the same shapes: {own:.1} GFLOP/s ({:.0}% of candle's)",
+        100.0 * own / matmul
+    );
     println!(
         "single-task {ROWS}x{TEXT}: {:.0} text tokens/s, {:.1} GFLOP/s ({:.0}% of matmul)",
         s.0,
@@ -244,6 +251,9 @@ fn measure(
     Ok((text as f64 / secs, flops / secs / 1e9))
 }
 
+/// The f32 matmul rate at the model's shapes through candle's `matmul`
+/// (gemm with its own threading): the reference the forward is measured
+/// against.
 fn matmul_rate(cfg: &ModelConfig, device: &Device) -> anyhow::Result<f64> {
     let n = ROWS * (TEXT + 20);
     let h = cfg.hidden_size;
@@ -264,4 +274,29 @@ fn matmul_rate(cfg: &ModelConfig, device: &Device) -> anyhow::Result<f64> {
         total_flops += 2.0 * (n * k * m) as f64 * iters as f64;
     }
     Ok(total_flops / total_secs / 1e9)
+}
+
+/// The same rate through the engine's own matmul (gemm split over threads
+/// by output blocks), printed so that the forward's share can be read
+/// against both.
+fn own_matmul_rate(cfg: &ModelConfig) -> f64 {
+    let n = ROWS * (TEXT + 20);
+    let h = cfg.hidden_size;
+    let i = cfg.intermediate_size;
+    let mut total_flops = 0.0;
+    let mut total_secs = 0.0;
+    for (k, m) in [(h, 3 * h), (h, h), (h, i), (i, h)] {
+        let x: Vec<f32> = (0..n * k).map(|v| (v % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..m * k).map(|v| (v % 5) as f32 * 0.1).collect();
+        let mut out = vec![0f32; n * m];
+        matmul_wt(&mut out, &x, &w, k); // warm-up
+        let iters = 8;
+        let t = Instant::now();
+        for _ in 0..iters {
+            matmul_wt(&mut out, &x, &w, k);
+        }
+        total_secs += t.elapsed().as_secs_f64();
+        total_flops += 2.0 * (n * k * m) as f64 * iters as f64;
+    }
+    total_flops / total_secs / 1e9
 }
