@@ -3,7 +3,8 @@
 //! `cargo bench --bench engine` (model from `SOFTPROMPT_MODEL`, default
 //! `models/all-MiniLM-L6-v2`; fetch it with `scripts/fetch_model.sh`).
 //!
-//! Prints: the f32 matmul rate at the model's own shapes; tokens/s and
+//! Prints: the f32 matmul rate at the model's own shapes (candle's `matmul`,
+//! the reference; and the engine's own `kernels::matmul_wt`); tokens/s and
 //! achieved GFLOP/s for a single-task batch (32 rows × 64 text tokens, one
 //! shallow task) and for a mixed batch of the same rows over 8 tasks
 //! (4 shallow, 4 deep, prompt lengths 5–32); and for short rows (sentences

@@ -30,6 +30,7 @@ trait Arith {
 /// Kernels compiled with `avx2,fma`. Its `block` uses AVX2 instructions:
 /// code generic over [`Arith`] runs with `Fused` only inside the AVX2+FMA
 /// wrappers of [`dispatch!`].
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Fused;
 /// Kernels compiled for the baseline target.
 struct Plain;
@@ -130,6 +131,7 @@ mod avx2 {
 }
 
 /// Whether this CPU runs the AVX2+FMA builds (std caches the answer).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline]
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -481,13 +483,14 @@ impl SharedOut {
 ///
 /// The work is split into independent single-threaded gemm calls over
 /// (rows × columns) blocks of the output, one per thread, rather than left
-/// to gemm's own threading as candle's `matmul` does. On two pinned cores of
-/// a quiet machine (AVX-512 gemm) this was as fast at the model's shapes
-/// with thousands of rows, and 1.1–2.2× faster with the tens to hundreds of
-/// rows of small batches (gemm's threading barely helps there: 49 → 86
-/// GFLOP/s at 64 × 1536 × 384); with 16 threads it was 1.3–3× faster up to
-/// 512 rows. Only for large products on more than two threads (where gemm's
-/// threading measured better) does gemm split the work itself.
+/// to gemm's own threading as candle's `matmul` does. Measured on a quiet
+/// machine (AVX-512 gemm): on two pinned cores as fast or a little faster at
+/// the model's shapes with thousands of rows, and up to 2× faster with the
+/// tens to hundreds of rows of small batches, where gemm's own threading
+/// barely helps (56 → 75 GFLOP/s at 64 × 1536 × 384, 30 → 41 at 24 rows);
+/// with 16 threads 1.2–3× faster up to 512 rows. Only for large products
+/// on more than two threads, where gemm's threading did as well, does gemm
+/// split the work itself.
 pub fn matmul_wt(out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
     assert!(
         k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),
