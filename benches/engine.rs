@@ -12,7 +12,7 @@
 //! 20-token prompts) run as mixed batches of 64 rows and as one-task batches
 //! of 1–4 rows, where per-batch fixed costs show.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use softprompt::engine::synthetic::{Kind, random_input, random_task};
 use softprompt::engine::{Engine, Row, TaskModel};
 use softprompt::model::kernels::matmul_wt;
@@ -212,14 +212,9 @@ fn rayon_threads() -> usize {
         .unwrap_or(1)
 }
 
-/// Useful FLOPs of one row: linears over every query position, attention
-/// over every (query, key) pair, nothing for padding.
+/// Useful FLOPs of one row (`softprompt::model::cost::encoder_flops`).
 pub fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize) -> f64 {
-    let h = cfg.hidden_size as f64;
-    let i = cfg.intermediate_size as f64;
-    let l = cfg.num_hidden_layers as f64;
-    let (q, k) = (positions as f64, keys as f64);
-    l * (q * 2.0 * (4.0 * h * h + 2.0 * h * i) + 4.0 * q * k * h)
+    softprompt::model::cost::encoder_flops(cfg, positions, keys)
 }
 
 /// (text tokens/s, useful GFLOP/s) of running every batch `iters` times,
@@ -256,25 +251,12 @@ fn measure(
 /// (gemm with its own threading): the reference the forward is measured
 /// against.
 fn matmul_rate(cfg: &ModelConfig, device: &Device) -> anyhow::Result<f64> {
-    let n = ROWS * (TEXT + 20);
-    let h = cfg.hidden_size;
-    let i = cfg.intermediate_size;
-    let shapes = [(h, 3 * h), (h, h), (h, i), (i, h)];
-    let mut total_flops = 0.0;
-    let mut total_secs = 0.0;
-    for (k, m) in shapes {
-        let x = Tensor::randn(0f32, 1.0, (n, k), device)?;
-        let w = Tensor::randn(0f32, 1.0, (m, k), device)?;
-        x.matmul(&w.t()?)?; // warm-up
-        let iters = 8;
-        let t = Instant::now();
-        for _ in 0..iters {
-            x.matmul(&w.t()?)?;
-        }
-        total_secs += t.elapsed().as_secs_f64();
-        total_flops += 2.0 * (n * k * m) as f64 * iters as f64;
-    }
-    Ok(total_flops / total_secs / 1e9)
+    Ok(softprompt::model::cost::matmul_rate(
+        cfg,
+        device,
+        ROWS * (TEXT + 20),
+        8,
+    )?)
 }
 
 /// The same rate through the engine's own matmul (gemm split over threads

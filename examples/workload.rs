@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clap::{Parser, Subcommand};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -447,38 +447,16 @@ fn groups_by_first_arrival(w: &[Request]) -> Vec<Vec<usize>> {
 /// for padding, embeddings, norms or element-wise work.
 fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize, labels: usize) -> f64 {
     let h = cfg.hidden_size as f64;
-    let i = cfg.intermediate_size as f64;
-    let l = cfg.num_hidden_layers as f64;
-    let (q, k) = (positions as f64, keys as f64);
-    l * (q * 2.0 * (4.0 * h * h + 2.0 * h * i) + 4.0 * q * k * h)
+    softprompt::model::cost::encoder_flops(cfg, positions, keys)
         + 2.0 * h * h
         + 2.0 * h * labels as f64
 }
 
-/// f32 matmul rate (GFLOP/s) at the encoder's four linear shapes with `n`
-/// rows: `[n, h]·[h, 3h]` (fused QKV), `[n, h]·[h, h]`, `[n, h]·[h, i]`,
-/// `[n, i]·[i, h]`, weights stored `[out, in]` and transposed as the
-/// engine's `Linear` does.
+/// f32 matmul rate (GFLOP/s) at the encoder's linear shapes with `n` rows
+/// (`softprompt::model::cost::matmul_rate`, 16 timed calls per shape).
 fn matmul_rate(cfg: &ModelConfig, device: &Device, n: usize) -> Result<f64> {
     if n == 0 {
         bail!("no rows to measure the matmul rate with");
     }
-    let h = cfg.hidden_size;
-    let i = cfg.intermediate_size;
-    let shapes = [(h, 3 * h), (h, h), (h, i), (i, h)];
-    let mut flops = 0.0;
-    let mut secs = 0.0;
-    for (k, m) in shapes {
-        let x = Tensor::randn(0f32, 1.0, (n, k), device)?;
-        let w = Tensor::randn(0f32, 1.0, (m, k), device)?;
-        x.matmul(&w.t()?)?; // warm-up
-        let iters = 16;
-        let t = Instant::now();
-        for _ in 0..iters {
-            x.matmul(&w.t()?)?;
-        }
-        secs += t.elapsed().as_secs_f64();
-        flops += 2.0 * (n * k * m) as f64 * iters as f64;
-    }
-    Ok(flops / secs / 1e9)
+    Ok(softprompt::model::cost::matmul_rate(cfg, device, n, 16)?)
 }

@@ -2,6 +2,7 @@
 //! forward. One [`Model`] is loaded per process and shared by every task.
 
 pub mod config;
+pub mod cost;
 pub mod device;
 pub mod encoder;
 pub mod kernels;
