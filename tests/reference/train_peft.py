@@ -106,11 +106,13 @@ def train(args):
     labels = sorted({r["label"] for r in tr})
     lid = {l: i for i, l in enumerate(labels)}
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = BertForSequenceClassification.from_pretrained(args.model, num_labels=len(labels))
-    model.config.hidden_dropout_prob = 0.0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    # No dropout anywhere, as softprompt trains: the config values reach the
+    # nn.Dropout modules and SDPA's `dropout_p` (a float the attention keeps,
+    # which setting nn.Dropout.p afterwards would miss).
+    model = BertForSequenceClassification.from_pretrained(
+        args.model, num_labels=len(labels), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(getattr(m, "dropout_prob", 0.0) == 0.0 for m in model.modules())
     if args.mean_pooling:
         model.bert.pooler = MeanPooler()
     n = args.virtual_tokens
@@ -124,6 +126,16 @@ def train(args):
         cfg = PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=n,
                                  prefix_projection=args.reparam == "mlp", encoder_hidden_size=model.config.hidden_size)
     model = get_peft_model(model, cfg)
+    if args.init == "vocab" and args.method != "prompt-tuning":
+        # softprompt's default for encoders of hidden width: the encoder's input
+        # rows start as sampled vocabulary embeddings (PEFT's own: N(0, 1)).
+        emb = model.prompt_encoder["default"].embedding.weight
+        if emb.shape[1] != model.config.hidden_size:
+            raise SystemExit("--init vocab needs a prompt of hidden width (an MLP/LSTM encoder)")
+        words = model.get_base_model().bert.embeddings.word_embeddings.weight
+        ids = torch.randint(0, words.shape[0], (emb.shape[0],), generator=torch.Generator().manual_seed(args.seed))
+        with torch.no_grad():
+            emb.copy_(words[ids])
     model.print_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     head = [p for n_, p in model.named_parameters() if p.requires_grad and "classifier" in n_]
@@ -159,7 +171,7 @@ def train(args):
             sched.step()
             opt.zero_grad()
             step += 1
-            if step % 20 == 0:
+            if step % args.log_every == 0:
                 print(f"step {step}/{total} loss {loss.item():.4f} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     train_s = time.time() - t0
     model.eval()
@@ -169,7 +181,7 @@ def train(args):
             rows = te[i:i + 64]
             logits = model(**batch(rows)).logits
             correct += sum(int(p) == lid[r["label"]] for p, r in zip(logits.argmax(-1), rows))
-    res = {"data": args.data, "method": args.method, "reparam": args.reparam, "mean_pooling": args.mean_pooling,
+    res = {"data": args.data, "method": args.method, "reparam": args.reparam, "init": args.init, "mean_pooling": args.mean_pooling,
            "steps": total, "batch_size": args.batch_size, "lr": args.lr, "virtual_tokens": n,
            "max_tokens": args.max_tokens, "test_accuracy": correct / len(te), "train_seconds": round(train_s, 1),
            "threads": args.threads}
@@ -184,6 +196,9 @@ def main():
     ap.add_argument("--method", choices=["prompt-tuning", "p-tuning", "p-tuning-v2"], default="prompt-tuning")
     ap.add_argument("--reparam", choices=["none", "mlp", "lstm"], default="none")
     ap.add_argument("--virtual-tokens", type=int, default=10)
+    ap.add_argument("--init", choices=["peft", "vocab"], default="peft",
+                    help="p-tuning / p-tuning-v2 encoder input: PEFT's N(0, 1) or sampled vocabulary embeddings "
+                         "(softprompt's default); prompt-tuning always samples the vocabulary")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--steps", type=int)
@@ -192,6 +207,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--mean-pooling", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=20, help="print the training loss every N steps")
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args()
     if args.fixtures:
