@@ -42,6 +42,9 @@ from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_fixtures import run_peft  # noqa: E402  (the same forward that produced expected.json)
+
 REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "tests" / "fixtures"
 TOL = 1e-5
@@ -71,38 +74,10 @@ def encode(tokenizer, inputs):
 
 
 @torch.no_grad()
-def prefix_forward_by_hand(pm, batch):
-    """What PeftModelForSequenceClassification._prefix_tuning_forward does, written out."""
-    cfg = pm.active_peft_config
-    bsz = batch["input_ids"].shape[0]
-    mask = torch.cat(
-        [torch.ones(bsz, cfg.num_virtual_tokens, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1
-    )
-    base = pm.get_base_model()
-    is_roberta = base.config.model_type == "roberta"
-    backbone = base.roberta if is_roberta else base.bert
-    out = backbone(
-        input_ids=batch["input_ids"],
-        attention_mask=mask,
-        token_type_ids=batch["token_type_ids"],
-        past_key_values=pm.get_prompt(bsz),
-    )
-    features = out.last_hidden_state if is_roberta else out.pooler_output
-    return base.classifier(features)
-
-
-@torch.no_grad()
 def run(pm, batch):
-    is_prefix = pm.active_peft_config.peft_type == peft.PeftType.PREFIX_TUNING
-    if is_prefix and pm.get_base_model().config.model_type == "roberta":
-        return prefix_forward_by_hand(pm, batch), "by hand (PEFT's RoBERTa prefix forward crashes)"
-    logits = pm(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
-    ).logits
-    if is_prefix:
-        by_hand = prefix_forward_by_hand(pm, batch)
-        assert torch.allclose(logits, by_hand, atol=1e-6, rtol=0), (logits - by_hand).abs().max()
-    return logits, "PeftModel forward"
+    """make_fixtures.py's PeftModel call (by hand for RoBERTa prefixes), and how it was made."""
+    logits, note = run_peft(pm, batch)
+    return logits, ("by hand (PEFT's RoBERTa prefix forward crashes)" if note else "PeftModel forward")
 
 
 @torch.no_grad()
