@@ -20,7 +20,7 @@ for t in "${@:-sentiment topic spam}"; do
     sentiment) run sentiment --method prompt-tuning --virtual-tokens 10 --init vocab \
         --batch-size 32 --epochs 1 --lr 0.03 --eval-every 66 --val-fraction 0.05 --max-tokens 128 ;;
     topic) run topic --method p-tuning-v2 --reparam mlp --virtual-tokens 10 \
-        --batch-size 16 --epochs 3 --lr 0.01 --head-lr 0.03 --eval-every 25 --val-fraction 0.1 --max-tokens 128 --patience 4 ;;
+        --batch-size 16 --epochs 3 --lr 0.01 --head-lr 0.03 --eval-every 25 --val-fraction 0.1 --max-tokens 128 --patience 4 --seed 7 ;;
     spam) run spam --method p-tuning --reparam mlp --virtual-tokens 10 \
         --batch-size 16 --epochs 1 --lr 0.01 --head-lr 0.03 --eval-every 48 --val-fraction 0.05 --max-tokens 128 --patience 4 ;;
     *) echo "unknown task $task" >&2; exit 2 ;;
