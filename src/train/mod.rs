@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use crate::profile::time;
 use std::time::Instant;
 
 use crate::engine::{Engine, Row, TaskModel};
@@ -353,10 +354,10 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
         }
         let batch: Vec<&Sample> = batches[st.step % per_epoch].iter().map(|&i| &train[i]).collect();
         let f = lr_factor(st.step, total, warmup);
-        let task = params.task_model()?;
-        let loss = batch_loss(engine, &task, &batch)?;
-        let grads = loss.backward()?;
-        opt.step(&grads, &[cfg.lr * f, cfg.head_lr * f])?;
+        let task = time("train.prompt_encoder", || params.task_model())?;
+        let loss = time("train.forward", || batch_loss(engine, &task, &batch))?;
+        let grads = time("train.backward", || loss.backward())?;
+        time("train.optimizer", || opt.step(&grads, &[cfg.lr * f, cfg.head_lr * f]))?;
         let l = loss.to_scalar::<f32>()? as f64;
         anyhow::ensure!(l.is_finite(), "step {}: loss is {l}; lower --lr", st.step + 1);
         loss_sum += l;
@@ -374,7 +375,7 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
                 best = params.values()?;
                 st.best_step = st.step;
             } else {
-                let acc = accuracy(engine, &params.fold()?, val, cfg.eval_batch)?;
+                let acc = time("train.validation", || accuracy(engine, &params.fold()?, val, cfg.eval_batch))?;
                 st.evals.push(EvalPoint { step: st.step, train_loss, val_accuracy: acc });
                 if st.best_val_accuracy.is_none_or(|b| acc > b) {
                     st.best_val_accuracy = Some(acc);
@@ -396,6 +397,11 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
                 break;
             }
         }
+    }
+    if crate::profile::on() {
+        // SOFTPROMPT_PROFILE=1: where the steps went. The forward's own rows
+        // (qkv.matmul, attn.*, …) are inside train.forward.
+        pb.suspend(crate::profile::print);
     }
     if interrupted {
         checkpoint(&st, &best, &opt)?;
