@@ -19,12 +19,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from transformers import AutoModel, AutoTokenizer
 
+from baseline import load  # (texts, labels) of one JSONL split, as the baseline reads it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def read(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(l) for l in f if l.strip()]
 
 
 @torch.no_grad()
@@ -49,15 +46,15 @@ def main():
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModel.from_pretrained(args.model).eval()
     for task in args.tasks:
-        tr = read(os.path.join(ROOT, "data", task, "train.jsonl"))
-        te = read(os.path.join(ROOT, "data", task, "test.jsonl"))
+        tr_text, tr_label = load(os.path.join(ROOT, "data", task, "train.jsonl"))
+        te_text, te_label = load(os.path.join(ROOT, "data", task, "test.jsonl"))
         for n in args.max_tokens:
             t0 = time.time()
-            xtr = embed(model, tok, [r["text"] for r in tr], n)
-            xte = embed(model, tok, [r["text"] for r in te], n)
+            xtr = embed(model, tok, tr_text, n)
+            xte = embed(model, tok, te_text, n)
             sc = StandardScaler().fit(xtr)
-            clf = LogisticRegression(C=1.0, max_iter=3000).fit(sc.transform(xtr), [r["label"] for r in tr])
-            acc = clf.score(sc.transform(xte), [r["label"] for r in te])
+            clf = LogisticRegression(C=1.0, max_iter=3000).fit(sc.transform(xtr), tr_label)
+            acc = clf.score(sc.transform(xte), te_label)
             print(json.dumps({"task": task, "max_tokens": n, "probe_test_accuracy": round(acc, 4),
                               "seconds": round(time.time() - t0, 1)}), flush=True)
 
