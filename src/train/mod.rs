@@ -30,11 +30,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use crate::profile::time;
 use std::time::Instant;
 
 use crate::engine::{Engine, Row, TaskModel};
 use crate::model::OpsMode;
+use crate::profile::time;
 pub use data::{Example, Sample};
 pub use metrics::Metrics;
 pub use params::{Method, Params, PromptInit, Reparam, Spec};
