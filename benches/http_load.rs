@@ -294,8 +294,8 @@ async fn main() {
         "127.0.0.1:0",
         "--admin-token",
         TOKEN,
-        "--queue-capacity",
-        "4096",
+        "--max-queued-tokens",
+        "262144",
     ])
     .unwrap();
     println!(

@@ -7,8 +7,12 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "softprompt", version, about = "Serve and train soft-prompt classification tasks on one frozen transformer")]
 struct Cli {
-    /// Log as JSON lines instead of human-readable text.
-    #[arg(long, global = true, env = "SOFTPROMPT_LOG_JSON")]
+    /// Log format: text (coloured only on a terminal) or json (one object
+    /// per line).
+    #[arg(long, global = true, env = "SOFTPROMPT_LOG_FORMAT", value_enum, default_value_t = softprompt::logging::LogFormat::Text)]
+    log_format: softprompt::logging::LogFormat,
+    /// Same as --log-format json (kept for existing deployments).
+    #[arg(long, global = true, env = "SOFTPROMPT_LOG_JSON", hide = true)]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
@@ -28,7 +32,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    softprompt::logging::init(cli.log_json);
+    let format = if cli.log_json { softprompt::logging::LogFormat::Json } else { cli.log_format };
+    softprompt::logging::init(format);
     let result = match cli.command {
         Command::Inspect(args) => softprompt::task::cli::inspect(args),
         Command::Serve(args) => softprompt::server::run(args),

@@ -189,45 +189,62 @@ async fn every_request_error_of_the_contract() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_queue_answers_429_with_retry_after_instead_of_growing() {
+async fn admission_counts_tokens_and_refuses_before_tokenizing() {
+    // pt_random_2 has 2 virtual tokens and a text budget of 62 (tiny model:
+    // 64 positions). A truncated input longer than the budget costs exactly
+    // 62 + 2 = 64 tokens; its bound before tokenizing is the same.
     let store = store_with(&["pt_random_2"]);
     let mut f = flags(store.path());
-    f.extend(["--queue-capacity", "4", "--max-inputs", "4"].map(String::from));
+    f.extend(["--max-queued-tokens", "150", "--max-inputs", "4"].map(String::from));
     let s = Arc::new(start(&f).await);
     let reference = Reference::new();
     let task = fixture_task("pt_random_2");
-    let inputs = sample_inputs();
+    let long = "the movie was great but far too long for its own good ".repeat(3);
     let pause = s.server.batcher().pause();
 
-    let first: Vec<Value> = inputs[..3].iter().map(In::json).collect();
     let held = {
-        let s = s.clone();
-        tokio::spawn(async move { s.classify("pt_random_2", &json!({"inputs": first})).await })
+        let (s, long) = (s.clone(), long.clone());
+        tokio::spawn(async move {
+            s.classify("pt_random_2", &json!({"inputs": [long, long], "parameters": {"truncate": true}}))
+                .await
+        })
     };
-    s.until("3 rows queued", |srv| srv.batcher().waiting() == 3).await;
+    s.until("2 long rows queued", |srv| srv.batcher().waiting() == 2).await;
+    assert_eq!(s.server.batcher().admitted_tokens(), 128);
 
-    // 3 waiting + 2 > 4: refused whole, nothing half-admitted.
-    let resp = s.classify("pt_random_2", &json!({"inputs": ["x", "y"]})).await;
+    // One row, but 64 more tokens than the 22 left: refused in tokens, not
+    // rows. The input is also too long without truncate (a 422 once
+    // tokenized): the 429 shows that admission came first.
+    let resp = s.classify("pt_random_2", &json!({"inputs": long})).await;
     let (status, kind, headers) = error_of(resp).await;
     assert_eq!((status, kind.as_str()), (429, "queue_full"));
     assert!(headers["retry-after"].to_str().unwrap().parse::<u32>().unwrap() >= 1);
-    assert_eq!(s.server.batcher().waiting(), 3);
+    assert_eq!(s.server.batcher().waiting(), 2);
 
-    // One more row still fits.
+    // A request that could never fit is a 422, not an endless 429.
+    let resp = s
+        .classify("pt_random_2", &json!({"inputs": [long, long, long], "parameters": {"truncate": true}}))
+        .await;
+    let (status, kind, _) = error_of(resp).await;
+    assert_eq!((status, kind.as_str()), (422, "validation"));
+
+    // A short row still fits.
+    let inputs = sample_inputs();
     let last = {
         let s = s.clone();
         let one = inputs[4].json();
         tokio::spawn(async move { s.classify("pt_random_2", &json!({"inputs": one})).await })
     };
-    s.until("4 rows queued", |srv| srv.batcher().waiting() == 4).await;
+    s.until("3 rows queued", |srv| srv.batcher().waiting() == 3).await;
     drop(pause);
 
-    let body: Value = held.await.unwrap().json().await.unwrap();
-    for i in 0..3 {
-        reference.check(&task, &inputs[i], &body[i], true);
-    }
+    let resp = held.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body.as_array().unwrap().len(), 2);
     let body: Value = last.await.unwrap().json().await.unwrap();
     reference.check(&task, &inputs[4], &body[0], true);
+    s.until("tokens given back", |srv| srv.batcher().admitted_tokens() == 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,12 +402,19 @@ async fn admin_routes_need_the_bearer_token() {
     let store = store_with(&["pt_random_2"]);
     let s = start(&flags(store.path())).await;
     let attempts = [None, Some("Bearer wrong"), Some("Basic dGVzdA=="), Some(TOKEN)];
-    for auth in attempts {
+    for (i, auth) in attempts.into_iter().enumerate() {
+        // Each kind of attempt from its own loopback address: failed logins
+        // slow their client down after a few (tests/hardening.rs), and
+        // three per client stay below that.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .local_address(std::net::IpAddr::from([127, 0, 0, 2 + i as u8]))
+            .build()
+            .unwrap();
         let mut reqs = vec![
-            s.http.get(s.url("/admin/tasks")),
-            s.http.delete(s.url("/admin/tasks/pt_random_2")),
-            s.http
-                .put(s.url("/admin/tasks/x"))
+            http.get(s.url("/admin/tasks")),
+            http.delete(s.url("/admin/tasks/pt_random_2")),
+            http.put(s.url("/admin/tasks/x"))
                 .header("content-type", "application/octet-stream")
                 .body("junk"),
         ];

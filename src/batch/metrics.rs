@@ -17,3 +17,5 @@ pub const BATCH_SECONDS: &str = "softprompt_batch_seconds";
 pub const ROWS_ABANDONED: &str = "softprompt_rows_abandoned_total";
 /// Counter: forward passes that failed.
 pub const BATCH_FAILURES: &str = "softprompt_batch_failures_total";
+/// Gauge: tokens admitted and not yet answered (the admission bound's use).
+pub const ADMITTED_TOKENS: &str = "softprompt_admitted_tokens";

@@ -1,5 +1,5 @@
-//! The bounded queue between admission (async handlers) and the inference
-//! thread. A plain mutex + condvar: the worker is a std thread and blocks;
+//! The queue between admission (async handlers) and the inference thread;
+//! its bound is the token admission in front of it ([`super::admission`]). A plain mutex + condvar: the worker is a std thread and blocks;
 //! handlers only ever hold the lock for a push.
 
 use std::collections::VecDeque;
@@ -20,14 +20,13 @@ struct State {
 pub(super) struct Queue {
     state: Mutex<State>,
     ready: Condvar,
-    capacity: usize,
     abandoned: AtomicU64,
     batches: AtomicU64,
     rows_run: AtomicU64,
 }
 
 impl Queue {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new() -> Self {
         Queue {
             state: Mutex::new(State {
                 entries: VecDeque::new(),
@@ -35,7 +34,6 @@ impl Queue {
                 paused: 0,
             }),
             ready: Condvar::new(),
-            capacity,
             abandoned: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             rows_run: AtomicU64::new(0),
@@ -53,14 +51,6 @@ impl Queue {
         let mut s = self.lock();
         if s.closed {
             return Err(BatchError::Closed);
-        }
-        let waiting = s.entries.len();
-        if waiting + entries.len() > self.capacity {
-            return Err(BatchError::QueueFull {
-                waiting,
-                requested: entries.len(),
-                capacity: self.capacity,
-            });
         }
         s.entries.extend(entries);
         metrics::gauge!(m::QUEUE_ROWS).set(s.entries.len() as f64);
@@ -102,6 +92,21 @@ impl Queue {
         s.paused = s.paused.saturating_sub(1);
         drop(s);
         self.ready.notify_all();
+    }
+
+    /// True once [`Queue::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Answers every queued row [`BatchError::Closed`] and empties the
+    /// queue: for when nobody will compute them.
+    pub fn fail_all(&self) {
+        let entries: Vec<Entry> = self.lock().entries.drain(..).collect();
+        metrics::gauge!(m::QUEUE_ROWS).set(0.0);
+        for e in entries {
+            let _ = e.reply.send(Err(BatchError::Closed));
+        }
     }
 
     /// Refuses further pushes; queued rows are still handed out.

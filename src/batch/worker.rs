@@ -21,8 +21,16 @@ pub(super) fn run(engine: Engine, config: BatchConfig, queue: Arc<Queue>, warm: 
         // and the log says why, rather than failing requests one by one.
         Err(e) => tracing::error!(error = %e, "engine warm-up failed; the server will not report ready"),
     }
+    let mut batches = 0u64;
     while let Some(batch) = queue.next_batch(&config) {
-        run_batch(&engine, &queue, batch);
+        if config.faults.worker_panic_after.is_some_and(|n| batches >= n) {
+            panic!("injected fault: worker-panic-after={batches}");
+        }
+        if let Some(delay) = config.faults.batch_delay {
+            std::thread::sleep(delay);
+        }
+        run_batch(&engine, &queue, batch, config.faults.batch_fail);
+        batches += 1;
     }
     tracing::debug!("inference thread stopped");
 }
@@ -43,7 +51,7 @@ fn warm_up(engine: &Engine) -> Result<(), String> {
     Ok(())
 }
 
-fn run_batch(engine: &Engine, queue: &Queue, batch: Vec<Entry>) {
+fn run_batch(engine: &Engine, queue: &Queue, batch: Vec<Entry>, inject_failure: bool) {
     let started = Instant::now();
     // Last look for hung-up clients: their rows would be computed for nobody.
     let (batch, gone): (Vec<Entry>, Vec<Entry>) = batch.into_iter().partition(|e| !e.reply.is_closed());
@@ -71,10 +79,15 @@ fn run_batch(engine: &Engine, queue: &Queue, batch: Vec<Entry>) {
         .collect();
     // A panic in the engine must not take the thread (and so every later
     // request) down with it: it fails this batch only.
-    let result = match catch_unwind(AssertUnwindSafe(|| engine.classify(&rows))) {
+    let result = match catch_unwind(AssertUnwindSafe(|| {
+        if inject_failure {
+            return Err(candle_core::Error::Msg("injected fault: batch-fail".into()).into());
+        }
+        engine.classify(&rows)
+    })) {
         Ok(Ok(logits)) => Ok(logits),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(panic) => Err(panic_message(panic)),
+        Err(panic) => Err(format!("engine panicked: {}", panic_text(&*panic))),
     };
     drop(rows);
     metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
@@ -87,7 +100,9 @@ fn run_batch(engine: &Engine, queue: &Queue, batch: Vec<Entry>) {
         }
         Err(err) => {
             metrics::counter!(m::BATCH_FAILURES).increment(1);
-            tracing::error!(error = %err, rows = batch.len(), "batch failed");
+            let mut requests: Vec<&str> = batch.iter().map(|e| &*e.request_id).collect();
+            requests.dedup();
+            tracing::error!(error = %err, rows = batch.len(), requests = ?requests, "batch failed");
             let err = BatchError::Engine(err);
             for e in batch {
                 let _ = e.reply.send(Err(err.clone()));
@@ -96,11 +111,10 @@ fn run_batch(engine: &Engine, queue: &Queue, batch: Vec<Entry>) {
     }
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    let msg = p
-        .downcast_ref::<&str>()
+/// The message of a caught panic.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
-    format!("engine panicked: {msg}")
+        .unwrap_or_else(|| "unknown panic".into())
 }

@@ -42,7 +42,7 @@ impl Encoded {
 pub enum TokenizeError {
     #[error("input is {found} tokens but at most {max} fit next to this task's prompt; shorten it or set truncate")]
     TooLong { found: usize, max: usize },
-    #[error("input text is empty")]
+    #[error("input text is empty (nothing but whitespace or control characters)")]
     Empty,
     #[error("tokenizer failed: {0}")]
     Tokenizer(String),
@@ -132,6 +132,11 @@ impl TextTokenizer {
             Some(p) => Some(self.inner.encode(p, false).map_err(tk)?),
             None => None,
         };
+        // Text that normalizes to nothing (NUL or other control characters
+        // only) is empty too, as whitespace-only text is.
+        if a.is_empty() || b.as_ref().is_some_and(|b| b.is_empty()) {
+            return Err(TokenizeError::Empty);
+        }
         let added = self.added_tokens(b.is_some());
         let found = a.len() + b.as_ref().map_or(0, |b| b.len()) + added;
         let (a, b) = if found > max_len {

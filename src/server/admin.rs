@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use utoipa::ToSchema;
@@ -20,6 +20,7 @@ use super::api::{ErrorResponse, TaskDetails, UploadResponse};
 use super::auth::Admin;
 use super::classify::body_error;
 use super::error::ApiError;
+use super::extract::TaskPath;
 use super::state::AppState;
 use super::upload::{AdapterParts, UploadError, native_task};
 use crate::registry::validate_id;
@@ -60,18 +61,25 @@ pub struct AdapterUpload {
         (status = 415, description = "Unsupported content type", body = ErrorResponse),
         (status = 422, description = "Invalid task id, task file or adapter", body = ErrorResponse),
         (status = 500, description = "Store write failed", body = ErrorResponse),
-        (status = 503, description = "Not ready, shutting down, or the shared store cannot be reached", body = ErrorResponse),
+        (status = 503, description = "Not ready, shutting down, other uploads took every turn for too long, or the shared store cannot be reached", body = ErrorResponse),
     ),
     security(("admin_token" = []))
 )]
 pub async fn put_task(
     _admin: Admin,
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    TaskPath(id): TaskPath,
     req: Request,
 ) -> Result<Response, ApiError> {
     let core = state.core()?;
     validate_id(&id)?;
+    // Bounded before the body is read: each upload in progress holds about
+    // twice its size (the body, then the parsed task and its native bytes).
+    let wait = state.args.request_timeout();
+    let _permit = tokio::time::timeout(wait, state.upload_permits.clone().acquire_owned())
+        .await
+        .map_err(|_| ApiError::UploadsBusy(wait.as_millis() as u64))?
+        .map_err(|_| ApiError::ShuttingDown)?;
     let task = read_task(&state, req).await?;
     // Validate and place on the device before any write.
     let (task, loaded) = {
@@ -137,7 +145,7 @@ async fn read_task(state: &Arc<AppState>, req: Request) -> Result<Task, ApiError
 pub async fn delete_task(
     _admin: Admin,
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    TaskPath(id): TaskPath,
 ) -> Result<StatusCode, ApiError> {
     let core = state.core()?;
     if validate_id(&id).is_err() {

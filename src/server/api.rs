@@ -16,8 +16,31 @@ pub struct ClassifyRequest {
     /// in order, either way.
     pub inputs: Inputs,
     /// Optional scoring parameters.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     pub parameters: Parameters,
+}
+
+/// Deserializes a struct from a JSON object only: serde's derived structs
+/// also accept a sequence of their fields in order (`[1, "none", true]`),
+/// which no client means.
+fn object<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(d: D) -> Result<T, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        v @ Value::Object(_) => T::deserialize(v).map_err(D::Error::custom),
+        other => Err(D::Error::custom(format!("expected a JSON object, found {}", json_kind(&other)))),
+    }
+}
+
+/// The JSON type of a value, for messages.
+pub fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// One input or a batch of inputs.
@@ -278,8 +301,12 @@ pub struct ReadyResponse {
     /// True exactly when the status code is 200.
     pub ready: bool,
     /// `ready`, `loading`, `waiting_for_store` (start-up cannot read the
-    /// prompt store; retrying), `warming_up` or `draining`.
+    /// prompt store; retrying), `warming_up`, `draining`, or `failed` (a
+    /// worker died; the process exits non-zero shortly).
     pub status: String,
+    /// Why the server failed, when `status` is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// The prompt store as this replica sees it. A store that becomes
     /// unreachable after start-up does not make the replica unready: it
     /// keeps serving the tasks it has (stale beats nothing) and says so here.

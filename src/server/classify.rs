@@ -1,17 +1,20 @@
-//! `POST /v1/tasks/{task}/classify`: validate and tokenize in the handler,
-//! queue the rows, wait for the batcher, rank the scores.
+//! `POST /v1/tasks/{task}/classify`: parse, admit (in tokens, before any
+//! tokenizing), tokenize, queue the rows, wait for the batcher, rank the
+//! scores. The whole request runs under `--request-timeout-ms`
+//! (`super::timeouts::request_deadline`).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
-use axum::http::HeaderValue;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
 use super::api::{ClassifyRequest, ClassifyResponse, ErrorResponse};
 use super::error::ApiError;
+use super::extract::TaskPath;
 use super::metrics::{CLASSIFY_REQUESTS, TASK_INPUTS, TASK_REQUESTS, UNKNOWN_TASK};
 use super::state::AppState;
 use super::{input, scores};
@@ -32,19 +35,26 @@ pub const TASK_VERSION_HEADER: &str = "x-task-version";
             headers(("x-task-version" = String, description = "Version of the task that scored the request"))),
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 404, description = "Unknown task", body = ErrorResponse),
+        (status = 408, description = "The body did not arrive within --body-timeout-ms", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
-        (status = 422, description = "Invalid input or parameter: empty text, too long without truncate, too many inputs", body = ErrorResponse),
-        (status = 429, description = "Queue full; retry after the Retry-After header", body = ErrorResponse),
+        (status = 422, description = "Invalid input or parameter: empty text, too long without truncate, too many inputs, more tokens than the server ever admits", body = ErrorResponse),
+        (status = 429, description = "Server busy (admitted tokens at their bound); retry after the Retry-After header", body = ErrorResponse),
         (status = 500, description = "Inference failed", body = ErrorResponse),
         (status = 503, description = "Not ready, shutting down, or timed out", body = ErrorResponse),
     )
 )]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
-    Path(task): Path<String>,
+    TaskPath(task): TaskPath,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let result = run(&state, &task, body).await;
+    let request_id: Arc<str> = headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .into();
+    let result = run(&state, &task, request_id, body).await;
     let outcome = match &result {
         Ok(_) => "ok",
         Err(e) => e.error_type(),
@@ -70,25 +80,31 @@ pub async fn classify(
 async fn run(
     state: &AppState,
     id: &str,
+    request_id: Arc<str>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(String, ClassifyResponse), ApiError> {
     let core = state.core()?;
     let body = body.map_err(|e| body_error(e, state.args.body_limit))?;
     let (inputs, params) = input::parse(&body, state.args.max_inputs)?;
-    // Admission: the version resolved here scores every input of the request.
+    drop(body);
+    // The version resolved here scores every input of the request.
     let task = core.registry.get(id).ok_or_else(|| ApiError::TaskNotFound(id.to_string()))?;
     let budget = task.model.text_budget(core.model.config());
+    // Admission before any tokenizing: a full server refuses here.
+    let prompt = task.model.shallow_len() + task.model.deep_len();
+    let ticket = core.batcher.admit(input::token_bound(&inputs, budget, prompt))?;
     let model = core.model.clone();
     let truncate = params.truncate;
     let encoded = tokio::task::spawn_blocking(move || input::tokenize(&model.tokenizer, &inputs, budget, truncate))
         .await
         .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))??;
-    let pending = core.batcher.submit(task.clone(), encoded)?;
-    let timeout = state.args.request_timeout();
-    // On timeout the pending rows are dropped, and the worker skips them.
-    let logits = tokio::time::timeout(timeout, pending.wait())
-        .await
-        .map_err(|_| ApiError::Timeout(timeout.as_millis() as u64))??;
+    let pending = core.batcher.submit(ticket, request_id, task.clone(), encoded)?;
+    // Dropping `pending` (timeout, hang-up, shutdown bound) abandons the
+    // rows not yet computed; the worker skips them.
+    let logits = tokio::select! {
+        logits = pending.wait() => logits?,
+        _ = state.lifecycle.expired() => return Err(ApiError::ShuttingDown),
+    };
     let top_k = params.top_k.map(|k| k as usize);
     let answer = logits
         .iter()
@@ -97,10 +113,16 @@ async fn run(
     Ok((task.version.clone(), ClassifyResponse(answer)))
 }
 
-/// A body that could not be buffered: over the limit, or broken off.
+/// Header carrying the request id (taken from the client or made).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A body that could not be buffered: over the limit, too slow, or broken
+/// off.
 pub fn body_error(e: BytesRejection, limit: usize) -> ApiError {
     if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::BodyTooLarge { limit }
+    } else if let Some(ms) = super::timeouts::body_deadline(&e) {
+        ApiError::BodyTimeout(ms)
     } else {
         ApiError::Body(e.body_text())
     }

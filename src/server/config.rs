@@ -53,9 +53,13 @@ pub struct ServeArgs {
     /// batch when traffic is light.
     #[arg(long, env = "SOFTPROMPT_BATCH_WAIT_MS", default_value_t = 2)]
     pub batch_wait_ms: u64,
-    /// Most rows (inputs) waiting for the engine; past it requests get 429.
-    #[arg(long, env = "SOFTPROMPT_QUEUE_CAPACITY", default_value_t = 1024)]
-    pub queue_capacity: usize,
+    /// Most tokens admitted and not yet answered (text, virtual tokens and
+    /// deep prefix positions of every row). A request reserves an upper
+    /// bound of its tokens before it is tokenized; past the bound it gets
+    /// 429 with Retry-After at once. Keep it small enough that the engine
+    /// works through it well within --request-timeout-ms.
+    #[arg(long, env = "SOFTPROMPT_MAX_QUEUED_TOKENS", default_value_t = crate::batch::DEFAULT_MAX_QUEUED_TOKENS)]
+    pub max_queued_tokens: usize,
     /// Most inputs in one classify request.
     #[arg(long, env = "SOFTPROMPT_MAX_INPUTS", default_value_t = 64)]
     pub max_inputs: usize,
@@ -65,11 +69,38 @@ pub struct ServeArgs {
     /// Largest task upload body (admin routes), in bytes.
     #[arg(long, env = "SOFTPROMPT_UPLOAD_LIMIT", default_value_t = 64 << 20)]
     pub upload_limit: usize,
-    /// How long (ms) a classify request may take, queue included, before it
-    /// is answered 503 and its rows are abandoned.
+    /// How long (ms) a classify request may take from its header to its
+    /// answer (body read, queue and compute included) before it is
+    /// answered 503 `timeout` and its rows are abandoned.
     #[arg(long, env = "SOFTPROMPT_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
-    /// Bearer token of the admin routes. Without a token (here or in
+    /// Most open client connections. At the bound, connections idle for
+    /// 250 ms or more are closed to make room and new ones wait in the
+    /// kernel's backlog. Clamped to the open-files limit (raised to its hard
+    /// limit at start) minus a reserve for the store and the model.
+    #[arg(long, env = "SOFTPROMPT_MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+    /// A request's header must arrive within this many ms of its first byte,
+    /// or the connection is closed (slow clients).
+    #[arg(long, env = "SOFTPROMPT_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// A request's whole body must arrive within this many ms of its header,
+    /// or it is answered 408 `body_timeout` and the connection closed.
+    #[arg(long, env = "SOFTPROMPT_BODY_TIMEOUT_MS", default_value_t = 60_000)]
+    pub body_timeout_ms: u64,
+    /// A connection with no request in flight is closed after this many ms
+    /// (keep-alive). Keep it above the load balancer's own keep-alive
+    /// timeout (nginx: keepalive_timeout 60s upstream) to avoid races.
+    #[arg(long, env = "SOFTPROMPT_IDLE_TIMEOUT_MS", default_value_t = 75_000)]
+    pub idle_timeout_ms: u64,
+    /// Most task uploads parsed and validated at once; further uploads
+    /// wait for a turn (up to --request-timeout-ms, then 503), so memory
+    /// stays about this many times twice the upload size.
+    #[arg(long, env = "SOFTPROMPT_MAX_CONCURRENT_UPLOADS", default_value_t = 2)]
+    pub max_concurrent_uploads: usize,
+    /// Bearer token of the admin routes. Prefer --admin-token-file or the
+    /// SOFTPROMPT_ADMIN_TOKEN variable: a flag is visible to every user in
+    /// `ps`. Without a token (here or in
     /// --admin-token-file) the admin routes refuse every request.
     #[arg(long, env = "SOFTPROMPT_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "admin_token_file")]
     pub admin_token: Option<String>,
@@ -89,6 +120,9 @@ pub struct ServeArgs {
     /// exposition.
     #[arg(long, env = "SOFTPROMPT_METRICS_MAX_TASKS", default_value_t = 100)]
     pub metrics_max_tasks: usize,
+    /// Fault injection for tests (see src/faults.rs); empty in production.
+    #[arg(long, env = "SOFTPROMPT_FAULTS", hide = true, default_value = "")]
+    pub faults: crate::faults::Faults,
 }
 
 /// Why the flags do not describe a server that can start.
@@ -138,20 +172,24 @@ impl ServeArgs {
         };
         positive("max-batch-tokens", self.max_batch_tokens)?;
         positive("max-batch-size", self.max_batch_size)?;
-        positive("queue-capacity", self.queue_capacity)?;
+        positive("max-queued-tokens", self.max_queued_tokens)?;
         positive("max-inputs", self.max_inputs)?;
-        if self.max_inputs > self.queue_capacity {
-            // A request larger than the queue could never be admitted.
-            return Err(ConfigError::Invalid(format!(
-                "--max-inputs ({}) must not exceed --queue-capacity ({})",
-                self.max_inputs, self.queue_capacity
-            )));
+        positive("max-connections", self.max_connections)?;
+        positive("max-concurrent-uploads", self.max_concurrent_uploads)?;
+        for (name, ms) in [
+            ("header-timeout-ms", self.header_timeout_ms),
+            ("body-timeout-ms", self.body_timeout_ms),
+            ("idle-timeout-ms", self.idle_timeout_ms),
+            ("request-timeout-ms", self.request_timeout_ms),
+        ] {
+            positive(name, ms as usize)?;
         }
         Ok(BatchConfig {
             max_batch_tokens: self.max_batch_tokens,
             max_batch_rows: self.max_batch_size,
             wait: Duration::from_millis(self.batch_wait_ms),
-            queue_capacity: self.queue_capacity,
+            max_queued_tokens: self.max_queued_tokens,
+            faults: self.faults.clone(),
         })
     }
 
@@ -163,6 +201,37 @@ impl ServeArgs {
     /// Store poll period; `None` when polling is off.
     pub fn sync_interval(&self) -> Option<Duration> {
         (self.sync_interval_ms > 0).then(|| Duration::from_millis(self.sync_interval_ms))
+    }
+
+    /// Deadline of a request body.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+
+    /// Connection bounds and timeouts, `max_connections` clamped to what
+    /// the open-files limit allows.
+    pub fn conn_config(&self, open_files: Option<u64>) -> crate::server::connections::ConnConfig {
+        // Descriptors the process needs besides client sockets: the model
+        // and store files, the store client's sockets, the runtime.
+        const RESERVE: u64 = 128;
+        let mut max_connections = self.max_connections;
+        if let Some(limit) = open_files {
+            let room = limit.saturating_sub(RESERVE).max(1) as usize;
+            if max_connections > room {
+                tracing::warn!(
+                    requested = max_connections,
+                    open_files_limit = limit,
+                    using = room,
+                    "--max-connections exceeds what the open-files limit allows; lowered"
+                );
+                max_connections = room;
+            }
+        }
+        crate::server::connections::ConnConfig {
+            max_connections,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+        }
     }
 
     /// Bound on graceful shutdown.
@@ -215,8 +284,19 @@ mod tests {
     }
 
     #[test]
-    fn request_larger_than_queue_is_a_config_error() {
-        let a = ServeArgs::try_parse_from(["serve", "--max-inputs", "10", "--queue-capacity", "5"]).unwrap();
-        assert!(a.batch_config().is_err());
+    fn zero_bounds_are_config_errors() {
+        for flag in ["--max-queued-tokens", "--max-connections", "--header-timeout-ms", "--max-concurrent-uploads"] {
+            let a = ServeArgs::try_parse_from(["serve", flag, "0"]).unwrap();
+            let err = a.batch_config().unwrap_err().to_string();
+            assert!(err.contains(&flag[2..]), "{flag}: {err}");
+        }
+    }
+
+    #[test]
+    fn connections_are_clamped_to_the_open_files_limit() {
+        let a = ServeArgs::try_parse_from(["serve", "--max-connections", "5000"]).unwrap();
+        assert_eq!(a.conn_config(Some(1024)).max_connections, 1024 - 128);
+        assert_eq!(a.conn_config(Some(1 << 20)).max_connections, 5000);
+        assert_eq!(a.conn_config(None).max_connections, 5000);
     }
 }

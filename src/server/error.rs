@@ -11,6 +11,7 @@ use super::api::ErrorResponse;
 use super::input::InputError;
 use super::upload::UploadError;
 use crate::batch::BatchError;
+use crate::logging::{RateLimit, WARN_INTERVAL};
 use crate::registry::RegistryError;
 use crate::store::StoreError;
 
@@ -31,6 +32,10 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     Body(String),
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimeout(u64),
+    #[error("invalid path parameter: {0}")]
+    BadPath(String),
     #[error("task {0:?} not found")]
     TaskNotFound(String),
     #[error("no route for {0}")]
@@ -41,10 +46,14 @@ pub enum ApiError {
     NotReady(&'static str),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("other uploads held every upload turn for {0} ms; retry later")]
+    UploadsBusy(u64),
     #[error("request timed out after {0} ms")]
     Timeout(u64),
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    #[error("too many failed admin logins from this client; retry in {retry_after_s} s")]
+    AuthBackoff { retry_after_s: u64 },
     #[error("the admin API is disabled: the server was started without an admin token")]
     AdminDisabled,
     #[error("internal error: {0}")]
@@ -62,6 +71,7 @@ impl ApiError {
                 UploadError::MediaType(_) => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
                 UploadError::TooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
                 UploadError::Malformed(_) => (S::BAD_REQUEST, "malformed_upload"),
+                UploadError::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "body_timeout"),
                 UploadError::MissingPart(_)
                 | UploadError::UnknownPart(_)
                 | UploadError::DuplicatePart(_)
@@ -70,6 +80,7 @@ impl ApiError {
             },
             ApiError::Batch(e) => match e {
                 BatchError::QueueFull { .. } => (S::TOO_MANY_REQUESTS, "queue_full"),
+                BatchError::TooLarge { .. } => (S::UNPROCESSABLE_ENTITY, "validation"),
                 BatchError::Closed => (S::SERVICE_UNAVAILABLE, "shutting_down"),
                 BatchError::Engine(_) => (S::INTERNAL_SERVER_ERROR, "backend"),
             },
@@ -85,13 +96,17 @@ impl ApiError {
             },
             ApiError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Body(_) => (S::BAD_REQUEST, "malformed_body"),
+            ApiError::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "body_timeout"),
+            ApiError::BadPath(_) => (S::BAD_REQUEST, "bad_path"),
             ApiError::TaskNotFound(_) => (S::NOT_FOUND, "not_found"),
             ApiError::NoRoute(_) => (S::NOT_FOUND, "no_route"),
             ApiError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::NotReady(_) => (S::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down"),
+            ApiError::UploadsBusy(_) => (S::SERVICE_UNAVAILABLE, "uploads_busy"),
             ApiError::Timeout(_) => (S::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Unauthorized => (S::UNAUTHORIZED, "unauthorized"),
+            ApiError::AuthBackoff { .. } => (S::TOO_MANY_REQUESTS, "auth_backoff"),
             ApiError::AdminDisabled => (S::UNAUTHORIZED, "admin_disabled"),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -111,14 +126,35 @@ fn registry_status(e: &RegistryError) -> (StatusCode, &'static str) {
 }
 
 /// Seconds a client should wait before retrying a 429 or 503.
-const RETRY_AFTER_S: &str = "1";
+const RETRY_AFTER_S: u64 = 1;
+
+impl ApiError {
+    /// The Retry-After of a 429 or 503.
+    fn retry_after(&self) -> u64 {
+        match self {
+            ApiError::AuthBackoff { retry_after_s } => *retry_after_s,
+            _ => RETRY_AFTER_S,
+        }
+    }
+}
+
+/// One WARN line per error type and interval: a drain or an outage answers
+/// thousands of 503s a second, and each line would say the same.
+fn log_failure(status: StatusCode, error_type: &'static str, error: &str) {
+    static LIMITS: std::sync::OnceLock<dashmap::DashMap<&'static str, RateLimit>> = std::sync::OnceLock::new();
+    let limits = LIMITS.get_or_init(Default::default);
+    let limit = limits.entry(error_type).or_insert_with(|| RateLimit::new(WARN_INTERVAL));
+    if let Some(suppressed) = limit.check() {
+        tracing::warn!(%status, error_type, %error, suppressed, "request failed");
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error_type) = self.classify();
         let error = error_chain(&self);
         if status.is_server_error() {
-            tracing::warn!(%status, error_type, %error, "request failed");
+            log_failure(status, error_type, &error);
         } else {
             tracing::debug!(%status, error_type, %error, "request refused");
         }
@@ -132,7 +168,7 @@ impl IntoResponse for ApiError {
             .into_response();
         let headers = resp.headers_mut();
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after()));
         }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

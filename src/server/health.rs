@@ -65,6 +65,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
         Json(ReadyResponse {
             ready,
             status: status.into(),
+            reason: state.failure(),
             store: StoreStatus {
                 location: store.location,
                 reachable: store.reachable,

@@ -32,6 +32,19 @@ pub enum InputError {
 
 /// Parses and checks a classify body.
 pub fn parse(body: &[u8], max_inputs: usize) -> Result<(Vec<Input>, Parameters), InputError> {
+    // A JSON value's type is its first non-blank byte. serde's derived
+    // structs would also take an array of the fields in order (`["a"]`).
+    let first = body.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first.is_some_and(|b| *b != b'{') {
+        // Not an object: malformed JSON, or JSON of the wrong type?
+        return Err(match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(v) => InputError::Schema(format!(
+                "the body must be a JSON object, found {}",
+                super::api::json_kind(&v)
+            )),
+            Err(e) => InputError::Malformed(e.to_string()),
+        });
+    }
     let req: ClassifyRequest = serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
@@ -53,6 +66,23 @@ pub fn parse(body: &[u8], max_inputs: usize) -> Result<(Vec<Input>, Parameters),
         return Err(InputError::ZeroTopK);
     }
     Ok((inputs, req.parameters))
+}
+
+/// Tokens the request's rows may occupy at most, known before tokenizing:
+/// WordPiece and byte-level BPE make at most one token per byte of text
+/// (plus the special tokens), and no row exceeds the task's text budget.
+/// `prompt` is the task's virtual tokens and deep prefix per row.
+pub fn token_bound(inputs: &[Input], budget: usize, prompt: usize) -> usize {
+    /// [CLS] a [SEP] b [SEP] (BERT) or <s> a </s></s> b </s> (RoBERTa).
+    const SPECIALS: usize = 4;
+    inputs
+        .iter()
+        .map(|input| {
+            let (text, pair) = input.parts();
+            let bytes = text.len() + pair.map_or(0, str::len);
+            bytes.saturating_add(SPECIALS).min(budget) + prompt
+        })
+        .sum()
 }
 
 /// Tokenizes every input within `budget` tokens (the task's text budget);
@@ -112,6 +142,29 @@ mod tests {
         assert!(matches!(err(r#"{"inputs": "a", "parameters": {"function_to_apply": "relu"}}"#), InputError::Schema(_)));
         assert!(matches!(err(r#"{"inputs": "a", "parameters": {"topk": 1}}"#), InputError::Schema(_)));
         assert!(matches!(err(r#"{"inputs": {"text": "a", "extra": 1}}"#), InputError::Schema(_)));
+    }
+
+    #[test]
+    fn body_and_parameters_must_be_objects() {
+        for body in [r#"["a"]"#, r#" [{"text": "a"}]"#, r#""a""#, "3", "null"] {
+            let e = err(body);
+            assert!(matches!(e, InputError::Schema(_)), "{body}: {e:?}");
+            assert!(e.to_string().contains("JSON object"), "{body}: {e}");
+        }
+        for params in [r#"[1, "none", true]"#, "[]", "null", "5"] {
+            let body = format!(r#"{{"inputs": "a", "parameters": {params}}}"#);
+            let e = err(&body);
+            assert!(matches!(e, InputError::Schema(_)), "{body}: {e:?}");
+            assert!(e.to_string().contains("expected a JSON object"), "{body}: {e}");
+        }
+        assert!(parse(br#" {"inputs": "a", "parameters": {}}"#, 4).is_ok());
+    }
+
+    #[test]
+    fn the_token_bound_covers_text_specials_and_prompt_within_the_budget() {
+        let (inputs, _) = parse(br#"{"inputs": ["abc", {"text": "de", "text_pair": "f"}]}"#, 4).unwrap();
+        assert_eq!(token_bound(&inputs, 100, 5), (3 + 4 + 5) + (3 + 4 + 5));
+        assert_eq!(token_bound(&inputs, 6, 5), (6 + 5) * 2);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! On SIGTERM/SIGINT the server starts draining: `/ready` answers 503 at
 //! once, new requests get 503 (the listener stays open so clients get an
 //! answer, not a refused connection), in-flight requests finish, and the
-//! listener closes when none is left or the shutdown bound passes.
+//! listener closes when none is left or the shutdown bound passes. At the
+//! bound, requests still waiting for the engine are answered 503
+//! `shutting_down` ([`Lifecycle::expired`]), so the process exits within
+//! the bound plus a short close grace, whatever the load.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +23,8 @@ use super::state::AppState;
 /// Draining flag and in-flight count, observable by waiters.
 pub struct Lifecycle {
     draining: watch::Sender<bool>,
+    /// Set when the shutdown bound passed with requests still in flight.
+    expired: watch::Sender<bool>,
     in_flight: watch::Sender<usize>,
 }
 
@@ -27,6 +32,7 @@ impl Default for Lifecycle {
     fn default() -> Self {
         Lifecycle {
             draining: watch::Sender::new(false),
+            expired: watch::Sender::new(false),
             in_flight: watch::Sender::new(0),
         }
     }
@@ -49,6 +55,13 @@ impl Lifecycle {
         let _ = rx.wait_for(|d| *d).await;
     }
 
+    /// Resolves once the shutdown bound has passed: waiting requests give
+    /// up and answer 503 `shutting_down`.
+    pub async fn expired(&self) {
+        let mut rx = self.expired.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
     /// Requests being handled now.
     pub fn in_flight(&self) -> usize {
         *self.in_flight.borrow()
@@ -67,10 +80,20 @@ impl Lifecycle {
         self.draining().await;
         let mut rx = self.in_flight.subscribe();
         if tokio::time::timeout(bound, rx.wait_for(|n| *n == 0)).await.is_err() {
-            tracing::warn!(in_flight = self.in_flight(), "shutdown bound reached with requests in flight");
+            tracing::warn!(
+                in_flight = self.in_flight(),
+                "shutdown bound reached with requests in flight; answering them 503"
+            );
+            self.expired.send_replace(true);
+            // The waiting handlers answer at once; give them a moment to
+            // hand their answers to their connections.
+            let _ = tokio::time::timeout(EXPIRED_ANSWER_GRACE, rx.wait_for(|n| *n == 0)).await;
         }
     }
 }
+
+/// How long requests get to answer once the bound expired them.
+const EXPIRED_ANSWER_GRACE: Duration = Duration::from_millis(100);
 
 /// One request in flight.
 pub struct InFlight(Arc<Lifecycle>);

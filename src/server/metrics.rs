@@ -24,6 +24,18 @@ pub const TASK_REQUESTS: &str = "softprompt_task_requests_total";
 pub const TASK_INPUTS: &str = "softprompt_task_inputs_total";
 /// Gauge: tasks served.
 pub const TASKS: &str = "softprompt_tasks";
+/// Gauge: open client connections.
+pub const CONNECTIONS_OPEN: &str = "softprompt_connections_open";
+/// Counter: times the connection bound was reached.
+pub const CONNECTIONS_LIMITED: &str = "softprompt_connections_limited_total";
+/// Counter: connections closed by the server, by reason (`idle`,
+/// `header_timeout`, `shed`).
+pub const CONNECTIONS_CLOSED: &str = "softprompt_connections_closed_total";
+/// Gauge: 1 while a supervised component (`inference`, `store_poller`)
+/// runs, 0 once it died.
+pub const COMPONENT_UP: &str = "softprompt_component_up";
+/// Counter: admin requests refused for a missing or wrong token.
+pub const AUTH_FAILURES: &str = "softprompt_admin_auth_failures_total";
 
 /// The process-wide Prometheus recorder. The `metrics` facade has one
 /// global recorder, so every server in a process (tests start several)

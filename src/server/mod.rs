@@ -10,7 +10,9 @@ pub mod api;
 pub mod auth;
 pub mod classify;
 pub mod config;
+pub mod connections;
 pub mod error;
+pub mod extract;
 pub mod health;
 pub mod input;
 pub mod lifecycle;
@@ -19,8 +21,10 @@ pub mod openapi;
 pub mod routes;
 pub mod scores;
 pub mod state;
+pub mod supervise;
 pub mod sync;
 pub mod tasks;
+pub mod timeouts;
 pub mod upload;
 
 use std::net::SocketAddr;
@@ -68,8 +72,12 @@ pub enum StartError {
     Join(String),
 }
 
-/// Extra time past the drain bound for closing connections.
-const CLOSE_SLACK: Duration = Duration::from_secs(2);
+/// Extra time past the drain bound for closing connections: the close
+/// grace of the accept loop plus a margin.
+const CLOSE_SLACK: Duration = Duration::from_millis(700);
+
+/// How long the inference thread gets, at exit, to finish its batch.
+const WORKER_EXIT_GRACE: Duration = Duration::from_millis(200);
 
 /// A running server (in this process). Tests and benchmarks start it
 /// directly; `softprompt serve` goes through [`run`].
@@ -88,6 +96,7 @@ impl Server {
     pub async fn start(args: ServeArgs) -> Result<Server, StartError> {
         let admin_token = args.resolve_admin_token()?;
         let batch_config = args.batch_config()?;
+        let conn_config = args.conn_config(raise_open_files_limit());
         let listener = TcpListener::bind(&args.addr).await.map_err(|source| StartError::Bind {
             addr: args.addr.clone(),
             source,
@@ -102,7 +111,7 @@ impl Server {
         let state = Arc::new(AppState::new(args, admin_token));
         let app = routes::router(state.clone());
         let drained = state.lifecycle.clone().drained(state.args.shutdown_timeout());
-        let serve = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(drained).await });
+        let serve = tokio::spawn(connections::serve(listener, app, conn_config, drained));
         tracing::info!("listening on http://{addr}");
 
         match load(&state, batch_config).await {
@@ -111,10 +120,12 @@ impl Server {
                 if state.core.set(core).is_err() {
                     unreachable!("the core is set once, here");
                 }
-                if let Some(interval) = state.args.sync_interval() {
+                let poller = state.args.sync_interval().map(|interval| {
                     let lifecycle = state.lifecycle.clone();
-                    tokio::spawn(sync.run(interval, async move { lifecycle.draining().await }));
-                }
+                    let faults = state.args.faults.clone();
+                    tokio::spawn(sync.run(interval, faults, async move { lifecycle.draining().await }))
+                });
+                supervise::start(state.clone(), poller);
             }
             Err(e) => {
                 state.lifecycle.begin_drain();
@@ -170,11 +181,14 @@ impl Server {
         let st = state.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(core) = st.core.get() {
-                core.batcher.shutdown();
+                core.batcher.shutdown(WORKER_EXIT_GRACE);
             }
         })
         .await;
         tracing::info!("server stopped");
+        if let Some(reason) = state.failure() {
+            return Err(std::io::Error::other(format!("stopped because {reason}")));
+        }
         match result {
             Ok(r) => r,
             Err(e) if e.is_cancelled() => Ok(()),
@@ -258,6 +272,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         server.wait().await?;
         anyhow::Ok(())
     });
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    // Blocking work still running (a tokenization, a store write whose
+    // request is gone) must not hold the exit past the shutdown bound.
+    runtime.shutdown_timeout(Duration::from_millis(100));
     result
+}
+
+/// Raises the soft open-files limit to the hard limit (one descriptor per
+/// client connection) and returns the limit now in force, if known.
+fn raise_open_files_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::debug!(open_files_limit = limit, "open-files limit");
+            Some(limit)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+            rlimit::Resource::NOFILE.get().ok().map(|(soft, _)| soft)
+        }
+    }
 }

@@ -4,26 +4,30 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{Method, Uri};
+use axum::http::{Method, Request, Uri};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{MethodRouter, delete, get, post, put};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
+use super::classify::REQUEST_ID_HEADER;
 use super::error::ApiError;
 use super::state::AppState;
-use super::{admin, classify, health, lifecycle, metrics, tasks};
+use super::{admin, classify, health, lifecycle, metrics, tasks, timeouts};
 
 type Handler = MethodRouter<Arc<AppState>>;
 
 /// Every route: path (axum and OpenAPI share the `{param}` syntax), method,
-/// handler with its body limit.
-fn table(body_limit: usize, upload_limit: usize) -> Vec<(&'static str, Method, Handler)> {
+/// handler with its body limit (and classify with its deadline).
+fn table(body_limit: usize, upload_limit: usize, state: Option<&Arc<AppState>>) -> Vec<(&'static str, Method, Handler)> {
+    let mut classify_route = post(classify::classify).layer(DefaultBodyLimit::max(body_limit));
+    if let Some(state) = state {
+        classify_route = classify_route.layer(from_fn_with_state(state.clone(), timeouts::request_deadline));
+    }
     vec![
-        (
-            "/v1/tasks/{task}/classify",
-            Method::POST,
-            post(classify::classify).layer(DefaultBodyLimit::max(body_limit)),
-        ),
+        ("/v1/tasks/{task}/classify", Method::POST, classify_route),
         ("/v1/tasks", Method::GET, get(tasks::list_tasks)),
         ("/v1/tasks/{task}", Method::GET, get(tasks::get_task)),
         (
@@ -42,23 +46,46 @@ fn table(body_limit: usize, upload_limit: usize) -> Vec<(&'static str, Method, H
 
 /// `(method, path)` of every route, for checking the OpenAPI document.
 pub fn endpoints() -> Vec<(Method, &'static str)> {
-    table(1, 1).into_iter().map(|(p, m, _)| (m, p)).collect()
+    table(1, 1, None).into_iter().map(|(p, m, _)| (m, p)).collect()
 }
 
-/// The application: routes, JSON 404/405 for everything else, the drain
-/// gate and per-request metrics.
+/// The application: routes, JSON 404/405 for everything else, and around
+/// them (outermost first) the request id (taken from `x-request-id` or
+/// made, and returned on every response), a tracing span carrying it (so
+/// every log line of the request names it), per-request metrics, the
+/// drain gate and the body deadline.
 pub fn router(state: Arc<AppState>) -> Router {
     let mut router = Router::new();
-    for (path, _, handler) in table(state.args.body_limit, state.args.upload_limit) {
+    for (path, _, handler) in table(state.args.body_limit, state.args.upload_limit, Some(&state)) {
         // Same path, other method: axum merges the method routers.
         router = router.route(path, handler);
     }
+    let header = axum::http::HeaderName::from_static(REQUEST_ID_HEADER);
     router
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(state.clone(), timeouts::body_deadline_layer))
         .layer(from_fn_with_state(state.clone(), lifecycle::gate))
         .layer(from_fn(metrics::track))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                // Failures are logged once, rate-limited, by ApiError.
+                .on_failure(()),
+        )
+        .layer(PropagateRequestIdLayer::new(header.clone()))
+        .layer(SetRequestIdLayer::new(header, MakeRequestUuid))
         .with_state(state)
+}
+
+/// The span of one request: its id, method and path on every line.
+fn request_span(req: &Request<Body>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", id, method = %req.method(), path = req.uri().path())
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {

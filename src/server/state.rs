@@ -1,7 +1,7 @@
 //! What the handlers share: configuration, the lifecycle, and — once the
 //! model is loaded — the core (model, registry, store, batcher).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::config::ServeArgs;
 use super::error::ApiError;
@@ -44,6 +44,12 @@ pub struct AppState {
     /// Whether the prompt store can be read; known before the core exists,
     /// so `/ready` can say why start-up waits.
     pub store_health: Arc<StoreHealth>,
+    /// Why the server failed (a supervised component died), once it has.
+    failure: Mutex<Option<String>>,
+    /// Failed admin logins per client, for slowing guessers down.
+    pub auth_failures: super::auth::Failures,
+    /// Uploads parsed and validated at once (`--max-concurrent-uploads`).
+    pub upload_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -51,7 +57,11 @@ impl AppState {
     pub fn new(args: ServeArgs, admin_token: Option<String>) -> Self {
         let task_labels = TaskLabels::new(args.metrics_max_tasks);
         let store_health = Arc::new(StoreHealth::new(args.prompts.to_string()));
+        let upload_permits = Arc::new(tokio::sync::Semaphore::new(args.max_concurrent_uploads));
         AppState {
+            failure: Mutex::new(None),
+            auth_failures: super::auth::Failures::default(),
+            upload_permits,
             args,
             admin_token,
             core: OnceLock::new(),
@@ -73,11 +83,22 @@ impl AppState {
         })
     }
 
+    /// Records that a supervised component died (the first reason wins).
+    pub fn set_failure(&self, reason: String) {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(reason);
+    }
+
+    /// Why the server failed, if it has.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Ready to take traffic: loaded (model and the whole store), warmed
     /// up, not draining. Once ready, a store that becomes unreachable does
     /// not make the replica unready: it keeps serving the tasks it has.
     pub fn readiness(&self) -> &'static str {
         match self.core.get() {
+            _ if self.failure().is_some() => "failed",
             _ if self.lifecycle.is_draining() => "draining",
             None if self.store_health.is_unreachable() => "waiting_for_store",
             None => "loading",

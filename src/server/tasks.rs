@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 
 use super::api::{ErrorResponse, TaskInfo};
 use super::error::ApiError;
+use super::extract::TaskPath;
 use super::state::AppState;
 
 /// Every served task, sorted by id.
@@ -37,7 +38,7 @@ pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Result<Json<Vec<T
         (status = 503, description = "Not ready", body = ErrorResponse),
     )
 )]
-pub async fn get_task(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<TaskInfo>, ApiError> {
+pub async fn get_task(State(state): State<Arc<AppState>>, TaskPath(id): TaskPath) -> Result<Json<TaskInfo>, ApiError> {
     let core = state.core()?;
     let task = core.registry.get(&id).ok_or(ApiError::TaskNotFound(id))?;
     Ok(Json(TaskInfo::from(task.as_ref())))

@@ -3,6 +3,7 @@
 //! with `adapter_config.json`, `adapter_model.safetensors`, optional
 //! `labels`). Parsing only; validation against the model is the registry's.
 
+use axum::body::Bytes;
 use axum::extract::Multipart;
 
 use crate::task::{Task, TaskError, native, peft};
@@ -16,6 +17,8 @@ pub enum UploadError {
     TooLarge(usize),
     #[error("malformed upload body: {0}")]
     Malformed(String),
+    #[error("the upload body did not arrive within {0} ms")]
+    BodyTimeout(u64),
     #[error("multipart part {0:?} is missing")]
     MissingPart(&'static str),
     #[error("multipart part {0:?} is not expected (expected adapter_config.json, adapter_model.safetensors, labels)")]
@@ -34,9 +37,9 @@ pub const LABELS_PART: &str = "labels";
 /// The parts of a PEFT adapter upload, read but not yet parsed.
 #[derive(Default)]
 pub struct AdapterParts {
-    pub config: Option<Vec<u8>>,
-    pub weights: Option<Vec<u8>>,
-    pub labels: Option<Vec<u8>>,
+    pub config: Option<Bytes>,
+    pub weights: Option<Bytes>,
+    pub labels: Option<Bytes>,
 }
 
 impl AdapterParts {
@@ -47,6 +50,8 @@ impl AdapterParts {
         let fail = |e: axum::extract::multipart::MultipartError| {
             if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 UploadError::TooLarge(limit)
+            } else if let Some(ms) = super::timeouts::body_deadline(&e) {
+                UploadError::BodyTimeout(ms)
             } else {
                 UploadError::Malformed(e.body_text())
             }
@@ -67,7 +72,8 @@ impl AdapterParts {
             if slot.is_some() {
                 return Err(UploadError::DuplicatePart(name));
             }
-            *slot = Some(field.bytes().await.map_err(fail)?.to_vec());
+            // Kept as received: a copy would double the upload's memory.
+            *slot = Some(field.bytes().await.map_err(fail)?);
         }
         Ok(parts)
     }

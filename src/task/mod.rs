@@ -266,17 +266,35 @@ fn content_hash(meta: &TaskMeta, model: &TaskModel) -> Result<String, TaskError>
     for (name, t) in named_tensors(model) {
         h.update(name.as_bytes());
         h.update(format!("{:?}", t.dims()).as_bytes());
-        let v: Vec<f32> =
-            t.flatten_all()
-                .and_then(|t| t.to_vec1())
-                .map_err(|e| TaskError::Format {
-                    what: name.into(),
-                    reason: e.to_string(),
-                })?;
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        h.update(&bytes);
+        let mut bytes = Vec::new();
+        for_each_chunk(t, |v| {
+            bytes.clear();
+            bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            h.update(&bytes);
+        })
+        .map_err(|e| TaskError::Format {
+            what: name.into(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(format!("sha256:{}", &hex::encode(h.finalize())[..16]))
+}
+
+/// Calls `f` on consecutive pieces of a host tensor's f32 values, in order,
+/// each at most [`CHUNK`] long: hashing and checking a task then needs a
+/// few hundred KB beside it, not a copy of it (uploads run several at once).
+pub(crate) fn for_each_chunk(t: &Tensor, mut f: impl FnMut(&[f32])) -> candle_core::Result<()> {
+    /// Values per piece (256 KB of f32).
+    const CHUNK: usize = 1 << 16;
+    let flat = t.flatten_all()?;
+    let n = flat.elem_count();
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK.min(n - start);
+        f(&flat.narrow(0, start, len)?.to_vec1::<f32>()?);
+        start += len;
+    }
+    Ok(())
 }
 
 /// Checks tensor ranks (prompts `[n ≥ 1, width]`, weights `[out, in]`,

@@ -29,10 +29,13 @@ impl Default for Limits {
     }
 }
 
-/// NaN/±Inf count and element count of a host tensor.
+/// NaN/±Inf count and element count of a host tensor, read in chunks so
+/// that validating a large upload does not copy it whole.
 fn count_non_finite(t: &candle_core::Tensor) -> (usize, usize) {
-    match t.flatten_all().and_then(|t| t.to_vec1::<f32>()) {
-        Ok(v) => (v.iter().filter(|x| !x.is_finite()).count(), v.len()),
+    let mut bad = 0;
+    let counted = super::for_each_chunk(t, |v| bad += v.iter().filter(|x| !x.is_finite()).count());
+    match counted {
+        Ok(()) => (bad, t.elem_count()),
         Err(_) => (t.elem_count(), t.elem_count()),
     }
 }
