@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod engine;
+pub mod fsutil;
 pub mod faults;
 pub mod logging;
 pub mod model;

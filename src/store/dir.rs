@@ -5,11 +5,11 @@
 //! blocking pool: a slow disk (or a network mount shared by replicas) never
 //! stalls the async workers that answer requests.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use super::{PromptStore, StoreEntry, StoreError};
+use crate::fsutil;
 use crate::registry::validate_id;
 use crate::task::{Task, TaskError, native, peft};
 
@@ -23,10 +23,26 @@ pub struct DirStore {
 }
 
 impl DirStore {
-    /// Opens (and creates, if missing) the directory.
+    /// Opens (and creates, if missing) the directory, and removes the temp
+    /// files of writers that died mid-write (never a live writer's, in any
+    /// process or container: see [`crate::fsutil`]).
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|e| io(&root, e))?;
+        match fsutil::clean_stale_temps(&root) {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(
+                store = %root.display(),
+                removed,
+                "removed temp files of interrupted writes"
+            ),
+            // Leftovers are never listed; the store works without the clean.
+            Err(e) => tracing::warn!(
+                store = %root.display(),
+                error = %e,
+                "cannot clean temp files of interrupted writes"
+            ),
+        }
         Ok(DirStore { root })
     }
 
@@ -120,19 +136,18 @@ impl DirStore {
             source,
         })?;
         let target = self.native_path(id);
-        write_atomic(&self.root, &target, &bytes)?;
+        // The token of the file this call wrote, not a stat of the target
+        // afterwards: another replica may replace it right after our rename,
+        // and remembering its token with our version served would hide its
+        // version from our polls for good.
+        let meta = fsutil::write_atomic_meta(&target, &bytes).map_err(|e| io(&target, e))?;
         // A native file now shadows any adapter directory of the same id;
         // remove the directory so the store has one version of the task.
         let dir = self.root.join(id);
         if dir.join(peft::CONFIG_FILE).is_file() {
             std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
         }
-        self.token(id)?.ok_or_else(|| {
-            io(
-                &target,
-                std::io::Error::other("the file just written is gone"),
-            )
-        })
+        Ok(format!("n:{}", meta_token(&meta)))
     }
 
     fn delete_sync(&self, id: &str) -> Result<bool, StoreError> {
@@ -168,16 +183,21 @@ fn file_token(path: &Path) -> Result<Option<String>, StoreError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(path, e)),
     };
+    Ok(Some(meta_token(&meta)))
+}
+
+/// The token of [`file_token`] from a file's metadata.
+fn meta_token(meta: &std::fs::Metadata) -> String {
     let mtime = meta
         .modified()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    let inode = std::os::unix::fs::MetadataExt::ino(meta);
     #[cfg(not(unix))]
     let inode = 0u64;
-    Ok(Some(format!("{inode}:{mtime}:{}", meta.len())))
+    format!("{inode}:{mtime}:{}", meta.len())
 }
 
 /// Optional `labels.json` (a JSON array of strings) beside a PEFT adapter's
@@ -211,30 +231,7 @@ fn io(path: &Path, source: std::io::Error) -> StoreError {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))
-}
-
-/// Temp file in the same directory, fsync, rename over the target, fsync
-/// the directory: readers see the old file or the new one, never a part.
-pub fn write_atomic(dir: &Path, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let name = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("task");
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, target)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(target, e));
-    }
-    sync_dir(dir)
+    fsutil::sync_dir(dir).map_err(|e| io(dir, e))
 }
 
 #[async_trait::async_trait]

@@ -139,48 +139,11 @@ pub(crate) fn write(
 }
 
 /// Writes `bytes` to `path` so that readers see the old file or the new
-/// one, never a part: a temp file in the same directory (a dot name, which
-/// is never a task id), fsync, rename over the target, fsync the directory.
+/// one, never a part: [`crate::fsutil::write_atomic`], its error as a
+/// [`TaskError::Io`].
 pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), TaskError> {
-    use std::io::Write;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let io = |p: &std::path::Path, source| TaskError::Io {
-        path: p.display().to_string(),
+    crate::fsutil::write_atomic(path, bytes).map_err(|source| TaskError::Io {
+        path: path.display().to_string(),
         source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| TaskError::Missing {
-            field: "path".into(),
-            expected: format!("a file name in {}", path.display()),
-        })?;
-    let tmp = dir.join(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(path, e));
-    }
-    // The rename is durable only once the directory entry is on disk.
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(&dir, e))
+    })
 }

@@ -170,18 +170,14 @@ fn save_checkpoint(path: &Path, state: &CheckpointState, t: &CheckpointTensors) 
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to a sibling temporary file, then renames it over `path`:
-/// a reader (or a crash, or Ctrl-C) sees the old file or the new one.
+/// Writes `bytes` to `path` with [`crate::fsutil::write_atomic`] (a
+/// reader, a crash or Ctrl-C sees the old file or the new one), creating
+/// the parent directory first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
-    Ok(())
+    crate::fsutil::write_atomic(path, bytes).with_context(|| path.display().to_string())
 }
 
 type Loaded = (CheckpointState, CheckpointTensors);
