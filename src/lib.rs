@@ -6,8 +6,8 @@
 
 pub mod batch;
 pub mod engine;
-pub mod fsutil;
 pub mod faults;
+pub mod fsutil;
 pub mod logging;
 pub mod model;
 pub mod profile;

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -18,7 +17,6 @@ use utoipa::ToSchema;
 
 use super::api::{ErrorResponse, TaskDetails, UploadResponse};
 use super::auth::Admin;
-use super::classify::body_error;
 use super::error::ApiError;
 use super::extract::TaskPath;
 use super::state::AppState;
@@ -112,7 +110,7 @@ async fn read_task(state: &Arc<AppState>, req: Request) -> Result<Task, ApiError
     let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let parse = match essence.as_str() {
         "application/octet-stream" => {
-            let bytes = Bytes::from_request(req, state).await.map_err(|e| body_error(e, limit))?;
+            let bytes = read_body(req, limit).await?;
             tokio::task::spawn_blocking(move || native_task(&bytes))
         }
         "multipart/form-data" => {
@@ -125,6 +123,37 @@ async fn read_task(state: &Arc<AppState>, req: Request) -> Result<Task, ApiError
         _ => return Err(UploadError::MediaType(content_type).into()),
     };
     Ok(parse.await.map_err(|e| ApiError::Internal(format!("parse task: {e}")))??)
+}
+
+/// Reads a whole body into one buffer sized from `content-length`, frame
+/// by frame. axum's `Bytes` extractor keeps every frame until the end and
+/// then copies them into one buffer, so a large upload briefly took twice
+/// its size (and the frames' memory stayed in the allocator's pools).
+async fn read_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use http_body_util::BodyExt;
+    let hint = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if hint.is_some_and(|n| n > limit) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let mut body = req.into_body();
+    let mut out = Vec::with_capacity(hint.unwrap_or(0));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| match super::timeouts::body_deadline(&e) {
+            Some(ms) => ApiError::BodyTimeout(ms),
+            None => ApiError::Body(e.to_string()),
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(ApiError::BodyTooLarge { limit });
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out)
 }
 
 /// Stop serving a task and remove it from the store.
