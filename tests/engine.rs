@@ -95,7 +95,8 @@ fn template_slots_land_where_the_template_says() {
     assert_eq!((enc.ids[split - 1], enc.type_ids[split - 1], enc.type_ids[split]), (3, 0, 1));
 
     // (template, prompt ids, the equivalent plain token sequence)
-    let mut cases: Vec<(&str, Vec<u32>, Vec<(u32, u32)>)> = Vec::new();
+    type Case = (&'static str, Vec<u32>, Vec<(u32, u32)>);
+    let mut cases: Vec<Case> = Vec::new();
     let text: Vec<(u32, u32)> = enc.ids.iter().copied().zip(enc.type_ids.iter().copied()).collect();
     let w = |ids: &[u32]| ids.iter().map(|&i| (i, 0)).collect::<Vec<_>>();
     cases.push(("[P:2] {text}", words[..2].to_vec(), [w(&words[..2]), text.clone()].concat()));

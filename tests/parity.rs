@@ -32,7 +32,7 @@ fn check_cases(file: &str, model_dir: impl Fn(&str) -> std::path::PathBuf, adapt
 
 #[test]
 fn tiny_models_match_peft_for_every_adapter_kind() {
-    check_cases("expected.json", |m| fixture(m), "adapters");
+    check_cases("expected.json", fixture, "adapters");
 }
 
 #[test]
@@ -65,7 +65,7 @@ fn check_base(file: &str, model_dir: impl Fn(&str) -> std::path::PathBuf) {
 
 #[test]
 fn base_encoder_features_match_transformers() {
-    check_base("expected.json", |m| fixture(m));
+    check_base("expected.json", fixture);
 }
 
 #[test]

@@ -152,7 +152,7 @@ fn folded_task_file_holds_only_what_serving_needs_and_serves_the_trained_logits(
         };
         let bytes = native::to_bytes(&Task::new(meta, p.fold().unwrap()).unwrap()).unwrap();
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        let mut names: Vec<String> = header.tensors().into_iter().map(|(n, _)| n).collect();
+        let mut names: Vec<String> = header.tensors().into_keys().collect();
         names.sort();
         let want: Vec<&str> = if is_deep { vec!["head.bias", "head.weight", "prompt.deep"] } else { vec!["head.bias", "head.weight", "prompt.shallow"] };
         assert_eq!(names, want, "{name}");

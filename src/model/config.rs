@@ -123,14 +123,15 @@ impl ModelConfig {
                 raw.hidden_act
             )));
         }
-        if let Some(p) = &raw.position_embedding_type {
-            if p != "absolute" {
-                return Err(ModelError::Unsupported(format!(
-                    "position_embedding_type: expected \"absolute\", found {p:?}"
-                )));
-            }
+        if let Some(p) = &raw.position_embedding_type
+            && p != "absolute"
+        {
+            return Err(ModelError::Unsupported(format!(
+                "position_embedding_type: expected \"absolute\", found {p:?}"
+            )));
         }
-        if raw.num_attention_heads == 0 || raw.hidden_size % raw.num_attention_heads != 0 {
+        if raw.num_attention_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_attention_heads)
+        {
             return Err(ModelError::Config(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 raw.hidden_size, raw.num_attention_heads

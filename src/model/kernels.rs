@@ -12,6 +12,12 @@
 //! They have no backward: training uses candle's composed ops
 //! (`OpsMode::Train`), and other devices use candle's ops as well.
 
+// The one module of the crate allowed unsafe code (Cargo.toml denies it
+// elsewhere): the AVX2 intrinsics and calls into their target-feature
+// builds, and the matmul and attention work items that write disjoint
+// blocks of one output buffer from several threads through a raw pointer.
+#![allow(unsafe_code)]
+
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -45,8 +51,11 @@ impl Arith for Fused {
     fn block(a: [&[f32]; MR], b: &[f32], stride: usize) -> [[f32; LANES]; MR] {
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: `Fused` code runs only where AVX2 and FMA are present
-            // (see the type's doc); `avx2::block` checks the slice bounds.
+            // SAFETY: `Fused` is private to this module and named only in
+            // the `wide` functions of `dispatch!`, which run only after
+            // `has_avx2_fma()` said the CPU has AVX2 and FMA, the one
+            // precondition of `avx2::block` (it checks the slice bounds
+            // itself).
             unsafe { avx2::block(a, b, stride) }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -462,13 +471,19 @@ pub fn embed(out: &mut [f32], tokens: &[EmbedToken<'_>], gamma: &[f32], beta: &[
 }
 
 /// An output buffer shared by parallel work items that write disjoint parts.
+/// Made only in [`matmul_wt`] and [`attention`] from a `&mut [f32]` that
+/// stays borrowed (and unused) until every work item has returned.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
 
-// SAFETY: every work item writes only its own block of the output (rows ×
-// columns of a matmul, row tokens × head columns in attention); blocks of
-// different items are disjoint.
+// SAFETY: every work item accesses the output through the pointer only
+// within its own block: (rows × columns) blocks of a matmul, which partition
+// the output, and (row tokens × head columns) blocks in attention, whose
+// rows are checked to be disjoint and whose head groups partition the
+// columns. So sending the pointer to another thread creates no data race.
 unsafe impl Send for SharedOut {}
+// SAFETY: as for `Send`: threads sharing a `&SharedOut` only copy the
+// pointer out and write disjoint blocks through it.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
@@ -637,6 +652,11 @@ thread_local! {
 /// tensor, no mask, no scatter to a padded grid or merge back: short rows
 /// stay in L1/L2 and padding costs nothing. Heads are split into groups
 /// only when there are too few rows to keep every thread busy.
+///
+/// `rows` must be sorted by `start` and disjoint (`rows[i].start ≥
+/// rows[i-1].start + rows[i-1].len`; gaps are allowed and left unwritten):
+/// the work items of different rows write into `out` from several threads
+/// at once. Panics otherwise, and when a row reaches past the batch.
 pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>], dims: AttnDims) {
     let h = dims.hidden;
     assert!(
@@ -650,8 +670,20 @@ pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>
         "attention: buffer sizes"
     );
     let width = dims.layers * 2 * h;
-    for r in rows {
-        assert!(r.start + r.len <= n, "attention: row outside the batch");
+    // End of the previous row: rows must start at or after it.
+    let mut end = 0;
+    for (i, r) in rows.iter().enumerate() {
+        assert!(
+            r.start.checked_add(r.len).is_some_and(|e| e <= n),
+            "attention: row outside the batch"
+        );
+        assert!(
+            r.start >= end,
+            "attention: rows must be sorted by start and disjoint \
+             (row {i} starts at token {}, before the previous row ends at {end})",
+            r.start
+        );
+        end = r.start + r.len;
         assert!(
             r.prefix.len() % width.max(1) == 0 && dims.layer < dims.layers,
             "attention: deep prompt shape"
@@ -818,9 +850,13 @@ fn attend_impl<F: Arith>(
                 let w = LANES.min(d - c0);
                 for (r, a) in acc.iter().enumerate().take(s.saturating_sub(i0)) {
                     let at = (row.start + i0 + r) * h + col + c0;
-                    // SAFETY: `at + w` ≤ (start + s)·hidden ≤ N·hidden
-                    // (checked in `attention`), and this (row, head) block
-                    // is written by no other work item.
+                    // SAFETY: i0 + r < s and col + c0 + w ≤ col + d ≤
+                    // hidden, so `at + w` ≤ (start + s)·hidden ≤ N·hidden =
+                    // out's length (checked in `attention`); `a` is a local
+                    // array, not part of out. This (row, head) block is
+                    // written by no other work item: rows are disjoint
+                    // (checked in `attention`) and the head groups of one
+                    // row partition its heads.
                     unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), out.add(at), w) };
                 }
             }
@@ -1151,5 +1187,93 @@ mod tests {
             let span = rows[3].start * h..(rows[3].start + rows[3].len) * h;
             assert_eq!(alone[span.clone()], got[span]);
         }
+    }
+
+    /// Rows that overlap would be written by two threads at once: refused.
+    #[test]
+    #[should_panic(expected = "attention: rows must be sorted by start and disjoint")]
+    fn attention_refuses_overlapping_rows() {
+        let (heads, d) = (2, 4);
+        let h = heads * d;
+        let n = 6;
+        let mut out = vec![0f32; n * h];
+        let qkv = vec![0.5f32; n * 3 * h];
+        let bias = vec![0f32; 3 * h];
+        let rows = [
+            AttnRow {
+                start: 0,
+                len: 4,
+                prefix: &[],
+            },
+            AttnRow {
+                start: 3,
+                len: 3,
+                prefix: &[],
+            },
+        ];
+        let dims = AttnDims {
+            hidden: h,
+            heads,
+            layers: 1,
+            layer: 0,
+            scale: 0.5,
+        };
+        attention(&mut out, &qkv, &bias, &rows, dims);
+    }
+
+    /// Rows out of order are refused too (the check compares neighbours).
+    #[test]
+    #[should_panic(expected = "attention: rows must be sorted by start and disjoint")]
+    fn attention_refuses_unsorted_rows() {
+        let (heads, d) = (2, 4);
+        let h = heads * d;
+        let n = 6;
+        let mut out = vec![0f32; n * h];
+        let qkv = vec![0.5f32; n * 3 * h];
+        let bias = vec![0f32; 3 * h];
+        let rows = [
+            AttnRow {
+                start: 3,
+                len: 3,
+                prefix: &[],
+            },
+            AttnRow {
+                start: 0,
+                len: 3,
+                prefix: &[],
+            },
+        ];
+        let dims = AttnDims {
+            hidden: h,
+            heads,
+            layers: 1,
+            layer: 0,
+            scale: 0.5,
+        };
+        attention(&mut out, &qkv, &bias, &rows, dims);
+    }
+
+    /// A row whose end overflows `usize` is outside the batch, not a wrap
+    /// around to its start.
+    #[test]
+    #[should_panic(expected = "attention: row outside the batch")]
+    fn attention_refuses_rows_past_the_batch() {
+        let h = 8;
+        let mut out = vec![0f32; 2 * h];
+        let qkv = vec![0f32; 2 * 3 * h];
+        let bias = vec![0f32; 3 * h];
+        let rows = [AttnRow {
+            start: usize::MAX,
+            len: 2,
+            prefix: &[],
+        }];
+        let dims = AttnDims {
+            hidden: h,
+            heads: 2,
+            layers: 1,
+            layer: 0,
+            scale: 0.5,
+        };
+        attention(&mut out, &qkv, &bias, &rows, dims);
     }
 }

@@ -301,20 +301,20 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
         evals: Vec::new(),
     };
     let mut best = params.values()?;
-    if let (true, Some(path)) = (cfg.resume, &cfg.checkpoint) {
-        if path.is_file() {
-            let (s, saved) = load_checkpoint(path)?;
-            anyhow::ensure!(s.spec == params.spec, "{}: checkpoint was made for {:?}, this run is {:?}", path.display(), s.spec, params.spec);
-            params.set_values(&saved.current)?;
-            if saved.optimizer.is_empty() {
-                tracing::warn!(checkpoint = %path.display(), "checkpoint has no optimizer state (older format); AdamW restarts from zero");
-            } else {
-                opt.set_state(&saved.optimizer).with_context(|| path.display().to_string())?;
-            }
-            best = saved.best;
-            tracing::info!(step = s.step, checkpoint = %path.display(), "resuming");
-            st = CheckpointState { total_steps: total, ..s };
+    if let (true, Some(path)) = (cfg.resume, &cfg.checkpoint)
+        && path.is_file()
+    {
+        let (s, saved) = load_checkpoint(path)?;
+        anyhow::ensure!(s.spec == params.spec, "{}: checkpoint was made for {:?}, this run is {:?}", path.display(), s.spec, params.spec);
+        params.set_values(&saved.current)?;
+        if saved.optimizer.is_empty() {
+            tracing::warn!(checkpoint = %path.display(), "checkpoint has no optimizer state (older format); AdamW restarts from zero");
+        } else {
+            opt.set_state(&saved.optimizer).with_context(|| path.display().to_string())?;
         }
+        best = saved.best;
+        tracing::info!(step = s.step, checkpoint = %path.display(), "resuming");
+        st = CheckpointState { total_steps: total, ..s };
     }
 
     let pb = if cfg.progress { ProgressBar::new(total as u64) } else { ProgressBar::hidden() };
@@ -363,7 +363,7 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
         let last = st.best_val_accuracy.map_or(String::new(), |a| format!(" best val {a:.4}"));
         pb.set_message(format!("loss {:.4}{last}", loss_sum / loss_n as f64));
 
-        if st.step % eval_every == 0 || st.step == total {
+        if st.step.is_multiple_of(eval_every) || st.step == total {
             let train_loss = loss_sum / loss_n.max(1) as f64;
             loss_sum = 0.0;
             loss_n = 0;
