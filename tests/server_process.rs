@@ -318,3 +318,52 @@ async fn logs_carry_request_ids_without_colour_and_the_fd_limit_is_raised() {
     let answered = lines.iter().find(|l| l.contains("request failed")).expect("the 500 is logged");
     assert!(answered.contains("req-7f3a"), "the request's own line names it: {answered}");
 }
+
+/// Issue 13 point 2: long inputs from many clients get 429 at once when
+/// the server is full, never 503 after waiting out their timeout.
+/// Admission counts tokens, so what is admitted is worked off within the
+/// request timeout. (Before: the queue counted rows, 64 rows of 64 tokens
+/// were admitted at 4 rows per 200 ms batch, and the last ones timed out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_long_inputs_gets_429_not_503_timeouts() {
+    let cwd = tempfile::tempdir().unwrap();
+    let cmd = tiny_server(
+        cwd.path(),
+        &[
+            ("SOFTPROMPT_FAULTS", "batch-delay-ms=200"),
+            ("SOFTPROMPT_MAX_BATCH_SIZE", "4"),
+            ("SOFTPROMPT_REQUEST_TIMEOUT_MS", "2500"),
+            // 8 rows of 64 tokens: two batches, 0.4 s of work.
+            ("SOFTPROMPT_MAX_QUEUED_TOKENS", "512"),
+        ],
+    );
+    let (mut child, base, _logs) = spawn(cmd);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    wait_ready(&http, &base).await;
+    let long = "the movie was great but far too long for its own good ".repeat(3);
+    let mut clients = Vec::new();
+    for _ in 0..64 {
+        let (http, base, long) = (http.clone(), base.clone(), long.clone());
+        clients.push(tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/v1/tasks/pt_random_2/classify"))
+                .json(&json!({"inputs": long, "parameters": {"truncate": true}}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let kind = r.json::<Value>().await.ok().and_then(|v| v["error_type"].as_str().map(String::from));
+            format!("{status} {}", kind.unwrap_or_default())
+        }));
+    }
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for c in clients {
+        *outcomes.entry(c.await.unwrap()).or_default() += 1;
+    }
+    sigterm(&child);
+    assert!(wait_exit(&mut child).success());
+    eprintln!("{outcomes:?}");
+    assert!(outcomes.keys().all(|o| o == "200 " || o == "429 queue_full"), "{outcomes:?}");
+    assert!(outcomes.get("429 queue_full").is_some_and(|n| *n > 0), "{outcomes:?}");
+    assert!(outcomes.get("200 ").is_some_and(|n| *n >= 8), "{outcomes:?}");
+}

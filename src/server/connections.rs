@@ -34,7 +34,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tower::ServiceExt;
 
@@ -48,6 +48,28 @@ pub const SHED_MIN_IDLE: Duration = Duration::from_millis(250);
 /// How long connections get to finish their last response once shutdown
 /// closes them, before they are dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// Connections the kernel may hold complete but not yet accepted. Rust's
+/// and tokio's `bind` use 128, which a burst of new connections (a load
+/// balancer's retries, a reconnecting fleet) overflows: the dropped SYNs
+/// are retried by the clients after a second. The kernel caps it at
+/// `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (host:port; the first address it resolves to) with a
+/// listen backlog of [`LISTEN_BACKLOG`].
+pub async fn listen(addr: &str) -> io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the address resolves to nothing")))
+}
 
 /// Timeouts and bounds of client connections.
 #[derive(Debug, Clone, Copy)]

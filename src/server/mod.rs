@@ -31,7 +31,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use config::ServeArgs;
@@ -97,7 +96,7 @@ impl Server {
         let admin_token = args.resolve_admin_token()?;
         let batch_config = args.batch_config()?;
         let conn_config = args.conn_config(raise_open_files_limit());
-        let listener = TcpListener::bind(&args.addr).await.map_err(|source| StartError::Bind {
+        let listener = connections::listen(&args.addr).await.map_err(|source| StartError::Bind {
             addr: args.addr.clone(),
             source,
         })?;
