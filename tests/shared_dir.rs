@@ -173,13 +173,15 @@ impl Drop for Replica {
 
 /// One upload's answer: status, and the version it says it serves.
 #[derive(Debug, Clone)]
-// `replica` and `body` are read only in failure reports (Debug).
-#[allow(dead_code)]
 struct Answer {
+    // Read only in failure reports (Debug), which dead_code does not count.
+    #[allow(dead_code)]
     replica: &'static str,
     id: String,
     status: u16,
     version: Option<String>,
+    // Read only in failure reports, as `replica`.
+    #[allow(dead_code)]
     body: String,
 }
 

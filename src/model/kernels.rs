@@ -36,6 +36,7 @@ trait Arith {
 /// Kernels compiled with `avx2,fma`. Its `block` uses AVX2 instructions:
 /// code generic over [`Arith`] runs with `Fused` only inside the AVX2+FMA
 /// wrappers of [`dispatch!`].
+// `dispatch!` uses it on x86-64 only.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Fused;
 /// Kernels compiled for the baseline target.
@@ -140,6 +141,7 @@ mod avx2 {
 }
 
 /// Whether this CPU runs the AVX2+FMA builds (std caches the answer).
+// `dispatch!` calls it on x86-64 only.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline]
 fn has_avx2_fma() -> bool {

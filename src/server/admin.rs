@@ -25,8 +25,9 @@ use crate::registry::validate_id;
 use crate::task::Task;
 
 /// Multipart form of a PEFT adapter upload.
-// Documentation only: the parts are read by `AdapterParts`.
 #[derive(ToSchema)]
+// OpenAPI schema only: the fields are never read (the parts are read by
+// `AdapterParts`), so rustc sees them as dead.
 #[allow(dead_code)]
 pub struct AdapterUpload {
     /// The adapter's `adapter_config.json`.

@@ -135,8 +135,6 @@ pub struct Params {
     /// What these parameters are for.
     pub spec: Spec,
     template: Template,
-    layers: usize,
-    hidden: usize,
     /// Prompt / encoder tensors (first optimizer group), then the head.
     vars: Vec<(String, Var)>,
 }
@@ -229,22 +227,12 @@ impl Params {
         }
         push("head.weight".into(), normal(&mut rng, &[spec.num_labels, h], 0.02, &dev)?);
         push("head.bias".into(), Var::zeros(spec.num_labels, DType::F32, &dev)?);
-        Ok(Params { spec, template, layers, hidden: h, vars })
+        Ok(Params { spec, template, vars })
     }
 
     /// All trainable variables with their names.
     pub fn named(&self) -> &[(String, Var)] {
         &self.vars
-    }
-
-    /// Variables of the prompt and its encoder (not the head).
-    pub fn prompt_vars(&self) -> Vec<Var> {
-        self.vars.iter().filter(|(n, _)| !n.starts_with("head.")).map(|(_, v)| v.clone()).collect()
-    }
-
-    /// Variables of the head.
-    pub fn head_vars(&self) -> Vec<Var> {
-        self.vars.iter().filter(|(n, _)| n.starts_with("head.")).map(|(_, v)| v.clone()).collect()
     }
 
     /// Number of trained scalars.
@@ -357,10 +345,5 @@ impl Params {
             var.set(&t.to_device(var.device())?)?;
         }
         Ok(())
-    }
-
-    /// Layers and hidden size of the model these parameters were made for.
-    pub fn model_shape(&self) -> (usize, usize) {
-        (self.layers, self.hidden)
     }
 }

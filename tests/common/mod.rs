@@ -1,4 +1,6 @@
 //! Shared helpers for integration tests: fixture paths, reference cases.
+// Each test binary that includes this module uses only part of it (no item
+// is unused by all of them).
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};

@@ -5,6 +5,8 @@
 //! Outside programs come from `$SOFTPROMPT_TEST_BIN` (scripts/test.sh sets
 //! it to the venv that scripts/test_deps.sh fills) or `PATH`; when one is
 //! missing the test fails and says how to install it.
+// Each test binary that includes this module uses only part of it (no item
+// is unused by all of them).
 #![allow(dead_code)]
 
 use std::net::TcpListener as StdListener;

@@ -2,6 +2,8 @@
 //! the tiny fixture model, a store in a temp dir, and expected scores from
 //! the engine run on single rows (itself checked against PEFT in
 //! tests/parity.rs).
+// Each test binary that includes this module uses only part of it (no item
+// is unused by all of them).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
