@@ -74,7 +74,7 @@ COPY --chown=10001:10001 prompts/*.safetensors /prompts/
 ENV SOFTPROMPT_MODEL=/models/all-MiniLM-L6-v2 \
     SOFTPROMPT_PROMPTS=/prompts \
     SOFTPROMPT_ADDR=0.0.0.0:8080 \
-    SOFTPROMPT_LOG_JSON=true
+    SOFTPROMPT_LOG_FORMAT=json
 
 # No VOLUME instruction: it would give every container anonymous volumes over
 # the baked model and tasks. Mount /models and /prompts explicitly instead.

@@ -236,6 +236,45 @@ fn k8s_grace_period_covers_prestop_and_drain() {
     }
 }
 
+/// Every `SOFTPROMPT_*` variable the deployment files set is one the
+/// binary reads: clap ignores variables it does not know, so a renamed
+/// flag would leave a stale setting silently doing nothing.
+#[test]
+fn deployment_variables_are_ones_the_server_reads() {
+    let help = Command::new(env!("CARGO_BIN_EXE_softprompt"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let files = [
+        "Dockerfile",
+        "deploy/Dockerfile.cuda",
+        "deploy/compose.yaml",
+        "deploy/k8s/configmap.yaml",
+        "deploy/k8s/deployment.yaml",
+        "deploy/README.md",
+    ];
+    let mut checked = 0;
+    for f in files {
+        let text = read(f);
+        for (at, _) in text.match_indices("SOFTPROMPT_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            // The bare prefix (prose), and the health-check script's own knob.
+            if name == "SOFTPROMPT_" || name == "SOFTPROMPT_HEALTH_URL_PATH" {
+                continue;
+            }
+            // Secrets are listed without their value: `[env: NAME]`.
+            let listed = help.contains(&format!("[env: {name}=")) || help.contains(&format!("[env: {name}]"));
+            assert!(listed, "{f} sets {name}, which `softprompt serve` does not read");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} variables found");
+}
+
 // --- nginx ---------------------------------------------------------------
 
 const BEGIN: &str = "# upstream-servers:begin";

@@ -59,10 +59,10 @@ fn spawn(mut cmd: Command) -> (Child, String, mpsc::Receiver<String>) {
 
 async fn wait_ready(http: &reqwest::Client, base: &str) {
     for _ in 0..1200 {
-        if let Ok(r) = http.get(format!("{base}/ready")).send().await {
-            if r.status() == 200 {
-                return;
-            }
+        if let Ok(r) = http.get(format!("{base}/ready")).send().await
+            && r.status() == 200
+        {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
