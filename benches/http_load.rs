@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use clap::Parser;
-use softprompt::engine::{Engine, Pooling, Row, TaskModel};
 use softprompt::engine::synthetic::{Kind, random_task};
+use softprompt::engine::{Engine, Pooling, Row, TaskModel};
 use softprompt::model::{Encoded, Model};
 use softprompt::server::{ServeArgs, Server};
 use softprompt::task::{BaseModelRef, Provenance, Task, TaskMeta, native};
@@ -39,7 +39,10 @@ const TASKS: usize = 64;
 const TOKEN: &str = "bench";
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn task_model(model: &Model, kind: Kind, prompt: usize, seed: u64) -> TaskModel {
@@ -66,14 +69,46 @@ fn task_bytes(m: TaskModel, model: &Model) -> Vec<u8> {
 }
 
 const WORDS: &[&str] = &[
-    "the", "service", "was", "slow", "but", "food", "arrived", "warm", "and", "tasty", "I", "would", "not",
-    "recommend", "this", "place", "to", "anyone", "who", "values", "their", "time", "great", "movie", "plot",
-    "acting", "terrible", "ending", "loved", "it", "price", "fair",
+    "the",
+    "service",
+    "was",
+    "slow",
+    "but",
+    "food",
+    "arrived",
+    "warm",
+    "and",
+    "tasty",
+    "I",
+    "would",
+    "not",
+    "recommend",
+    "this",
+    "place",
+    "to",
+    "anyone",
+    "who",
+    "values",
+    "their",
+    "time",
+    "great",
+    "movie",
+    "plot",
+    "acting",
+    "terrible",
+    "ending",
+    "loved",
+    "it",
+    "price",
+    "fair",
 ];
 
 fn sentence(seed: usize) -> String {
     let n = 8 + (seed * 7919) % 33;
-    (0..n).map(|i| WORDS[(seed * 31 + i * 17) % WORDS.len()]).collect::<Vec<_>>().join(" ")
+    (0..n)
+        .map(|i| WORDS[(seed * 31 + i * 17) % WORDS.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Sum and count of a histogram in the exposition.
@@ -97,9 +132,19 @@ struct Outcome {
 }
 
 async fn scenario(base: &str, tasks: &[String], clients: usize, seconds: u64) -> Outcome {
-    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(clients).build().unwrap();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(clients)
+        .build()
+        .unwrap();
     let metrics = |http: reqwest::Client| async move {
-        http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap()
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     };
     let run = |measure: Duration| {
         let stop = Arc::new(AtomicBool::new(false));
@@ -115,7 +160,11 @@ async fn scenario(base: &str, tasks: &[String], clients: usize, seconds: u64) ->
                         let task = &tasks[(c * 13 + r * 7) % tasks.len()];
                         let body = serde_json::json!({"inputs": sentence(c * 1000 + r)});
                         let t = Instant::now();
-                        let resp = http.post(format!("{base}/v1/tasks/{task}/classify")).json(&body).send().await;
+                        let resp = http
+                            .post(format!("{base}/v1/tasks/{task}/classify"))
+                            .json(&body)
+                            .send()
+                            .await;
                         match resp {
                             Ok(resp) if resp.status().is_success() => {
                                 let _ = resp.bytes().await;
@@ -200,7 +249,13 @@ struct SatRequest {
 fn engine_rate(engine: &Engine, tasks: &[TaskModel], list: &[SatRequest], rows: usize) -> f64 {
     let run = |reqs: &[SatRequest]| {
         for w in reqs.chunks(rows) {
-            let batch: Vec<Row> = w.iter().map(|r| Row { input: &r.input, task: &tasks[r.task] }).collect();
+            let batch: Vec<Row> = w
+                .iter()
+                .map(|r| Row {
+                    input: &r.input,
+                    task: &tasks[r.task],
+                })
+                .collect();
             engine.classify(&batch).unwrap();
         }
     };
@@ -214,13 +269,27 @@ fn engine_rate(engine: &Engine, tasks: &[TaskModel], list: &[SatRequest], rows: 
 /// requests in order (wrapping around); text tokens/s of the requests
 /// answered within `seconds` after a 2 s warm-up, and the mean batch size
 /// from /metrics.
-async fn saturate(base: &str, ids: &[String], list: &[SatRequest], clients: usize, seconds: u64) -> (f64, f64) {
-    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(clients).build().unwrap();
+async fn saturate(
+    base: &str,
+    ids: &[String],
+    list: &[SatRequest],
+    clients: usize,
+    seconds: u64,
+) -> (f64, f64) {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(clients)
+        .build()
+        .unwrap();
     let bodies: Arc<Vec<(String, String, usize)>> = Arc::new(
         list.iter()
             .map(|r| {
                 let url = format!("{base}/v1/tasks/{}/classify", ids[r.task]);
-                (url, serde_json::json!({"inputs": r.text}).to_string(), r.input.len())
+                (
+                    url,
+                    serde_json::json!({"inputs": r.text}).to_string(),
+                    r.input.len(),
+                )
             })
             .collect(),
     );
@@ -229,11 +298,13 @@ async fn saturate(base: &str, ids: &[String], list: &[SatRequest], clients: usiz
         let stop = Arc::new(AtomicBool::new(false));
         let handles: Vec<_> = (0..clients)
             .map(|_| {
-                let (http, stop, bodies, next) = (http.clone(), stop.clone(), bodies.clone(), next.clone());
+                let (http, stop, bodies, next) =
+                    (http.clone(), stop.clone(), bodies.clone(), next.clone());
                 tokio::spawn(async move {
                     let mut tokens = 0usize;
                     while !stop.load(Ordering::Relaxed) {
-                        let (url, body, n) = &bodies[next.fetch_add(1, Ordering::Relaxed) % bodies.len()];
+                        let (url, body, n) =
+                            &bodies[next.fetch_add(1, Ordering::Relaxed) % bodies.len()];
                         let resp = http
                             .post(url)
                             .header("content-type", "application/json")
@@ -268,7 +339,15 @@ async fn saturate(base: &str, ids: &[String], list: &[SatRequest], clients: usiz
             tokens as f64 / elapsed
         }
     };
-    let metrics = || async { http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap() };
+    let metrics = || async {
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
     run(Duration::from_secs(2)).await; // warm-up
     let before = metrics().await;
     let rate = run(Duration::from_secs(seconds)).await;
@@ -280,7 +359,8 @@ async fn saturate(base: &str, ids: &[String], list: &[SatRequest], clients: usiz
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let model_dir = std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
+    let model_dir =
+        std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
     let clients = env_or("HTTP_LOAD_CLIENTS", 32) as usize;
     let seconds = env_or("HTTP_LOAD_SECONDS", 10);
     let store = std::env::temp_dir().join(format!("softprompt-http-load-{}", std::process::id()));
@@ -361,8 +441,14 @@ async fn main() {
         for ((name, _), o) in scenarios.iter().zip(&merged) {
             print(name, o);
         }
-        println!("throughput ratio {TASKS} tasks / 1 task: {:.2}", merged[1].rps / merged[0].rps);
-        println!("throughput ratio {TASKS} mixed / 1 task: {:.2}", merged[2].rps / merged[0].rps);
+        println!(
+            "throughput ratio {TASKS} tasks / 1 task: {:.2}",
+            merged[1].rps / merged[0].rps
+        );
+        println!(
+            "throughput ratio {TASKS} mixed / 1 task: {:.2}",
+            merged[2].rps / merged[0].rps
+        );
     }
 
     let sat_clients = env_or("HTTP_LOAD_SAT_CLIENTS", 2 * args_rows as u64) as usize;
@@ -372,8 +458,20 @@ async fn main() {
             // A fixed task sequence that is not the clients' round robin.
             let t = (i * 37 + i / 7) % mixed.len();
             let text = sentence(500_000 + i);
-            let input = model.tokenizer.encode(&text, None, mixed_models[t].text_budget(model.config()), false).unwrap();
-            SatRequest { text, task: t, input }
+            let input = model
+                .tokenizer
+                .encode(
+                    &text,
+                    None,
+                    mixed_models[t].text_budget(model.config()),
+                    false,
+                )
+                .unwrap();
+            SatRequest {
+                text,
+                task: t,
+                input,
+            }
         })
         .collect();
     let tokens: usize = list.iter().map(|r| r.input.len()).sum();
@@ -385,18 +483,25 @@ async fn main() {
     let mut server_rates = Vec::new();
     for step in ["engine", "server", "server", "engine"] {
         if step == "engine" {
-            let r = tokio::task::block_in_place(|| engine_rate(&engine, &mixed_models, &list, args_rows));
+            let r = tokio::task::block_in_place(|| {
+                engine_rate(&engine, &mixed_models, &list, args_rows)
+            });
             println!("  run: engine alone          {r:>8.0} text tokens/s");
             engine_rates.push(r);
         } else {
             let (r, batch) = saturate(&base, &mixed, &list, sat_clients, seconds).await;
-            println!("  run: server at saturation  {r:>8.0} text tokens/s  ({batch:.1} rows / batch)");
+            println!(
+                "  run: server at saturation  {r:>8.0} text tokens/s  ({batch:.1} rows / batch)"
+            );
             server_rates.push(r);
         }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (e, s) = (mean(&engine_rates), mean(&server_rates));
-    println!("saturation: server {s:.0} text tokens/s, engine {e:.0} text tokens/s; server / engine {:.2}", s / e);
+    println!(
+        "saturation: server {s:.0} text tokens/s, engine {e:.0} text tokens/s; server / engine {:.2}",
+        s / e
+    );
     server.shutdown();
     server.wait().await.unwrap();
     std::fs::remove_dir_all(&store).ok();

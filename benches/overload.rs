@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -36,7 +39,9 @@ async fn main() {
         std::fs::copy(adapter.join(f), store.path().join("pt_random_2").join(f)).unwrap();
     }
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_softprompt"));
-    cmd.arg("serve").stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     for (k, _) in std::env::vars() {
         if k.starts_with("SOFTPROMPT_") {
             cmd.env_remove(k);
@@ -56,10 +61,14 @@ async fn main() {
         }
     });
     let base = loop {
-        let line = rx.recv_timeout(Duration::from_secs(120)).expect("the server logs its address");
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the server logs its address");
         if let Some(at) = line.find("listening on http://") {
             let rest = &line[at + "listening on ".len()..];
-            let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| c == '"' || c.is_whitespace())
+                .unwrap_or(rest.len());
             break rest[..end].to_string();
         }
     };
@@ -67,7 +76,12 @@ async fn main() {
     std::thread::spawn(move || while rx.recv().is_ok() {});
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     for _ in 0..600 {
-        if http.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+        if http
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -84,8 +98,18 @@ async fn main() {
         })
     };
     loop {
-        let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-        if metrics.lines().any(|l| l == "softprompt_admitted_tokens 64") {
+        let metrics = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics
+            .lines()
+            .any(|l| l == "softprompt_admitted_tokens 64")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -113,7 +137,9 @@ async fn main() {
                 .send()
                 .await;
             let status = resp.as_ref().map_or(0, |r| r.status().as_u16());
-            let retry = resp.as_ref().is_ok_and(|r| r.headers().contains_key("retry-after"));
+            let retry = resp
+                .as_ref()
+                .is_ok_and(|r| r.headers().contains_key("retry-after"));
             (t.elapsed(), status, retry)
         }));
     }
@@ -130,7 +156,14 @@ async fn main() {
     let wall = started.elapsed();
     latencies.sort();
     let q = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     println!("server-side classify latency histogram (seconds, cumulative):");
     for l in metrics.lines().filter(|l| {
         l.starts_with("softprompt_http_request_duration_seconds_bucket") && l.contains("classify")
@@ -139,7 +172,11 @@ async fn main() {
     }
     println!(
         "overload: {requests} requests, {concurrency} at a time, {}; {} answered 429 + Retry-After, {other} otherwise; {:.0} refusals/s",
-        if fresh { "a new connection each" } else { "one keep-alive pool" },
+        if fresh {
+            "a new connection each"
+        } else {
+            "one keep-alive pool"
+        },
         latencies.len(),
         latencies.len() as f64 / wall.as_secs_f64()
     );

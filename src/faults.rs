@@ -31,7 +31,11 @@ impl FromStr for Faults {
         let mut f = Faults::default();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (key, value) = item.split_once('=').unwrap_or((item, ""));
-            let number = || value.parse::<u64>().map_err(|_| format!("fault {key:?} needs a number, got {value:?}"));
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("fault {key:?} needs a number, got {value:?}"))
+            };
             match key {
                 "worker-panic-after" => f.worker_panic_after = Some(number()?),
                 "poller-panic" => f.poller_panic = true,
@@ -51,7 +55,9 @@ mod tests {
     #[test]
     fn parses_and_refuses_unknown_faults() {
         assert_eq!("".parse::<Faults>().unwrap(), Faults::default());
-        let f: Faults = "worker-panic-after=3, poller-panic,batch-delay-ms=20".parse().unwrap();
+        let f: Faults = "worker-panic-after=3, poller-panic,batch-delay-ms=20"
+            .parse()
+            .unwrap();
         assert_eq!(f.worker_panic_after, Some(3));
         assert!(f.poller_panic);
         assert_eq!(f.batch_delay, Some(Duration::from_millis(20)));

@@ -26,7 +26,8 @@ pub fn init(format: LogFormat) {
     // object_store logs every retry of a request at info: during a store
     // outage that is several lines per poll, while the store poller already
     // reports the outage once (src/server/sync.rs).
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,object_store=warn"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,object_store=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "softprompt", version, about = "Serve and train soft-prompt classification tasks on one frozen transformer")]
+#[command(
+    name = "softprompt",
+    version,
+    about = "Serve and train soft-prompt classification tasks on one frozen transformer"
+)]
 struct Cli {
     /// Log format: text (coloured only on a terminal) or json (one object
     /// per line).
@@ -32,7 +36,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let format = if cli.log_json { softprompt::logging::LogFormat::Json } else { cli.log_format };
+    let format = if cli.log_json {
+        softprompt::logging::LogFormat::Json
+    } else {
+        cli.log_format
+    };
     softprompt::logging::init(format);
     let result = match cli.command {
         Command::Inspect(args) => softprompt::task::cli::inspect(args),

@@ -16,7 +16,9 @@ use crate::task::{Limits, PromptKind, Task, TaskError, TaskMeta, validate};
 /// Why a registry operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("task id {0:?} is invalid: expected 1-128 characters of [A-Za-z0-9._-], starting with a letter or digit")]
+    #[error(
+        "task id {0:?} is invalid: expected 1-128 characters of [A-Za-z0-9._-], starting with a letter or digit"
+    )]
     BadId(String),
     #[error("task {id:?}: {source}")]
     Invalid {
@@ -47,7 +49,11 @@ pub fn validate_id(id: &str) -> Result<(), RegistryError> {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if ok { Ok(()) } else { Err(RegistryError::BadId(id.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::BadId(id.to_string()))
+    }
 }
 
 /// Concurrent id → task map bound to one resident model.
@@ -86,12 +92,12 @@ impl Registry {
             id: id.to_string(),
             source,
         })?;
-        let model = task
-            .to_device(self.model.encoder.device())
-            .map_err(|e| RegistryError::Device {
-                id: id.to_string(),
-                reason: e.to_string(),
-            })?;
+        let model =
+            task.to_device(self.model.encoder.device())
+                .map_err(|e| RegistryError::Device {
+                    id: id.to_string(),
+                    reason: e.to_string(),
+                })?;
         Ok(Arc::new(LoadedTask {
             id: id.to_string(),
             version: task.version.clone(),
@@ -149,7 +155,20 @@ mod tests {
         for ok in ["a", "sentiment", "Topic-2.v3", "x_y", &"a".repeat(128)] {
             assert!(validate_id(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "../etc", ".hidden", "-x", "a/b", "a b", "é", "a\0", &"a".repeat(129), "a\\b", "..", "x%2f"] {
+        for bad in [
+            "",
+            "../etc",
+            ".hidden",
+            "-x",
+            "a/b",
+            "a b",
+            "é",
+            "a\0",
+            &"a".repeat(129),
+            "a\\b",
+            "..",
+            "x%2f",
+        ] {
             assert!(validate_id(bad).is_err(), "{bad:?}");
         }
     }

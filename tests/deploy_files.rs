@@ -57,7 +57,8 @@ fn tool(name: &str) -> PathBuf {
 
 fn run(cmd: &mut Command) -> Output {
     let shown = format!("{cmd:?}");
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
 }
 
 fn text(o: &Output) -> String {
@@ -74,7 +75,9 @@ fn text(o: &Output) -> String {
 fn dockerfiles_lint_clean() {
     let hadolint = tool("hadolint");
     for file in ["Dockerfile", "deploy/Dockerfile.cuda"] {
-        let out = run(Command::new(&hadolint).arg("--no-color").arg(root().join(file)));
+        let out = run(Command::new(&hadolint)
+            .arg("--no-color")
+            .arg(root().join(file)));
         let said = text(&out);
         assert!(
             out.status.success() && said.trim().is_empty(),
@@ -85,10 +88,17 @@ fn dockerfiles_lint_clean() {
     // The same linter fails a Dockerfile with known faults.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("Dockerfile");
-    std::fs::write(&bad, "FROM debian:latest\nRUN cd /tmp && apt-get install curl\n").unwrap();
+    std::fs::write(
+        &bad,
+        "FROM debian:latest\nRUN cd /tmp && apt-get install curl\n",
+    )
+    .unwrap();
     let out = run(Command::new(&hadolint).arg("--no-color").arg(&bad));
     let said = text(&out);
-    assert!(!out.status.success(), "hadolint passed a broken Dockerfile:\n{said}");
+    assert!(
+        !out.status.success(),
+        "hadolint passed a broken Dockerfile:\n{said}"
+    );
     assert!(said.contains("DL3007") && said.contains("DL3003"), "{said}");
 }
 
@@ -109,7 +119,10 @@ fn dockerfiles_keep_the_runtime_contract() {
             "SOFTPROMPT_MODEL=/models/all-MiniLM-L6-v2",
             "SOFTPROMPT_PROMPTS=/prompts",
         ] {
-            assert!(runtime.contains(needle), "{file}: runtime stage lacks `{needle}`");
+            assert!(
+                runtime.contains(needle),
+                "{file}: runtime stage lacks `{needle}`"
+            );
         }
         assert!(
             df.contains("ARG BAKE_MODEL=0") && df.contains("FROM model-${BAKE_MODEL} AS model"),
@@ -128,7 +141,9 @@ fn dockerfiles_keep_the_runtime_contract() {
         "Cargo.lock",
     ] {
         assert!(
-            !ignore.lines().any(|l| l.trim().trim_end_matches('/') == kept),
+            !ignore
+                .lines()
+                .any(|l| l.trim().trim_end_matches('/') == kept),
             ".dockerignore drops {kept}, which the Dockerfile copies"
         );
     }
@@ -146,10 +161,15 @@ fn k8s_manifests() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/k8s"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml")
+        })
         .collect();
     files.sort();
-    assert!(files.len() >= 7, "deploy/k8s has too few manifests: {files:?}");
+    assert!(
+        files.len() >= 7,
+        "deploy/k8s has too few manifests: {files:?}"
+    );
     files
 }
 
@@ -175,9 +195,13 @@ fn k8s_manifests_validate_strictly() {
     // A field the schema does not have is refused under --strict.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
-    let deployment = read("deploy/k8s/deployment.yaml").replace("  replicas: 3\n", "  replicas: 3\n  replica: 3\n");
+    let deployment = read("deploy/k8s/deployment.yaml")
+        .replace("  replicas: 3\n", "  replicas: 3\n  replica: 3\n");
     std::fs::write(&bad, deployment).unwrap();
-    let out = run(Command::new(&validate).arg("--strict").arg("--quiet").arg(&bad));
+    let out = run(Command::new(&validate)
+        .arg("--strict")
+        .arg("--quiet")
+        .arg(&bad));
     assert!(
         !out.status.success(),
         "kubernetes-validate passed an unknown field:\n{}",
@@ -200,18 +224,25 @@ fn kustomization_lists_every_manifest() {
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(listed, files, "kustomization.yaml resources vs deploy/k8s/*.yaml");
+    assert_eq!(
+        listed, files,
+        "kustomization.yaml resources vs deploy/k8s/*.yaml"
+    );
 }
 
 /// The first number after `key` in `text`.
 fn number_after(text: &str, key: &str) -> u64 {
-    let at = text.find(key).unwrap_or_else(|| panic!("`{key}` not found"));
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("`{key}` not found"));
     let digits: String = text[at + key.len()..]
         .chars()
         .skip_while(|c| !c.is_ascii_digit())
         .take_while(|c| c.is_ascii_digit())
         .collect();
-    digits.parse().unwrap_or_else(|_| panic!("no number after `{key}`"))
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after `{key}`"))
 }
 
 #[test]
@@ -267,8 +298,12 @@ fn deployment_variables_are_ones_the_server_reads() {
                 continue;
             }
             // Secrets are listed without their value: `[env: NAME]`.
-            let listed = help.contains(&format!("[env: {name}=")) || help.contains(&format!("[env: {name}]"));
-            assert!(listed, "{f} sets {name}, which `softprompt serve` does not read");
+            let listed = help.contains(&format!("[env: {name}="))
+                || help.contains(&format!("[env: {name}]"));
+            assert!(
+                listed,
+                "{f} sets {name}, which `softprompt serve` does not read"
+            );
             checked += 1;
         }
     }
@@ -292,7 +327,11 @@ fn loopback_nginx_conf(prefix: &Path, servers: &[String], listen: u16) -> PathBu
         .map(str::trim)
         .filter(|l| l.starts_with("listen "))
         .collect();
-    assert_eq!(listens, ["listen 8080;"], "the only listen directive is `listen 8080;`");
+    assert_eq!(
+        listens,
+        ["listen 8080;"],
+        "the only listen directive is `listen 8080;`"
+    );
     for absent in ["pid ", "error_log ", "_temp_path ", "user "] {
         assert!(
             !conf.lines().any(|l| l.trim_start().starts_with(absent)),
@@ -312,7 +351,10 @@ fn loopback_nginx_conf(prefix: &Path, servers: &[String], listen: u16) -> PathBu
 
     let begin = conf.find(BEGIN).unwrap() + BEGIN.len();
     let end = conf[..conf.find(END).unwrap()].rfind('\n').unwrap();
-    let block: String = servers.iter().map(|s| format!("\n        server {s};")).collect();
+    let block: String = servers
+        .iter()
+        .map(|s| format!("\n        server {s};"))
+        .collect();
     let mut out = format!("{}{}{}", &conf[..begin], block, &conf[end..]);
     out = out.replace("listen 8080;", &format!("listen 127.0.0.1:{listen};"));
     let tmp = prefix.join("tmp");
@@ -340,15 +382,22 @@ fn nginx_cmd(prefix: &Path, conf: &Path, extra_global: &str) -> Command {
         .arg("-e")
         .arg(prefix.join("error.log"))
         .arg("-g")
-        .arg(format!("pid {}; {extra_global}", prefix.join("nginx.pid").display()));
+        .arg(format!(
+            "pid {}; {extra_global}",
+            prefix.join("nginx.pid").display()
+        ));
     cmd
 }
 
 /// The text of the `location PATH {` block of nginx.conf.
 fn location_block<'a>(conf: &'a str, path: &str) -> &'a str {
     let head = format!("location {path} {{");
-    let start = conf.find(&head).unwrap_or_else(|| panic!("nginx.conf has no `{head}`"));
-    let len = conf[start..].find("\n        }").expect("location block end");
+    let start = conf
+        .find(&head)
+        .unwrap_or_else(|| panic!("nginx.conf has no `{head}`"));
+    let len = conf[start..]
+        .find("\n        }")
+        .expect("location block end");
     &conf[start..start + len]
 }
 
@@ -386,11 +435,19 @@ fn nginx_config_tests_ok_with_loopback_upstreams() {
         .replace("keepalive 32;", "keepalive thirty-two;");
     std::fs::write(&path, broken).unwrap();
     let out = run(nginx_cmd(dir.path(), &path, "").arg("-t"));
-    assert!(!out.status.success(), "nginx -t passed a broken file:\n{}", text(&out));
+    assert!(
+        !out.status.success(),
+        "nginx -t passed a broken file:\n{}",
+        text(&out)
+    );
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A one-answer HTTP server on loopback: every request gets `status`; counts
@@ -417,7 +474,12 @@ fn backend(status: u16, body: &'static str) -> Backend {
     Backend { port, hits }
 }
 
-fn serve_one(stream: TcpStream, status: u16, body: &str, seen: &AtomicUsize) -> std::io::Result<()> {
+fn serve_one(
+    stream: TcpStream,
+    status: u16,
+    body: &str,
+    seen: &AtomicUsize,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut len = 0usize;
@@ -496,10 +558,19 @@ fn nginx_retries_classify_but_not_admin_posts() {
     while TcpStream::connect(("127.0.0.1", listen)).is_err() {
         if let Some(status) = nginx.0.try_wait().unwrap() {
             let mut err = String::new();
-            nginx.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            nginx
+                .0
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             panic!("nginx exited ({status}): {err}");
         }
-        assert!(Instant::now() < deadline, "nginx did not listen on {listen}");
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not listen on {listen}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 
@@ -520,14 +591,24 @@ fn nginx_retries_classify_but_not_admin_posts() {
         draining.hits.load(Ordering::SeqCst),
         healthy.hits.load(Ordering::SeqCst),
     );
-    let codes: Vec<u16> = (0..6).map(|_| request(listen, "POST", "/admin/tasks/t")).collect();
+    let codes: Vec<u16> = (0..6)
+        .map(|_| request(listen, "POST", "/admin/tasks/t"))
+        .collect();
     let after = (
         draining.hits.load(Ordering::SeqCst),
         healthy.hits.load(Ordering::SeqCst),
     );
     let (to_draining, to_healthy) = (after.0 - before.0, after.1 - before.1);
-    assert_eq!(to_draining + to_healthy, 6, "an admin POST was sent twice: {codes:?}");
-    assert_eq!(codes.iter().filter(|&&c| c == 503).count(), to_draining, "{codes:?}");
+    assert_eq!(
+        to_draining + to_healthy,
+        6,
+        "an admin POST was sent twice: {codes:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|&&c| c == 503).count(),
+        to_draining,
+        "{codes:?}"
+    );
     assert!(to_draining >= 2, "{codes:?}");
 
     // Idempotent admin PUTs are retried like reads.
@@ -583,7 +664,14 @@ print(" ".join(replicas))
         .filter_map(|l| l.trim().strip_prefix("server "))
         .map(|l| l.split_whitespace().next().unwrap().trim_end_matches(';'))
         .collect();
-    assert_eq!(hosts, ["softprompt-1:8080", "softprompt-2:8080", "softprompt-3:8080"]);
+    assert_eq!(
+        hosts,
+        [
+            "softprompt-1:8080",
+            "softprompt-2:8080",
+            "softprompt-3:8080"
+        ]
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "softprompt-1 softprompt-2 softprompt-3"

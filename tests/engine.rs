@@ -17,10 +17,18 @@ fn assert_batch_invariant(model_name: &str, adapters: &[&str]) {
     let engine = Engine::new(model.clone());
     let tasks: Vec<_> = adapters
         .iter()
-        .map(|a| peft::read_dir(&fixture(&format!("adapters/{a}")), None).unwrap().model)
+        .map(|a| {
+            peft::read_dir(&fixture(&format!("adapters/{a}")), None)
+                .unwrap()
+                .model
+        })
         .collect();
     let exp = expected("expected.json");
-    let inputs: Vec<Encoded> = exp.cases[0].inputs.iter().map(|i| encode(&model, i)).collect();
+    let inputs: Vec<Encoded> = exp.cases[0]
+        .inputs
+        .iter()
+        .map(|i| encode(&model, i))
+        .collect();
     let mut rows = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
         for (t, task) in tasks.iter().enumerate() {
@@ -33,7 +41,10 @@ fn assert_batch_invariant(model_name: &str, adapters: &[&str]) {
     for (r, row) in rows.iter().enumerate() {
         let alone = engine.classify(std::slice::from_ref(row)).unwrap();
         let d = max_abs_diff(&alone, &mixed[r..r + 1]);
-        assert!(d <= 1e-5, "{model_name} row {r}: |Δlogit| {d} alone vs mixed");
+        assert!(
+            d <= 1e-5,
+            "{model_name} row {r}: |Δlogit| {d} alone vs mixed"
+        );
     }
 }
 
@@ -41,7 +52,14 @@ fn assert_batch_invariant(model_name: &str, adapters: &[&str]) {
 fn rows_do_not_depend_on_what_else_is_in_the_batch_bert() {
     assert_batch_invariant(
         "tiny-bert",
-        &["pt_random_2", "prefix_2", "ptune_lstm_3", "prefix_proj_3", "pt_text_3", "ptune_mlp_2"],
+        &[
+            "pt_random_2",
+            "prefix_2",
+            "ptune_lstm_3",
+            "prefix_proj_3",
+            "pt_text_3",
+            "ptune_mlp_2",
+        ],
     );
 }
 
@@ -58,12 +76,25 @@ fn default_model_rows_are_batch_invariant_across_64_tasks() {
     let engine = Engine::new(model);
     let tasks: Vec<TaskModel> = (0..8)
         .map(|i| {
-            let kind = if i % 2 == 0 { Kind::Shallow } else { Kind::Deep };
+            let kind = if i % 2 == 0 {
+                Kind::Shallow
+            } else {
+                Kind::Deep
+            };
             random_task(&cfg, &Device::Cpu, kind, 5 + 3 * i, 2 + i % 3, i as u64).unwrap()
         })
         .collect();
-    let inputs: Vec<Encoded> = (0..16).map(|i| random_input(&cfg, 4 + 5 * i, i as u64)).collect();
-    let rows: Vec<Row> = inputs.iter().enumerate().map(|(i, input)| Row { input, task: &tasks[i % 8] }).collect();
+    let inputs: Vec<Encoded> = (0..16)
+        .map(|i| random_input(&cfg, 4 + 5 * i, i as u64))
+        .collect();
+    let rows: Vec<Row> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| Row {
+            input,
+            task: &tasks[i % 8],
+        })
+        .collect();
     let mixed = engine.classify(&rows).unwrap();
     for (r, row) in rows.iter().enumerate() {
         let alone = engine.classify(std::slice::from_ref(row)).unwrap();
@@ -87,44 +118,97 @@ fn template_slots_land_where_the_template_says() {
         emb.index_select(&idx, 0).unwrap()
     };
     let head = identity_task(&model, Pooling::Mean).head;
-    let plain = TaskModel { shallow: None, deep: None, head: head.clone(), pooling: Pooling::First };
-    let pair = Input { text: "the cat sat".into(), text_pair: Some("a dog".into()) };
+    let plain = TaskModel {
+        shallow: None,
+        deep: None,
+        head: head.clone(),
+        pooling: Pooling::First,
+    };
+    let pair = Input {
+        text: "the cat sat".into(),
+        text_pair: Some("a dog".into()),
+    };
     let enc = encode(&model, &pair);
     let split = enc.pair_start.unwrap();
     // The first segment is `[CLS] text [SEP]`; the pair starts right after.
-    assert_eq!((enc.ids[split - 1], enc.type_ids[split - 1], enc.type_ids[split]), (3, 0, 1));
+    assert_eq!(
+        (
+            enc.ids[split - 1],
+            enc.type_ids[split - 1],
+            enc.type_ids[split]
+        ),
+        (3, 0, 1)
+    );
 
     // (template, prompt ids, the equivalent plain token sequence)
     type Case = (&'static str, Vec<u32>, Vec<(u32, u32)>);
     let mut cases: Vec<Case> = Vec::new();
-    let text: Vec<(u32, u32)> = enc.ids.iter().copied().zip(enc.type_ids.iter().copied()).collect();
+    let text: Vec<(u32, u32)> = enc
+        .ids
+        .iter()
+        .copied()
+        .zip(enc.type_ids.iter().copied())
+        .collect();
     let w = |ids: &[u32]| ids.iter().map(|&i| (i, 0)).collect::<Vec<_>>();
-    cases.push(("[P:2] {text}", words[..2].to_vec(), [w(&words[..2]), text.clone()].concat()));
-    cases.push(("{text} [P:3]", words.clone(), [text.clone(), w(&words)].concat()));
+    cases.push((
+        "[P:2] {text}",
+        words[..2].to_vec(),
+        [w(&words[..2]), text.clone()].concat(),
+    ));
+    cases.push((
+        "{text} [P:3]",
+        words.clone(),
+        [text.clone(), w(&words)].concat(),
+    ));
     cases.push((
         "[P:1] {text} [P:2] {text_pair}",
         words.clone(),
-        [w(&words[..1]), text[..split].to_vec(), w(&words[1..]), text[split..].to_vec()].concat(),
+        [
+            w(&words[..1]),
+            text[..split].to_vec(),
+            w(&words[1..]),
+            text[split..].to_vec(),
+        ]
+        .concat(),
     ));
     cases.push((
         "{text} [P:1] {text_pair} [P:2]",
         words.clone(),
-        [text[..split].to_vec(), w(&words[..1]), text[split..].to_vec(), w(&words[1..])].concat(),
+        [
+            text[..split].to_vec(),
+            w(&words[..1]),
+            text[split..].to_vec(),
+            w(&words[1..]),
+        ]
+        .concat(),
     ));
     for (template, prompt_ids, equivalent) in cases {
         let task = TaskModel {
-            shallow: Some(ShallowPrompt { embeddings: vectors(&prompt_ids), template: Template::parse(template).unwrap() }),
+            shallow: Some(ShallowPrompt {
+                embeddings: vectors(&prompt_ids),
+                template: Template::parse(template).unwrap(),
+            }),
             deep: None,
             head: head.clone(),
             pooling: Pooling::First,
         };
-        let got = engine.classify(&[Row { input: &enc, task: &task }]).unwrap();
+        let got = engine
+            .classify(&[Row {
+                input: &enc,
+                task: &task,
+            }])
+            .unwrap();
         let eq_input = Encoded {
             ids: equivalent.iter().map(|p| p.0).collect(),
             type_ids: equivalent.iter().map(|p| p.1).collect(),
             pair_start: None,
         };
-        let want = engine.classify(&[Row { input: &eq_input, task: &plain }]).unwrap();
+        let want = engine
+            .classify(&[Row {
+                input: &eq_input,
+                task: &plain,
+            }])
+            .unwrap();
         let d = max_abs_diff(&got, &want);
         assert!(d <= 1e-5, "{template}: |Δ| {d}");
     }
@@ -135,13 +219,26 @@ fn pytorch_bin_and_vocab_txt_fallbacks_load_the_same_model() {
     let a = load_model(&fixture("tiny-bert"));
     let b = load_model(&fixture("tiny-bert-bin"));
     assert_eq!(a.fingerprint, b.fingerprint);
-    let input = Input { text: "The cat sat on the mat, unbelievably!".into(), text_pair: Some("good".into()) };
+    let input = Input {
+        text: "The cat sat on the mat, unbelievably!".into(),
+        text_pair: Some("good".into()),
+    };
     assert_eq!(encode(&a, &input), encode(&b, &input));
     let ta = identity_task(&a, Pooling::Pooler);
     let tb = identity_task(&b, Pooling::Pooler);
     let ea = encode(&a, &input);
-    let fa = Engine::new(a.clone()).classify(&[Row { input: &ea, task: &ta }]).unwrap();
-    let fb = Engine::new(b.clone()).classify(&[Row { input: &ea, task: &tb }]).unwrap();
+    let fa = Engine::new(a.clone())
+        .classify(&[Row {
+            input: &ea,
+            task: &ta,
+        }])
+        .unwrap();
+    let fb = Engine::new(b.clone())
+        .classify(&[Row {
+            input: &ea,
+            task: &tb,
+        }])
+        .unwrap();
     assert_eq!(fa, fb);
 }
 
@@ -168,7 +265,10 @@ fn unsupported_architecture_names_expected_and_found() {
     let cfg = cfg.replace("\"model_type\": \"bert\"", "\"model_type\": \"gpt2\"");
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("\"bert\" or \"roberta\"") && e.contains("gpt2"), "{e}");
+    assert!(
+        e.contains("\"bert\" or \"roberta\"") && e.contains("gpt2"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -176,10 +276,15 @@ fn missing_tensor_names_the_tensor_and_what_the_file_holds() {
     let dir = copy_fixture("tiny-bert");
     let path = dir.path().join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    tensors.remove("bert.encoder.layer.1.output.dense.weight").unwrap();
+    tensors
+        .remove("bert.encoder.layer.1.output.dense.weight")
+        .unwrap();
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("bert.encoder.layer.1.output.dense.weight") && e.contains("holds"), "{e}");
+    assert!(
+        e.contains("bert.encoder.layer.1.output.dense.weight") && e.contains("holds"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -187,7 +292,11 @@ fn wrong_tensor_shape_names_expected_and_found() {
     let dir = copy_fixture("tiny-bert");
     let path = dir.path().join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let t = tensors["bert.pooler.dense.weight"].i((..16, ..)).unwrap().contiguous().unwrap();
+    let t = tensors["bert.pooler.dense.weight"]
+        .i((..16, ..))
+        .unwrap()
+        .contiguous()
+        .unwrap();
     tensors.insert("bert.pooler.dense.weight".into(), t);
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let e = load_err(dir.path());
@@ -197,10 +306,17 @@ fn wrong_tensor_shape_names_expected_and_found() {
 #[test]
 fn missing_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture("tiny-bert/config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("tiny-bert/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     std::fs::copy(fixture("tiny-bert/vocab.txt"), dir.path().join("vocab.txt")).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("model.safetensors") && e.contains("pytorch_model.bin"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("pytorch_model.bin"),
+        "{e}"
+    );
     let e = load_err(&dir.path().join("nope"));
     assert!(e.contains("fetch_model.sh"), "{e}");
 }
@@ -208,24 +324,53 @@ fn missing_files_are_named() {
 #[test]
 fn rows_longer_than_the_position_table_are_refused() {
     let model = load_model(&fixture("tiny-bert"));
-    let task = peft::read_dir(&fixture("adapters/prefix_2"), None).unwrap().model;
+    let task = peft::read_dir(&fixture("adapters/prefix_2"), None)
+        .unwrap()
+        .model;
     let budget = task.text_budget(model.config());
     assert_eq!(budget, 64 - 7);
     let long = "word ".repeat(200);
-    let err = model.tokenizer.encode(&long, None, budget, false).unwrap_err();
-    assert!(err.to_string().contains(&format!("at most {budget}")), "{err}");
-    let cut = model.tokenizer.encode(&long, Some("a dog slept by the door"), budget, true).unwrap();
+    let err = model
+        .tokenizer
+        .encode(&long, None, budget, false)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("at most {budget}")),
+        "{err}"
+    );
+    let cut = model
+        .tokenizer
+        .encode(&long, Some("a dog slept by the door"), budget, true)
+        .unwrap();
     assert_eq!(cut.len(), budget);
     let engine = Engine::new(model.clone());
-    engine.classify(&[Row { input: &cut, task: &task }]).unwrap();
-    let too_long = Encoded { ids: vec![5; budget + 1], type_ids: vec![0; budget + 1], pair_start: None };
-    let err = engine.classify(&[Row { input: &too_long, task: &task }]).err().unwrap();
+    engine
+        .classify(&[Row {
+            input: &cut,
+            task: &task,
+        }])
+        .unwrap();
+    let too_long = Encoded {
+        ids: vec![5; budget + 1],
+        type_ids: vec![0; budget + 1],
+        pair_start: None,
+    };
+    let err = engine
+        .classify(&[Row {
+            input: &too_long,
+            task: &task,
+        }])
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("64"), "{err}");
 }
 
 #[test]
 fn pair_segment_starts_after_the_first_texts_separator() {
-    let pair = Input { text: "the cat sat on the mat".into(), text_pair: Some("a dog".into()) };
+    let pair = Input {
+        text: "the cat sat on the mat".into(),
+        text_pair: Some("a dog".into()),
+    };
     // BERT: [CLS] A [SEP] | B [SEP]
     let bert = load_model(&fixture("tiny-bert"));
     let e = encode(&bert, &pair);
@@ -233,7 +378,9 @@ fn pair_segment_starts_after_the_first_texts_separator() {
     assert_eq!(e.ids.iter().filter(|&&i| i == 3).count(), 2);
     assert_eq!(e.ids[split - 1], 3);
     assert!(e.ids[..split - 1].iter().all(|&i| i != 3));
-    assert!(e.type_ids[..split].iter().all(|&t| t == 0) && e.type_ids[split..].iter().all(|&t| t == 1));
+    assert!(
+        e.type_ids[..split].iter().all(|&t| t == 0) && e.type_ids[split..].iter().all(|&t| t == 1)
+    );
     // RoBERTa: <s> A </s> | </s> B </s>
     let roberta = load_model(&fixture("tiny-roberta"));
     let e = encode(&roberta, &pair);

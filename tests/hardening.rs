@@ -19,7 +19,12 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Durat
     let started = Instant::now();
     let mut buf = [0u8; 1024];
     loop {
-        match tokio::time::timeout(within.saturating_sub(started.elapsed()), stream.read(&mut buf)).await {
+        match tokio::time::timeout(
+            within.saturating_sub(started.elapsed()),
+            stream.read(&mut buf),
+        )
+        .await
+        {
             Err(_) => return None,
             Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
             Ok(Ok(_)) => continue,
@@ -57,7 +62,9 @@ async fn idle_and_slow_connections_past_the_bound_are_closed_and_clients_still_s
     let mut slow_head = Vec::new();
     for _ in 0..8 {
         let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
         slow_head.push(c);
     }
     let mut slow_body = Vec::new();
@@ -88,7 +95,10 @@ async fn idle_and_slow_connections_past_the_bound_are_closed_and_clients_still_s
     let started = Instant::now();
     let resp = s.get("/health").await;
     assert_eq!(resp.status(), 200);
-    eprintln!("normal client served in {:?} with 36 hostile connections open", started.elapsed());
+    eprintln!(
+        "normal client served in {:?} with 36 hostile connections open",
+        started.elapsed()
+    );
     let body = s
         .classify("pt_random_2", &json!({"inputs": "the movie was great"}))
         .await;
@@ -98,19 +108,30 @@ async fn idle_and_slow_connections_past_the_bound_are_closed_and_clients_still_s
     // client (the idle ones at the latest after the idle timeout).
     let mut conns = dribble.await.unwrap();
     for (i, c) in conns.iter_mut().enumerate() {
-        assert!(closed_within(c, Duration::from_secs(10)).await.is_some(), "slow connection {i} still open");
+        assert!(
+            closed_within(c, Duration::from_secs(10)).await.is_some(),
+            "slow connection {i} still open"
+        );
     }
     for (i, c) in idle.iter_mut().enumerate() {
-        assert!(closed_within(c, Duration::from_secs(10)).await.is_some(), "idle connection {i} still open");
+        assert!(
+            closed_within(c, Duration::from_secs(10)).await.is_some(),
+            "idle connection {i} still open"
+        );
     }
     let metrics = s.get("/metrics").await.text().await.unwrap();
     for reason in ["header_timeout", "shed"] {
         assert!(
-            metrics.contains(&format!("softprompt_connections_closed_total{{reason=\"{reason}\"}}")),
+            metrics.contains(&format!(
+                "softprompt_connections_closed_total{{reason=\"{reason}\"}}"
+            )),
             "no connection closed for {reason}:\n{metrics}"
         );
     }
-    assert!(metrics.contains("softprompt_connections_limited_total"), "{metrics}");
+    assert!(
+        metrics.contains("softprompt_connections_limited_total"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +148,10 @@ async fn a_slow_body_gets_408_and_the_request_timeout_covers_the_body() {
     let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(answer.contains(r#""error_type":"body_timeout""#), "{answer}");
+    assert!(
+        answer.contains(r#""error_type":"body_timeout""#),
+        "{answer}"
+    );
 
     // The request deadline runs from the header: a body that is slower than
     // the request timeout is cut at the request timeout (503 timeout).
@@ -156,13 +180,24 @@ async fn a_burst_against_a_full_server_gets_429_with_retry_after() {
     let held = {
         let (s, long) = (s.clone(), long.clone());
         tokio::spawn(async move {
-            s.classify("pt_random_2", &json!({"inputs": long, "parameters": {"truncate": true}})).await
+            s.classify(
+                "pt_random_2",
+                &json!({"inputs": long, "parameters": {"truncate": true}}),
+            )
+            .await
         })
     };
-    s.until("the server is full", |srv| srv.batcher().admitted_tokens() == 64).await;
+    s.until("the server is full", |srv| {
+        srv.batcher().admitted_tokens() == 64
+    })
+    .await;
 
     // 3,000 requests, 256 at a time on their own connections.
-    let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build().unwrap();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
     let url = s.url("/v1/tasks/pt_random_2/classify");
     let mut tasks = Vec::new();
@@ -180,7 +215,12 @@ async fn a_burst_against_a_full_server_gets_429_with_retry_after() {
             let status = resp.status().as_u16();
             let retry = resp.headers().get("retry-after").is_some();
             let kind: Value = resp.json().await.unwrap();
-            (started.elapsed(), status, retry, kind["error_type"].as_str().unwrap_or("").to_string())
+            (
+                started.elapsed(),
+                status,
+                retry,
+                kind["error_type"].as_str().unwrap_or("").to_string(),
+            )
         }));
     }
     let mut latencies = Vec::new();
@@ -192,11 +232,13 @@ async fn a_burst_against_a_full_server_gets_429_with_retry_after() {
     latencies.sort();
     eprintln!(
         "3,000 refusals: p50 {:?}, p99 {:?}, max {:?} (2 runtime workers, client in the same process)",
-        latencies[1500],
-        latencies[2970],
-        latencies[2999]
+        latencies[1500], latencies[2970], latencies[2999]
     );
-    assert_eq!(s.server.batcher().waiting(), 1, "nothing of the burst was queued");
+    assert_eq!(
+        s.server.batcher().waiting(),
+        1,
+        "nothing of the burst was queued"
+    );
     drop(pause);
     assert_eq!(held.await.unwrap().status(), 200);
 }
@@ -214,7 +256,11 @@ async fn request_shapes_are_strict_and_every_error_is_json() {
     };
     for (body, status, kind) in [
         (r#"["a"]"#, 422, "validation"),
-        (r#"{"inputs": "a", "parameters": [1, "none", true]}"#, 422, "validation"),
+        (
+            r#"{"inputs": "a", "parameters": [1, "none", true]}"#,
+            422,
+            "validation",
+        ),
         (r#"{"inputs": "a", "parameters": null}"#, 422, "validation"),
         (r#"{"inputs": "\u0000\u0000"}"#, 422, "validation"),
         (r#"{"inputs": "   "}"#, 422, "validation"),
@@ -224,8 +270,18 @@ async fn request_shapes_are_strict_and_every_error_is_json() {
         assert_eq!((got, got_kind.as_str()), (status, kind), "{body}");
     }
     // NUL-only and whitespace-only inputs are refused with the same message.
-    let nul: Value = post(r#"{"inputs": "\u0000"}"#).await.unwrap().json().await.unwrap();
-    let blank: Value = post(r#"{"inputs": " \t"}"#).await.unwrap().json().await.unwrap();
+    let nul: Value = post(r#"{"inputs": "\u0000"}"#)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let blank: Value = post(r#"{"inputs": " \t"}"#)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(nul["error"], blank["error"]);
 
     // A task id that is not UTF-8: a JSON 400, not axum's plain text.
@@ -245,7 +301,11 @@ async fn request_shapes_are_strict_and_every_error_is_json() {
         let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
         let (status, kind, _) = error_of(resp).await;
         assert!(ct.starts_with("application/json"), "{path}: {ct}");
-        assert_eq!((status, kind.as_str()), (400, "bad_path"), "{method} {path}");
+        assert_eq!(
+            (status, kind.as_str()),
+            (400, "bad_path"),
+            "{method} {path}"
+        );
     }
 }
 
@@ -295,7 +355,13 @@ async fn every_response_carries_a_request_id() {
     assert_eq!(resp.headers()["x-request-id"], "client-chose-this");
     for path in ["/health", "/v1/tasks/nope", "/no/such/route"] {
         let resp = s.get(path).await;
-        let id = resp.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string());
-        assert!(id.as_ref().is_some_and(|id| id.len() >= 16), "{path}: {id:?}");
+        let id = resp
+            .headers()
+            .get("x-request-id")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert!(
+            id.as_ref().is_some_and(|id| id.len() >= 16),
+            "{path}: {id:?}"
+        );
     }
 }

@@ -18,15 +18,30 @@ fn check_cases(file: &str, model_dir: impl Fn(&str) -> std::path::PathBuf, adapt
             .unwrap_or_else(|e| panic!("{}: {e}", case.adapter));
         assert_eq!(task.model.num_labels(), case.num_labels, "{}", case.adapter);
         let encoded: Vec<_> = case.inputs.iter().map(|i| encode(&model, i)).collect();
-        for (e, (ids, types)) in encoded.iter().zip(case.input_ids.iter().zip(&case.token_type_ids)) {
+        for (e, (ids, types)) in encoded
+            .iter()
+            .zip(case.input_ids.iter().zip(&case.token_type_ids))
+        {
             assert_eq!(&e.ids, ids, "{}: token ids", case.adapter);
             assert_eq!(&e.type_ids, types, "{}: token types", case.adapter);
         }
         let engine = Engine::new(model);
-        let rows: Vec<Row> = encoded.iter().map(|input| Row { input, task: &task.model }).collect();
+        let rows: Vec<Row> = encoded
+            .iter()
+            .map(|input| Row {
+                input,
+                task: &task.model,
+            })
+            .collect();
         let got = engine.classify(&rows).unwrap();
         let diff = max_abs_diff(&got, &case.logits);
-        assert!(diff <= TOL, "{} ({}): max |Δlogit| {diff} > {TOL}\n got {got:?}\n want {:?}", case.adapter, case.peft_type, case.logits);
+        assert!(
+            diff <= TOL,
+            "{} ({}): max |Δlogit| {diff} > {TOL}\n got {got:?}\n want {:?}",
+            case.adapter,
+            case.peft_type,
+            case.logits
+        );
     }
 }
 
@@ -49,13 +64,19 @@ fn check_base(file: &str, model_dir: impl Fn(&str) -> std::path::PathBuf) {
             assert_eq!(&e.ids, ids, "{}: token ids", base.model);
         }
         let engine = Engine::new(model.clone());
-        let mut checks = vec![(Pooling::First, base.cls_hidden.clone()), (Pooling::Mean, base.mean_pooled.clone())];
+        let mut checks = vec![
+            (Pooling::First, base.cls_hidden.clone()),
+            (Pooling::Mean, base.mean_pooled.clone()),
+        ];
         if let Some(p) = &base.pooler_output {
             checks.push((Pooling::Pooler, p.clone()));
         }
         for (pooling, want) in checks {
             let task = identity_task(&model, pooling);
-            let rows: Vec<Row> = encoded.iter().map(|input| Row { input, task: &task }).collect();
+            let rows: Vec<Row> = encoded
+                .iter()
+                .map(|input| Row { input, task: &task })
+                .collect();
             let got = engine.classify(&rows).unwrap();
             let diff = max_abs_diff(&got, &want);
             assert!(diff <= TOL, "{} {pooling:?}: max |Δ| {diff}", base.model);
@@ -72,7 +93,11 @@ fn base_encoder_features_match_transformers() {
 fn sentence_transformers_naming_without_bert_prefix_loads_the_same_model() {
     // tiny-bert-st holds the same weights with the `bert.` prefix stripped.
     check_base("expected.json", |m| {
-        if m == "tiny-bert" { fixture("tiny-bert-st") } else { fixture(m) }
+        if m == "tiny-bert" {
+            fixture("tiny-bert-st")
+        } else {
+            fixture(m)
+        }
     });
 }
 

@@ -26,14 +26,22 @@ async fn classify_scores_match_the_engine_for_every_adapter_kind() {
         // A single input still gets [[...]].
         let resp = s.classify(name, &json!({"inputs": inputs[0].json()})).await;
         assert_eq!(resp.status(), 200);
-        assert_eq!(resp.headers()["x-task-version"].to_str().unwrap(), task.version);
+        assert_eq!(
+            resp.headers()["x-task-version"].to_str().unwrap(),
+            task.version
+        );
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body.as_array().unwrap().len(), 1);
         reference.check(&task, &inputs[0], &body[0], true);
 
         // A list: one entry per input, in input order.
         let all: Vec<Value> = inputs.iter().map(In::json).collect();
-        let body: Value = s.classify(name, &json!({"inputs": all})).await.json().await.unwrap();
+        let body: Value = s
+            .classify(name, &json!({"inputs": all}))
+            .await
+            .json()
+            .await
+            .unwrap();
         assert_eq!(body.as_array().unwrap().len(), inputs.len());
         for (i, input) in inputs.iter().enumerate() {
             reference.check(&task, input, &body[i], true);
@@ -41,7 +49,10 @@ async fn classify_scores_match_the_engine_for_every_adapter_kind() {
 
         // Raw logits, sigmoid, top_k.
         let body: Value = s
-            .classify(name, &json!({"inputs": [inputs[2].json()], "parameters": {"function_to_apply": "none"}}))
+            .classify(
+                name,
+                &json!({"inputs": [inputs[2].json()], "parameters": {"function_to_apply": "none"}}),
+            )
             .await
             .json()
             .await
@@ -66,7 +77,10 @@ async fn classify_scores_match_the_engine_for_every_adapter_kind() {
         assert_eq!(top[0]["label"], task.meta.labels[best_idx]);
         // top_k null = all labels.
         let body: Value = s
-            .classify(name, &json!({"inputs": "hello", "parameters": {"top_k": null}}))
+            .classify(
+                name,
+                &json!({"inputs": "hello", "parameters": {"top_k": null}}),
+            )
             .await
             .json()
             .await
@@ -84,7 +98,8 @@ async fn truncate_cuts_long_inputs_that_are_refused_without_it() {
     for name in ["pt_random_2", "prefix_2"] {
         let task = fixture_task(name);
         for input in [In::text(&long), In::pair(&long, "short pair text")] {
-            let (status, kind, _) = error_of(s.classify(name, &json!({"inputs": input.json()})).await).await;
+            let (status, kind, _) =
+                error_of(s.classify(name, &json!({"inputs": input.json()})).await).await;
             assert_eq!((status, kind.as_str()), (422, "validation"));
             let resp = s
                 .classify(name, &json!({"inputs": input.json(), "parameters": {"truncate": true, "function_to_apply": "none"}}))
@@ -93,7 +108,12 @@ async fn truncate_cuts_long_inputs_that_are_refused_without_it() {
             let body: Value = resp.json().await.unwrap();
             let want = reference.logits(&task, &input, true);
             for e in body[0].as_array().unwrap() {
-                let i = task.meta.labels.iter().position(|l| l == e["label"].as_str().unwrap()).unwrap();
+                let i = task
+                    .meta
+                    .labels
+                    .iter()
+                    .position(|l| l == e["label"].as_str().unwrap())
+                    .unwrap();
                 assert!((e["score"].as_f64().unwrap() as f32 - want[i]).abs() <= TOL);
             }
         }
@@ -115,77 +135,142 @@ async fn every_request_error_of_the_contract() {
             .send()
     };
     let cases: Vec<(&str, reqwest::Response, u16, &str)> = vec![
-        ("malformed JSON", raw(r#"{"inputs": "#).await.unwrap(), 400, "malformed_json"),
-        ("not JSON", raw("inputs=hello").await.unwrap(), 400, "malformed_json"),
-        ("unknown task", s.classify("nope", &json!({"inputs": "hi"})).await, 404, "not_found"),
+        (
+            "malformed JSON",
+            raw(r#"{"inputs": "#).await.unwrap(),
+            400,
+            "malformed_json",
+        ),
+        (
+            "not JSON",
+            raw("inputs=hello").await.unwrap(),
+            400,
+            "malformed_json",
+        ),
+        (
+            "unknown task",
+            s.classify("nope", &json!({"inputs": "hi"})).await,
+            404,
+            "not_found",
+        ),
         (
             "body too large",
-            s.classify(t, &json!({"inputs": "word ".repeat(1000)})).await,
+            s.classify(t, &json!({"inputs": "word ".repeat(1000)}))
+                .await,
             413,
             "body_too_large",
         ),
-        ("empty text", s.classify(t, &json!({"inputs": ""})).await, 422, "validation"),
-        ("blank text", s.classify(t, &json!({"inputs": ["ok", "   "]})).await, 422, "validation"),
+        (
+            "empty text",
+            s.classify(t, &json!({"inputs": ""})).await,
+            422,
+            "validation",
+        ),
+        (
+            "blank text",
+            s.classify(t, &json!({"inputs": ["ok", "   "]})).await,
+            422,
+            "validation",
+        ),
         (
             "empty pair",
-            s.classify(t, &json!({"inputs": {"text": "a", "text_pair": ""}})).await,
+            s.classify(t, &json!({"inputs": {"text": "a", "text_pair": ""}}))
+                .await,
             422,
             "validation",
         ),
         (
             "too long",
-            s.classify(t, &json!({"inputs": "long text ".repeat(60)})).await,
+            s.classify(t, &json!({"inputs": "long text ".repeat(60)}))
+                .await,
             422,
             "validation",
         ),
         (
             "too many inputs",
-            s.classify(t, &json!({"inputs": ["a", "b", "c", "d", "e"]})).await,
+            s.classify(t, &json!({"inputs": ["a", "b", "c", "d", "e"]}))
+                .await,
             422,
             "validation",
         ),
-        ("no inputs", s.classify(t, &json!({"inputs": []})).await, 422, "validation"),
-        ("missing inputs", s.classify(t, &json!({"text": "a"})).await, 422, "validation"),
-        ("input of wrong type", s.classify(t, &json!({"inputs": 7})).await, 422, "validation"),
+        (
+            "no inputs",
+            s.classify(t, &json!({"inputs": []})).await,
+            422,
+            "validation",
+        ),
+        (
+            "missing inputs",
+            s.classify(t, &json!({"text": "a"})).await,
+            422,
+            "validation",
+        ),
+        (
+            "input of wrong type",
+            s.classify(t, &json!({"inputs": 7})).await,
+            422,
+            "validation",
+        ),
         (
             "top_k zero",
-            s.classify(t, &json!({"inputs": "a", "parameters": {"top_k": 0}})).await,
+            s.classify(t, &json!({"inputs": "a", "parameters": {"top_k": 0}}))
+                .await,
             422,
             "validation",
         ),
         (
             "top_k negative",
-            s.classify(t, &json!({"inputs": "a", "parameters": {"top_k": -2}})).await,
+            s.classify(t, &json!({"inputs": "a", "parameters": {"top_k": -2}}))
+                .await,
             422,
             "validation",
         ),
         (
             "unknown function",
-            s.classify(t, &json!({"inputs": "a", "parameters": {"function_to_apply": "relu"}})).await,
+            s.classify(
+                t,
+                &json!({"inputs": "a", "parameters": {"function_to_apply": "relu"}}),
+            )
+            .await,
             422,
             "validation",
         ),
         (
             "unknown parameter",
-            s.classify(t, &json!({"inputs": "a", "parameters": {"temperature": 2}})).await,
+            s.classify(t, &json!({"inputs": "a", "parameters": {"temperature": 2}}))
+                .await,
             422,
             "validation",
         ),
         (
             "truncate not a bool",
-            s.classify(t, &json!({"inputs": "a", "parameters": {"truncate": "yes"}})).await,
+            s.classify(
+                t,
+                &json!({"inputs": "a", "parameters": {"truncate": "yes"}}),
+            )
+            .await,
             422,
             "validation",
         ),
         ("no route", s.get("/v2/nothing").await, 404, "no_route"),
-        ("wrong method", s.get(&format!("/v1/tasks/{t}/classify")).await, 405, "method_not_allowed"),
+        (
+            "wrong method",
+            s.get(&format!("/v1/tasks/{t}/classify")).await,
+            405,
+            "method_not_allowed",
+        ),
     ];
     for (what, resp, status, kind) in cases {
         let (got_status, got_kind, _) = error_of(resp).await;
         assert_eq!((got_status, got_kind.as_str()), (status, kind), "{what}");
     }
     // The server still answers normally afterwards.
-    assert_eq!(s.classify(t, &json!({"inputs": ["a", "b", "c", "d"]})).await.status(), 200);
+    assert_eq!(
+        s.classify(t, &json!({"inputs": ["a", "b", "c", "d"]}))
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,11 +290,15 @@ async fn admission_counts_tokens_and_refuses_before_tokenizing() {
     let held = {
         let (s, long) = (s.clone(), long.clone());
         tokio::spawn(async move {
-            s.classify("pt_random_2", &json!({"inputs": [long, long], "parameters": {"truncate": true}}))
-                .await
+            s.classify(
+                "pt_random_2",
+                &json!({"inputs": [long, long], "parameters": {"truncate": true}}),
+            )
+            .await
         })
     };
-    s.until("2 long rows queued", |srv| srv.batcher().waiting() == 2).await;
+    s.until("2 long rows queued", |srv| srv.batcher().waiting() == 2)
+        .await;
     assert_eq!(s.server.batcher().admitted_tokens(), 128);
 
     // One row, but 64 more tokens than the 22 left: refused in tokens, not
@@ -218,12 +307,22 @@ async fn admission_counts_tokens_and_refuses_before_tokenizing() {
     let resp = s.classify("pt_random_2", &json!({"inputs": long})).await;
     let (status, kind, headers) = error_of(resp).await;
     assert_eq!((status, kind.as_str()), (429, "queue_full"));
-    assert!(headers["retry-after"].to_str().unwrap().parse::<u32>().unwrap() >= 1);
+    assert!(
+        headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+            >= 1
+    );
     assert_eq!(s.server.batcher().waiting(), 2);
 
     // A request that could never fit is a 422, not an endless 429.
     let resp = s
-        .classify("pt_random_2", &json!({"inputs": [long, long, long], "parameters": {"truncate": true}}))
+        .classify(
+            "pt_random_2",
+            &json!({"inputs": [long, long, long], "parameters": {"truncate": true}}),
+        )
         .await;
     let (status, kind, _) = error_of(resp).await;
     assert_eq!((status, kind.as_str()), (422, "validation"));
@@ -235,7 +334,8 @@ async fn admission_counts_tokens_and_refuses_before_tokenizing() {
         let one = inputs[4].json();
         tokio::spawn(async move { s.classify("pt_random_2", &json!({"inputs": one})).await })
     };
-    s.until("3 rows queued", |srv| srv.batcher().waiting() == 3).await;
+    s.until("3 rows queued", |srv| srv.batcher().waiting() == 3)
+        .await;
     drop(pause);
 
     let resp = held.await.unwrap();
@@ -244,7 +344,10 @@ async fn admission_counts_tokens_and_refuses_before_tokenizing() {
     assert_eq!(body.as_array().unwrap().len(), 2);
     let body: Value = last.await.unwrap().json().await.unwrap();
     reference.check(&task, &inputs[4], &body[0], true);
-    s.until("tokens given back", |srv| srv.batcher().admitted_tokens() == 0).await;
+    s.until("tokens given back", |srv| {
+        srv.batcher().admitted_tokens() == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,15 +365,24 @@ async fn rows_of_clients_that_hung_up_are_dropped_before_compute() {
             .send()
             .await
     });
-    s.until("3 rows queued", |srv| srv.batcher().waiting() == 3).await;
+    s.until("3 rows queued", |srv| srv.batcher().waiting() == 3)
+        .await;
     client.abort();
     // The server notices the closed connection and drops the handler.
     s.until("handler dropped", |srv| srv.in_flight() == 0).await;
     drop(pause);
-    s.until("rows discarded", |srv| srv.batcher().stats().abandoned == before + 3).await;
+    s.until("rows discarded", |srv| {
+        srv.batcher().stats().abandoned == before + 3
+    })
+    .await;
     assert_eq!(s.server.batcher().waiting(), 0);
     // Live clients are unaffected.
-    assert_eq!(s.classify("prefix_2", &json!({"inputs": "still here"})).await.status(), 200);
+    assert_eq!(
+        s.classify("prefix_2", &json!({"inputs": "still here"}))
+            .await
+            .status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,11 +392,16 @@ async fn a_request_past_its_deadline_gets_503_and_its_rows_are_abandoned() {
     f.extend(["--request-timeout-ms", "300"].map(String::from));
     let s = start(&f).await;
     let pause = s.server.batcher().pause();
-    let (status, kind, headers) = error_of(s.classify("pt_random_2", &json!({"inputs": ["a", "b"]})).await).await;
+    let (status, kind, headers) = error_of(
+        s.classify("pt_random_2", &json!({"inputs": ["a", "b"]}))
+            .await,
+    )
+    .await;
     assert_eq!((status, kind.as_str()), (503, "timeout"));
     assert!(headers.contains_key("retry-after"));
     drop(pause);
-    s.until("rows discarded", |srv| srv.batcher().stats().abandoned == 2).await;
+    s.until("rows discarded", |srv| srv.batcher().stats().abandoned == 2)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -309,7 +426,8 @@ async fn concurrent_clients_over_many_tasks_get_the_scores_of_single_requests() 
     let per_client = 15;
     let mut handles = Vec::new();
     for c in 0..clients {
-        let (s, expected, names, inputs) = (s.clone(), expected.clone(), names.clone(), inputs.clone());
+        let (s, expected, names, inputs) =
+            (s.clone(), expected.clone(), names.clone(), inputs.clone());
         handles.push(tokio::spawn(async move {
             for r in 0..per_client {
                 let ti = (c * 7 + r * 3) % names.len();
@@ -331,7 +449,12 @@ async fn concurrent_clients_over_many_tasks_get_the_scores_of_single_requests() 
                         let label = e["label"].as_str().unwrap();
                         let li: usize = label.strip_prefix("LABEL_").unwrap().parse().unwrap();
                         let score = e["score"].as_f64().unwrap() as f32;
-                        assert!((score - want[li]).abs() <= TOL, "task {} input {ii}: {score} vs {}", names[ti], want[li]);
+                        assert!(
+                            (score - want[li]).abs() <= TOL,
+                            "task {} input {ii}: {score} vs {}",
+                            names[ti],
+                            want[li]
+                        );
                     }
                 }
             }
@@ -356,10 +479,15 @@ async fn rows_of_different_tasks_and_lengths_share_one_forward_pass() {
         let s = s.clone();
         let picked: Vec<In> = inputs.iter().skip(t).step_by(2).cloned().collect();
         let body = json!({"inputs": picked.iter().map(In::json).collect::<Vec<_>>(), "parameters": {"function_to_apply": "none"}});
-        held.push((name, picked, tokio::spawn(async move { s.classify(name, &body).await })));
+        held.push((
+            name,
+            picked,
+            tokio::spawn(async move { s.classify(name, &body).await }),
+        ));
     }
     let queued: usize = held.iter().map(|(_, p, _)| p.len()).sum();
-    s.until("all rows queued", |srv| srv.batcher().waiting() == queued).await;
+    s.until("all rows queued", |srv| srv.batcher().waiting() == queued)
+        .await;
     drop(pause);
     let reference = Reference::new();
     for (name, picked, h) in held {
@@ -371,7 +499,11 @@ async fn rows_of_different_tasks_and_lengths_share_one_forward_pass() {
     }
     let after = s.server.batcher().stats();
     assert_eq!(after.rows - before.rows, queued as u64);
-    assert_eq!(after.batches - before.batches, 1, "one forward pass for four tasks of both kinds");
+    assert_eq!(
+        after.batches - before.batches,
+        1,
+        "one forward pass for four tasks of both kinds"
+    );
 }
 
 // ---------------------------------------------------------------- tasks
@@ -401,7 +533,12 @@ async fn task_listing_describes_served_tasks() {
 async fn admin_routes_need_the_bearer_token() {
     let store = store_with(&["pt_random_2"]);
     let s = start(&flags(store.path())).await;
-    let attempts = [None, Some("Bearer wrong"), Some("Basic dGVzdA=="), Some(TOKEN)];
+    let attempts = [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic dGVzdA=="),
+        Some(TOKEN),
+    ];
     for (i, auth) in attempts.into_iter().enumerate() {
         // Each kind of attempt from its own loopback address: failed logins
         // slow their client down after a few (tests/hardening.rs), and
@@ -429,7 +566,16 @@ async fn admin_routes_need_the_bearer_token() {
         }
     }
     // Nothing was deleted by the refused requests; the right token works.
-    let list: Value = s.http.get(s.url("/admin/tasks")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    let list: Value = s
+        .http
+        .get(s.url("/admin/tasks"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list[0]["id"], "pt_random_2");
     assert_eq!(list[0]["shallow_tokens"], 5);
     assert_eq!(list[0]["deep_tokens"], 0);
@@ -443,7 +589,11 @@ async fn without_a_token_the_admin_api_is_closed_and_a_token_file_opens_it() {
     let at = f.iter().position(|a| a == "--admin-token").unwrap();
     f.drain(at..at + 2);
     let closed = start(&f).await;
-    for auth in [None, Some(format!("Bearer {TOKEN}")), Some("Bearer ".to_string())] {
+    for auth in [
+        None,
+        Some(format!("Bearer {TOKEN}")),
+        Some("Bearer ".to_string()),
+    ] {
         let mut r = closed.http.get(closed.url("/admin/tasks"));
         if let Some(a) = auth {
             r = r.header("authorization", a);
@@ -454,11 +604,26 @@ async fn without_a_token_the_admin_api_is_closed_and_a_token_file_opens_it() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "from-a-file\n").unwrap();
-    f.extend(["--admin-token-file".to_string(), token_file.to_str().unwrap().to_string()]);
+    f.extend([
+        "--admin-token-file".to_string(),
+        token_file.to_str().unwrap().to_string(),
+    ]);
     let open = start(&f).await;
-    let ok = open.http.get(open.url("/admin/tasks")).bearer_auth("from-a-file").send().await.unwrap();
+    let ok = open
+        .http
+        .get(open.url("/admin/tasks"))
+        .bearer_auth("from-a-file")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
-    let wrong = open.http.get(open.url("/admin/tasks")).bearer_auth(TOKEN).send().await.unwrap();
+    let wrong = open
+        .http
+        .get(open.url("/admin/tasks"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
 }
 
@@ -470,7 +635,9 @@ async fn upload_native_and_peft_then_delete() {
     let input = In::pair("is it good?", "it is");
 
     // PEFT adapter as multipart, with label names.
-    let resp = s.put_adapter("sent", "pt_text_3", Some(&["neg", "neu", "pos"])).await;
+    let resp = s
+        .put_adapter("sent", "pt_text_3", Some(&["neg", "neu", "pos"]))
+        .await;
     assert_eq!(resp.status(), 201);
     let up: Value = resp.json().await.unwrap();
     assert_eq!(up["replaced"], false);
@@ -497,12 +664,18 @@ async fn upload_native_and_peft_then_delete() {
     assert_eq!(up["task"]["kind"], "deep");
     assert_eq!(up["task"]["version"], deep.version.as_str());
     let resp = s.classify("sent", &json!({"inputs": input.json()})).await;
-    assert_eq!(resp.headers()["x-task-version"].to_str().unwrap(), deep.version);
+    assert_eq!(
+        resp.headers()["x-task-version"].to_str().unwrap(),
+        deep.version
+    );
     reference.check(&deep, &input, &resp.json::<Value>().await.unwrap()[0], true);
 
     // Delete: 204, then 404 everywhere, and gone from the store.
     assert_eq!(s.delete("sent").await.status(), 204);
-    assert_eq!(s.classify("sent", &json!({"inputs": "x"})).await.status(), 404);
+    assert_eq!(
+        s.classify("sent", &json!({"inputs": "x"})).await.status(),
+        404
+    );
     assert_eq!(s.get("/v1/tasks/sent").await.status(), 404);
     assert!(!store.path().join("sent.safetensors").exists());
     let (status, kind, _) = error_of(s.delete("sent").await).await;
@@ -539,25 +712,77 @@ async fn a_malformed_upload_changes_nothing_served_or_stored() {
         sp.embeddings = (sp.embeddings.ones_like().unwrap() * f64::NAN).unwrap();
         native::to_bytes(&Task::new(t.meta.clone(), model).unwrap()).unwrap()
     };
-    let put = |id: &str| s.http.put(s.url(&format!("/admin/tasks/{id}"))).bearer_auth(TOKEN);
-    let octet = |id: &str, b: Vec<u8>| put(id).header("content-type", "application/octet-stream").body(b);
+    let put = |id: &str| {
+        s.http
+            .put(s.url(&format!("/admin/tasks/{id}")))
+            .bearer_auth(TOKEN)
+    };
+    let octet = |id: &str, b: Vec<u8>| {
+        put(id)
+            .header("content-type", "application/octet-stream")
+            .body(b)
+    };
     let form = |parts: Vec<(&'static str, Vec<u8>)>| {
         parts
             .into_iter()
-            .fold(reqwest::multipart::Form::new(), |f, (n, b)| f.part(n, reqwest::multipart::Part::bytes(b)))
+            .fold(reqwest::multipart::Form::new(), |f, (n, b)| {
+                f.part(n, reqwest::multipart::Part::bytes(b))
+            })
     };
     let pt_cfg = std::fs::read(adapter_dir("pt_random_2").join("adapter_config.json")).unwrap();
     let pt_w = std::fs::read(adapter_dir("pt_random_2").join("adapter_model.safetensors")).unwrap();
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
-        ("garbage bytes", octet("kept", b"not a task".to_vec()), 422, "invalid_task"),
-        ("truncated file", octet("kept", truncated), 422, "invalid_task"),
+        (
+            "garbage bytes",
+            octet("kept", b"not a task".to_vec()),
+            422,
+            "invalid_task",
+        ),
+        (
+            "truncated file",
+            octet("kept", truncated),
+            422,
+            "invalid_task",
+        ),
         ("empty body", octet("kept", Vec::new()), 422, "invalid_task"),
-        ("bad id", octet("..%2Fevil", good.clone()), 422, "invalid_task"),
-        ("bad id 2", octet(".hidden", good.clone()), 422, "invalid_task"),
-        ("wrong content type", put("kept").header("content-type", "text/plain").body(good.clone()), 415, "unsupported_media_type"),
-        ("no content type", put("kept").body(good.clone()), 415, "unsupported_media_type"),
-        ("task for another model", octet("kept", other_model), 422, "invalid_task"),
-        ("NaN in the prompt", octet("kept", nan_prompt), 422, "invalid_task"),
+        (
+            "bad id",
+            octet("..%2Fevil", good.clone()),
+            422,
+            "invalid_task",
+        ),
+        (
+            "bad id 2",
+            octet(".hidden", good.clone()),
+            422,
+            "invalid_task",
+        ),
+        (
+            "wrong content type",
+            put("kept")
+                .header("content-type", "text/plain")
+                .body(good.clone()),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no content type",
+            put("kept").body(good.clone()),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "task for another model",
+            octet("kept", other_model),
+            422,
+            "invalid_task",
+        ),
+        (
+            "NaN in the prompt",
+            octet("kept", nan_prompt),
+            422,
+            "invalid_task",
+        ),
         (
             "missing weights part",
             put("kept").multipart(form(vec![("adapter_config.json", pt_cfg.clone())])),
@@ -566,7 +791,10 @@ async fn a_malformed_upload_changes_nothing_served_or_stored() {
         ),
         (
             "unknown part",
-            put("kept").multipart(form(vec![("adapter_config.json", pt_cfg.clone()), ("weights.bin", pt_w.clone())])),
+            put("kept").multipart(form(vec![
+                ("adapter_config.json", pt_cfg.clone()),
+                ("weights.bin", pt_w.clone()),
+            ])),
             422,
             "invalid_upload",
         ),
@@ -592,22 +820,36 @@ async fn a_malformed_upload_changes_nothing_served_or_stored() {
         ),
         (
             "config that is not JSON",
-            put("kept").multipart(form(vec![("adapter_config.json", b"{".to_vec()), ("adapter_model.safetensors", pt_w.clone())])),
+            put("kept").multipart(form(vec![
+                ("adapter_config.json", b"{".to_vec()),
+                ("adapter_model.safetensors", pt_w.clone()),
+            ])),
             422,
             "invalid_task",
         ),
         (
             "broken multipart",
-            put("kept").header("content-type", "multipart/form-data; boundary=XYZ").body("--XYZ\r\nbroken"),
+            put("kept")
+                .header("content-type", "multipart/form-data; boundary=XYZ")
+                .body("--XYZ\r\nbroken"),
             400,
             "malformed_upload",
         ),
-        ("new id, garbage", octet("fresh", b"\x08\x00\x00\x00\x00\x00\x00\x00{}".to_vec()), 422, "invalid_task"),
+        (
+            "new id, garbage",
+            octet("fresh", b"\x08\x00\x00\x00\x00\x00\x00\x00{}".to_vec()),
+            422,
+            "invalid_task",
+        ),
     ];
     for (what, req, status, kind) in cases {
         let (got_status, got_kind, _) = error_of(req.send().await.unwrap()).await;
         assert_eq!((got_status, got_kind.as_str()), (status, kind), "{what}");
-        assert_eq!(snapshot(store.path()), before_files, "{what}: store changed");
+        assert_eq!(
+            snapshot(store.path()),
+            before_files,
+            "{what}: store changed"
+        );
         let list: Value = s.get("/v1/tasks").await.json().await.unwrap();
         assert_eq!(list, before_list, "{what}: served tasks changed");
         let scores: Value = s.classify("kept", &probe).await.json().await.unwrap();
@@ -636,14 +878,30 @@ async fn uploaded_tasks_survive_a_restart() {
     let store = store_with(&["prefix_2"]);
     let f = flags(store.path());
     let s = start(&f).await;
-    assert_eq!(s.put_adapter("peft-up", "ptune_lstm_3", Some(&["a", "b", "c"])).await.status(), 201);
-    assert_eq!(s.put_native("native-up", native::to_bytes(&fixture_task("pt_text_3")).unwrap()).await.status(), 201);
+    assert_eq!(
+        s.put_adapter("peft-up", "ptune_lstm_3", Some(&["a", "b", "c"]))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        s.put_native(
+            "native-up",
+            native::to_bytes(&fixture_task("pt_text_3")).unwrap()
+        )
+        .await
+        .status(),
+        201
+    );
     assert_eq!(s.delete("prefix_2").await.status(), 204);
     let probe = json!({"inputs": ["restart me", {"text": "a", "text_pair": "b"}]});
     let mut before = Vec::new();
     for id in ["peft-up", "native-up"] {
         let resp = s.classify(id, &probe).await;
-        let version = resp.headers()["x-task-version"].to_str().unwrap().to_string();
+        let version = resp.headers()["x-task-version"]
+            .to_str()
+            .unwrap()
+            .to_string();
         before.push((id, version, resp.json::<Value>().await.unwrap()));
     }
     let list_before: Value = s.get("/v1/tasks").await.json().await.unwrap();
@@ -653,7 +911,11 @@ async fn uploaded_tasks_survive_a_restart() {
     let s = start(&f).await;
     let list_after: Value = s.get("/v1/tasks").await.json().await.unwrap();
     assert_eq!(list_after, list_before);
-    assert_eq!(list_after.as_array().unwrap().len(), 2, "the deleted task stays deleted");
+    assert_eq!(
+        list_after.as_array().unwrap().len(),
+        2,
+        "the deleted task stays deleted"
+    );
     for (id, version, scores) in before {
         let resp = s.classify(id, &probe).await;
         assert_eq!(resp.headers()["x-task-version"].to_str().unwrap(), version);
@@ -673,7 +935,13 @@ async fn replace_under_sustained_load_has_no_errors_and_scores_match_the_version
     let inputs = Arc::new(sample_inputs());
     let mut want: HashMap<String, Vec<Vec<f32>>> = HashMap::new();
     for t in [&a, &b] {
-        want.insert(t.version.clone(), inputs.iter().map(|i| reference.logits(t, i, false)).collect());
+        want.insert(
+            t.version.clone(),
+            inputs
+                .iter()
+                .map(|i| reference.logits(t, i, false))
+                .collect(),
+        );
     }
     let want = Arc::new(want);
     assert_eq!(s.put_native("swap", bytes[0].clone()).await.status(), 201);
@@ -683,26 +951,50 @@ async fn replace_under_sustained_load_has_no_errors_and_scores_match_the_version
     let seen: Arc<std::sync::Mutex<BTreeSet<String>>> = Default::default();
     let mut clients = Vec::new();
     for c in 0..6 {
-        let (s, want, inputs, stop, answered, seen) =
-            (s.clone(), want.clone(), inputs.clone(), stop.clone(), answered.clone(), seen.clone());
+        let (s, want, inputs, stop, answered, seen) = (
+            s.clone(),
+            want.clone(),
+            inputs.clone(),
+            stop.clone(),
+            answered.clone(),
+            seen.clone(),
+        );
         clients.push(tokio::spawn(async move {
             let mut r = 0;
             while !stop.load(Ordering::Relaxed) {
-                let idx: Vec<usize> = (0..1 + (c + r) % 3).map(|k| (c + r + k) % inputs.len()).collect();
+                let idx: Vec<usize> = (0..1 + (c + r) % 3)
+                    .map(|k| (c + r + k) % inputs.len())
+                    .collect();
                 let body = json!({
                     "inputs": idx.iter().map(|&i| inputs[i].json()).collect::<Vec<_>>(),
                     "parameters": {"function_to_apply": "none"}
                 });
                 let resp = s.classify("swap", &body).await;
-                assert!(resp.status().is_success(), "non-2xx under replace: {}", resp.status());
-                let version = resp.headers()["x-task-version"].to_str().unwrap().to_string();
+                assert!(
+                    resp.status().is_success(),
+                    "non-2xx under replace: {}",
+                    resp.status()
+                );
+                let version = resp.headers()["x-task-version"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
                 let body: Value = resp.json().await.unwrap();
                 let rows = &want[&version];
                 for (k, &ii) in idx.iter().enumerate() {
                     for e in body[k].as_array().unwrap() {
-                        let li: usize = e["label"].as_str().unwrap().strip_prefix("LABEL_").unwrap().parse().unwrap();
+                        let li: usize = e["label"]
+                            .as_str()
+                            .unwrap()
+                            .strip_prefix("LABEL_")
+                            .unwrap()
+                            .parse()
+                            .unwrap();
                         let score = e["score"].as_f64().unwrap() as f32;
-                        assert!((score - rows[ii][li]).abs() <= TOL, "version {version}: scores of another version");
+                        assert!(
+                            (score - rows[ii][li]).abs() <= TOL,
+                            "version {version}: scores of another version"
+                        );
                     }
                 }
                 seen.lock().unwrap().insert(version);
@@ -716,17 +1008,29 @@ async fn replace_under_sustained_load_has_no_errors_and_scores_match_the_version
         let resp = s.put_native("swap", bytes[target].clone()).await;
         assert_eq!(resp.status(), 200);
         // Every request admitted after the answer uses the new version.
-        let resp = s.classify("swap", &json!({"inputs": "after the swap"})).await;
-        assert_eq!(resp.headers()["x-task-version"].to_str().unwrap(), [&a, &b][target].version);
+        let resp = s
+            .classify("swap", &json!({"inputs": "after the swap"}))
+            .await;
+        assert_eq!(
+            resp.headers()["x-task-version"].to_str().unwrap(),
+            [&a, &b][target].version
+        );
         // Let the load run against this version for a while.
         let at = answered.load(Ordering::Relaxed);
-        until("load continues", || answered.load(Ordering::Relaxed) >= at + 10).await;
+        until("load continues", || {
+            answered.load(Ordering::Relaxed) >= at + 10
+        })
+        .await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
     }
-    assert_eq!(seen.lock().unwrap().len(), 2, "both versions answered under load");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "both versions answered under load"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -736,17 +1040,35 @@ async fn delete_under_load_lets_admitted_requests_finish() {
     let pause = s.server.batcher().pause();
     let held = {
         let s = s.clone();
-        tokio::spawn(async move { s.classify("ptune_mlp_2", &json!({"inputs": ["one", "two"]})).await })
+        tokio::spawn(async move {
+            s.classify("ptune_mlp_2", &json!({"inputs": ["one", "two"]}))
+                .await
+        })
     };
-    s.until("rows queued", |srv| srv.batcher().waiting() == 2).await;
+    s.until("rows queued", |srv| srv.batcher().waiting() == 2)
+        .await;
     assert_eq!(s.delete("ptune_mlp_2").await.status(), 204);
-    assert_eq!(s.classify("ptune_mlp_2", &json!({"inputs": "late"})).await.status(), 404);
+    assert_eq!(
+        s.classify("ptune_mlp_2", &json!({"inputs": "late"}))
+            .await
+            .status(),
+        404
+    );
     drop(pause);
     let resp = held.await.unwrap();
-    assert_eq!(resp.status(), 200, "admitted before the delete: finishes on its version");
+    assert_eq!(
+        resp.status(),
+        200,
+        "admitted before the delete: finishes on its version"
+    );
     let body: Value = resp.json().await.unwrap();
     let reference = Reference::new();
-    reference.check(&fixture_task("ptune_mlp_2"), &In::text("two"), &body[1], true);
+    reference.check(
+        &fixture_task("ptune_mlp_2"),
+        &In::text("two"),
+        &body[1],
+        true,
+    );
 }
 
 // ---------------------------------------------------------------- start-up, probes, shutdown
@@ -758,11 +1080,19 @@ async fn a_bad_stored_task_is_skipped_or_fatal_with_strict() {
     let f = flags(store.path());
     let s = start(&f).await;
     let list: Value = s.get("/v1/tasks").await.json().await.unwrap();
-    let ids: Vec<&str> = list.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["pt_random_2"]);
     let mut strict = f.clone();
     strict.push("--strict".into());
-    let err = softprompt::server::Server::start(args(&strict)).await.err().expect("strict start fails");
+    let err = softprompt::server::Server::start(args(&strict))
+        .await
+        .err()
+        .expect("strict start fails");
     assert!(err.to_string().contains("broken"), "{err}");
 }
 
@@ -771,7 +1101,10 @@ async fn before_the_model_is_loaded_probes_and_routes_answer_503() {
     use softprompt::server::{routes, state::AppState};
     // The state a server has between binding and the end of loading.
     let store = store_with(&[]);
-    let state = Arc::new(AppState::new(args(&flags(store.path())), Some(TOKEN.into())));
+    let state = Arc::new(AppState::new(
+        args(&flags(store.path())),
+        Some(TOKEN.into()),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(axum::serve(listener, routes::router(state)).into_future());
@@ -783,7 +1116,8 @@ async fn before_the_model_is_loaded_probes_and_routes_answer_503() {
     assert_eq!(ready.status(), 503);
     assert_eq!(ready.json::<Value>().await.unwrap()["status"], "loading");
     let requests = [
-        http.post(format!("{base}/v1/tasks/t/classify")).json(&json!({"inputs": "a"})),
+        http.post(format!("{base}/v1/tasks/t/classify"))
+            .json(&json!({"inputs": "a"})),
         http.get(format!("{base}/v1/tasks")),
         http.get(format!("{base}/admin/tasks")).bearer_auth(TOKEN),
     ];
@@ -813,15 +1147,21 @@ async fn health_ready_and_graceful_drain() {
         let body = json!({"inputs": inputs.iter().map(In::json).collect::<Vec<_>>()});
         tokio::spawn(async move { s.classify("pt_text_3", &body).await })
     };
-    s.until("rows queued", |srv| srv.batcher().waiting() == inputs.len()).await;
+    s.until("rows queued", |srv| srv.batcher().waiting() == inputs.len())
+        .await;
     s.server.shutdown();
     // ...while /ready and new requests get 503 at once.
     let ready = s.get("/ready").await;
     assert_eq!(ready.status(), 503);
     assert_eq!(ready.json::<Value>().await.unwrap()["status"], "draining");
-    let (status, kind, _) = error_of(s.classify("pt_text_3", &json!({"inputs": "new"})).await).await;
+    let (status, kind, _) =
+        error_of(s.classify("pt_text_3", &json!({"inputs": "new"})).await).await;
     assert_eq!((status, kind.as_str()), (503, "shutting_down"));
-    assert_eq!(s.get("/health").await.status(), 200, "still alive while draining");
+    assert_eq!(
+        s.get("/health").await.status(),
+        200,
+        "still alive while draining"
+    );
     drop(pause);
     // ...finish with correct scores.
     let resp = held.await.unwrap();
@@ -843,12 +1183,25 @@ async fn metrics_cover_requests_queue_and_batches_with_bounded_task_labels() {
     f.extend(["--metrics-max-tasks", "1"].map(String::from));
     let s = start(&f).await;
     for t in ["pt_random_2", "prefix_2", "pt_text_3"] {
-        assert_eq!(s.classify(t, &json!({"inputs": ["a", "b"]})).await.status(), 200);
+        assert_eq!(
+            s.classify(t, &json!({"inputs": ["a", "b"]})).await.status(),
+            200
+        );
     }
-    assert_eq!(s.classify("no-such-task", &json!({"inputs": "a"})).await.status(), 404);
+    assert_eq!(
+        s.classify("no-such-task", &json!({"inputs": "a"}))
+            .await
+            .status(),
+        404
+    );
     let resp = s.get("/metrics").await;
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = resp.text().await.unwrap();
     for needle in [
         "softprompt_http_requests_total{route=\"/v1/tasks/{task}/classify\",method=\"POST\",status=\"200\"}",
@@ -886,7 +1239,10 @@ async fn openapi_document_matches_the_router_and_real_answers() {
             item.as_object()
                 .unwrap()
                 .keys()
-                .filter(|k| ["get", "put", "post", "delete", "patch", "head", "options"].contains(&k.as_str()))
+                .filter(|k| {
+                    ["get", "put", "post", "delete", "patch", "head", "options"]
+                        .contains(&k.as_str())
+                })
                 .map(move |m| (m.to_uppercase(), path.clone()))
         })
         .collect();
@@ -912,7 +1268,11 @@ async fn openapi_document_matches_the_router_and_real_answers() {
             if !documented.contains(&(other.to_string(), path.clone())) {
                 let m = reqwest::Method::from_bytes(other.as_bytes()).unwrap();
                 let resp = s.http.request(m, &url).send().await.unwrap();
-                assert_eq!(resp.status(), 405, "{other} {path} is not documented, so must not be served");
+                assert_eq!(
+                    resp.status(),
+                    405,
+                    "{other} {path} is not documented, so must not be served"
+                );
             }
         }
     }
@@ -920,29 +1280,66 @@ async fn openapi_document_matches_the_router_and_real_answers() {
     // Real answers validate against their documented schemas.
     let validate = |schema: &str, instance: &Value| {
         let mut root = doc.clone();
-        root.as_object_mut().unwrap().insert("$ref".into(), json!(format!("#/components/schemas/{schema}")));
+        root.as_object_mut().unwrap().insert(
+            "$ref".into(),
+            json!(format!("#/components/schemas/{schema}")),
+        );
         let validator = jsonschema::validator_for(&root).unwrap();
-        let errors: Vec<String> = validator.iter_errors(instance).map(|e| e.to_string()).collect();
+        let errors: Vec<String> = validator
+            .iter_errors(instance)
+            .map(|e| e.to_string())
+            .collect();
         assert!(errors.is_empty(), "{schema}: {errors:?}\n{instance}");
     };
     let answer: Value = s
-        .classify("pt_text_3", &json!({"inputs": ["a", {"text": "b", "text_pair": "c"}], "parameters": {"top_k": 2}}))
+        .classify(
+            "pt_text_3",
+            &json!({"inputs": ["a", {"text": "b", "text_pair": "c"}], "parameters": {"top_k": 2}}),
+        )
         .await
         .json()
         .await
         .unwrap();
     validate("ClassifyResponse", &answer);
-    let error: Value = s.classify("pt_text_3", &json!({"inputs": ""})).await.json().await.unwrap();
+    let error: Value = s
+        .classify("pt_text_3", &json!({"inputs": ""}))
+        .await
+        .json()
+        .await
+        .unwrap();
     validate("ErrorResponse", &error);
     let info: Value = s.get("/v1/tasks/pt_text_3").await.json().await.unwrap();
     validate("TaskInfo", &info);
-    let details: Value = s.http.get(s.url("/admin/tasks")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    let details: Value = s
+        .http
+        .get(s.url("/admin/tasks"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     validate("TaskDetails", &details[0]);
-    let up: Value = s.put_adapter("new", "prefix_2", None).await.json().await.unwrap();
+    let up: Value = s
+        .put_adapter("new", "prefix_2", None)
+        .await
+        .json()
+        .await
+        .unwrap();
     validate("UploadResponse", &up);
-    validate("HealthResponse", &s.get("/health").await.json().await.unwrap());
-    validate("ReadyResponse", &s.get("/ready").await.json().await.unwrap());
+    validate(
+        "HealthResponse",
+        &s.get("/health").await.json().await.unwrap(),
+    );
+    validate(
+        "ReadyResponse",
+        &s.get("/ready").await.json().await.unwrap(),
+    );
     // The request schema accepts what the server accepts.
     validate("ClassifyRequest", &json!({"inputs": "x"}));
-    validate("ClassifyRequest", &json!({"inputs": [{"text": "a", "text_pair": "b"}, "c"], "parameters": {"top_k": null, "function_to_apply": "sigmoid", "truncate": true}}));
+    validate(
+        "ClassifyRequest",
+        &json!({"inputs": [{"text": "a", "text_pair": "b"}, "c"], "parameters": {"top_k": null, "function_to_apply": "sigmoid", "truncate": true}}),
+    );
 }

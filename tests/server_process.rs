@@ -21,7 +21,10 @@ fn root() -> PathBuf {
 /// child, so only what the test sets applies.
 fn serve_command(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_softprompt"));
-    cmd.arg("serve").current_dir(dir).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg("serve")
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     for (k, _) in std::env::vars() {
         if k.starts_with("SOFTPROMPT_") {
             cmd.env_remove(k);
@@ -47,10 +50,14 @@ fn spawn(mut cmd: Command) -> (Child, String, mpsc::Receiver<String>) {
         }
     });
     let base = loop {
-        let line = rx.recv_timeout(Duration::from_secs(120)).expect("server logs its address");
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("server logs its address");
         if let Some(at) = line.find("listening on http://") {
             let rest = &line[at + "listening on ".len()..];
-            let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| c == '"' || c.is_whitespace())
+                .unwrap_or(rest.len());
             break rest[..end].to_string();
         }
     };
@@ -81,7 +88,10 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 }
 
 fn sigterm(child: &Child) {
-    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -95,7 +105,10 @@ fn copy_adapter(src: &Path, dst: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_without_flags_serves_the_default_model_and_prompts_dir() {
     let model_dir = root().join("models/all-MiniLM-L6-v2");
-    assert!(model_dir.join("config.json").is_file(), "default model missing: run scripts/fetch_model.sh");
+    assert!(
+        model_dir.join("config.json").is_file(),
+        "default model missing: run scripts/fetch_model.sh"
+    );
     // A working directory laid out like a deployment: models/ and prompts/.
     let cwd = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(root().join("models"), cwd.path().join("models")).unwrap();
@@ -105,7 +118,14 @@ async fn serve_without_flags_serves_the_default_model_and_prompts_dir() {
     let (mut child, base, _logs) = spawn(serve_command(cwd.path()));
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     wait_ready(&http, &base).await;
-    let health: Value = http.get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
+    let health: Value = http
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["model"], "all-MiniLM-L6-v2");
     assert_eq!(health["tasks"], 1);
 
@@ -118,13 +138,30 @@ async fn serve_without_flags_serves_the_default_model_and_prompts_dir() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let task = peft::read_dir(&adapter, None).unwrap();
-    assert_eq!(resp.headers()["x-task-version"].to_str().unwrap(), task.version);
+    assert_eq!(
+        resp.headers()["x-task-version"].to_str().unwrap(),
+        task.version
+    );
     let body: Value = resp.json().await.unwrap();
     let model = std::sync::Arc::new(Model::load(&model_dir, &Device::Cpu).unwrap());
-    let enc = model.tokenizer.encode(text, None, task.model.text_budget(model.config()), false).unwrap();
-    let want = Engine::new(model.clone()).classify(&[Row { input: &enc, task: &task.model }]).unwrap().remove(0);
+    let enc = model
+        .tokenizer
+        .encode(text, None, task.model.text_budget(model.config()), false)
+        .unwrap();
+    let want = Engine::new(model.clone())
+        .classify(&[Row {
+            input: &enc,
+            task: &task.model,
+        }])
+        .unwrap()
+        .remove(0);
     for e in body[0].as_array().unwrap() {
-        let i = task.meta.labels.iter().position(|l| l == e["label"].as_str().unwrap()).unwrap();
+        let i = task
+            .meta
+            .labels
+            .iter()
+            .position(|l| l == e["label"].as_str().unwrap())
+            .unwrap();
         assert!((e["score"].as_f64().unwrap() as f32 - want[i]).abs() <= 1e-4);
     }
 
@@ -135,7 +172,10 @@ async fn serve_without_flags_serves_the_default_model_and_prompts_dir() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
     let cwd = tempfile::tempdir().unwrap();
-    copy_adapter(&root().join("tests/fixtures/adapters/prefix_2"), &cwd.path().join("store/prefix_2"));
+    copy_adapter(
+        &root().join("tests/fixtures/adapters/prefix_2"),
+        &cwd.path().join("store/prefix_2"),
+    );
     let mut cmd = serve_command(cwd.path());
     cmd.env("SOFTPROMPT_MODEL", root().join("tests/fixtures/tiny-bert"))
         .env("SOFTPROMPT_PROMPTS", cwd.path().join("store"))
@@ -159,14 +199,25 @@ async fn sigterm_drains_and_exits_zero() {
     while let Ok(l) = logs.recv_timeout(Duration::from_secs(60)) {
         lines.push(l);
     }
-    assert!(lines.iter().any(|l| l.contains("SIGTERM")), "logs the signal: {lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("SIGTERM")),
+        "logs the signal: {lines:?}"
+    );
     // --log-json: structured lines.
-    assert!(lines.iter().all(|l| serde_json::from_str::<Value>(l).is_ok()), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "{lines:?}"
+    );
 }
 
 /// A tiny-model server on a copy of one fixture adapter, with extra env.
 fn tiny_server(cwd: &Path, env: &[(&str, &str)]) -> Command {
-    copy_adapter(&root().join("tests/fixtures/adapters/pt_random_2"), &cwd.join("store/pt_random_2"));
+    copy_adapter(
+        &root().join("tests/fixtures/adapters/pt_random_2"),
+        &cwd.join("store/pt_random_2"),
+    );
     let mut cmd = serve_command(cwd);
     cmd.env("SOFTPROMPT_MODEL", root().join("tests/fixtures/tiny-bert"))
         .env("SOFTPROMPT_PROMPTS", cwd.join("store"))
@@ -211,7 +262,11 @@ async fn shutdown_under_saturation_exits_within_the_bound_and_answers_what_waits
                 let outcome = match sent {
                     Ok(r) => {
                         let status = r.status().as_u16();
-                        let kind = r.json::<Value>().await.ok().and_then(|v| v["error_type"].as_str().map(String::from));
+                        let kind = r
+                            .json::<Value>()
+                            .await
+                            .ok()
+                            .and_then(|v| v["error_type"].as_str().map(String::from));
                         format!("{status} {}", kind.unwrap_or_default())
                     }
                     // The listener is closed: a new request finds no server.
@@ -226,22 +281,33 @@ async fn shutdown_under_saturation_exits_within_the_bound_and_answers_what_waits
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let signalled = std::time::Instant::now();
     sigterm(&child);
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child)).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
     let took = signalled.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut outcomes = Vec::new();
     for c in clients {
         outcomes.extend(c.await.unwrap());
     }
-    eprintln!("exit {status} {took:?} after SIGTERM; {} answers", outcomes.len());
+    eprintln!(
+        "exit {status} {took:?} after SIGTERM; {} answers",
+        outcomes.len()
+    );
     assert!(status.success(), "{status}");
-    assert!(took <= Duration::from_millis(3000), "exited {took:?} after SIGTERM; bound 2 s + 1 s");
+    assert!(
+        took <= Duration::from_millis(3000),
+        "exited {took:?} after SIGTERM; bound 2 s + 1 s"
+    );
     let unexpected: Vec<&String> = outcomes
         .iter()
         .filter(|o| !matches!(o.as_str(), "200 " | "503 shutting_down"))
         .collect();
     assert!(unexpected.is_empty(), "{unexpected:?}");
-    assert!(outcomes.iter().any(|o| o == "503 shutting_down"), "queued requests answered 503");
+    assert!(
+        outcomes.iter().any(|o| o == "503 shutting_down"),
+        "queued requests answered 503"
+    );
 }
 
 /// Issue 13 point 9, the process half: a dead inference thread makes the
@@ -260,13 +326,20 @@ async fn a_dead_inference_thread_exits_the_process_non_zero() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 503);
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child)).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
     assert!(!status.success(), "{status}");
     let mut lines = Vec::new();
     while let Ok(l) = logs.recv_timeout(Duration::from_secs(60)) {
         lines.push(l);
     }
-    assert!(lines.iter().any(|l| l.contains("inference thread panicked")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("inference thread panicked")),
+        "{lines:?}"
+    );
 }
 
 /// Issue 13 points 1 and 8: the soft open-files limit is raised to the
@@ -279,7 +352,10 @@ async fn logs_carry_request_ids_without_colour_and_the_fd_limit_is_raised() {
     // Start it under a low soft limit, as a container runtime may.
     let mut cmd = Command::new("bash");
     cmd.arg("-c")
-        .arg(format!("ulimit -Sn 256 && exec {} serve", env!("CARGO_BIN_EXE_softprompt")))
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} serve",
+            env!("CARGO_BIN_EXE_softprompt")
+        ))
         .current_dir(cwd.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -293,9 +369,15 @@ async fn logs_carry_request_ids_without_colour_and_the_fd_limit_is_raised() {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     wait_ready(&http, &base).await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
-    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
     let fields: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(fields[3], fields[4], "soft limit raised to the hard limit: {line}");
+    assert_eq!(
+        fields[3], fields[4],
+        "soft limit raised to the hard limit: {line}"
+    );
 
     let resp = http
         .post(format!("{base}/v1/tasks/pt_random_2/classify"))
@@ -312,11 +394,23 @@ async fn logs_carry_request_ids_without_colour_and_the_fd_limit_is_raised() {
     while let Ok(l) = logs.recv_timeout(Duration::from_secs(60)) {
         lines.push(l);
     }
-    assert!(lines.iter().all(|l| !l.contains('\u{1b}')), "colour codes in a piped log: {lines:?}");
-    let failed = lines.iter().find(|l| l.contains("batch failed")).expect("the failed batch is logged");
+    assert!(
+        lines.iter().all(|l| !l.contains('\u{1b}')),
+        "colour codes in a piped log: {lines:?}"
+    );
+    let failed = lines
+        .iter()
+        .find(|l| l.contains("batch failed"))
+        .expect("the failed batch is logged");
     assert!(failed.contains("req-7f3a"), "{failed}");
-    let answered = lines.iter().find(|l| l.contains("request failed")).expect("the 500 is logged");
-    assert!(answered.contains("req-7f3a"), "the request's own line names it: {answered}");
+    let answered = lines
+        .iter()
+        .find(|l| l.contains("request failed"))
+        .expect("the 500 is logged");
+    assert!(
+        answered.contains("req-7f3a"),
+        "the request's own line names it: {answered}"
+    );
 }
 
 /// Issue 13 point 2: long inputs from many clients get 429 at once when
@@ -352,7 +446,11 @@ async fn a_flood_of_long_inputs_gets_429_not_503_timeouts() {
                 .await
                 .unwrap();
             let status = r.status().as_u16();
-            let kind = r.json::<Value>().await.ok().and_then(|v| v["error_type"].as_str().map(String::from));
+            let kind = r
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v["error_type"].as_str().map(String::from));
             format!("{status} {}", kind.unwrap_or_default())
         }));
     }
@@ -363,7 +461,18 @@ async fn a_flood_of_long_inputs_gets_429_not_503_timeouts() {
     sigterm(&child);
     assert!(wait_exit(&mut child).success());
     eprintln!("{outcomes:?}");
-    assert!(outcomes.keys().all(|o| o == "200 " || o == "429 queue_full"), "{outcomes:?}");
-    assert!(outcomes.get("429 queue_full").is_some_and(|n| *n > 0), "{outcomes:?}");
-    assert!(outcomes.get("200 ").is_some_and(|n| *n >= 8), "{outcomes:?}");
+    assert!(
+        outcomes
+            .keys()
+            .all(|o| o == "200 " || o == "429 queue_full"),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.get("429 queue_full").is_some_and(|n| *n > 0),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.get("200 ").is_some_and(|n| *n >= 8),
+        "{outcomes:?}"
+    );
 }

@@ -20,7 +20,12 @@ async fn a_dead_inference_thread_fails_readiness_and_stops_the_server() {
     let mut f = flags(store.path());
     f.extend(["--faults", "worker-panic-after=1"].map(String::from));
     let s = start(&f).await;
-    assert_eq!(s.classify("pt_random_2", &json!({"inputs": "ok"})).await.status(), 200);
+    assert_eq!(
+        s.classify("pt_random_2", &json!({"inputs": "ok"}))
+            .await
+            .status(),
+        200
+    );
     // The second batch kills the thread; the request is answered, not hung.
     let resp = s.classify("pt_random_2", &json!({"inputs": "ok"})).await;
     assert_eq!(resp.status(), 503);
@@ -28,11 +33,27 @@ async fn a_dead_inference_thread_fails_readiness_and_stops_the_server() {
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["status"], "failed", "{body}");
-    assert!(body["reason"].as_str().unwrap().contains("inference thread panicked"), "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("inference thread panicked"),
+        "{body}"
+    );
     let metrics = s.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("softprompt_component_up{component=\"inference\"} 0"), "{metrics}");
-    let err = s.server.wait().await.expect_err("a failed server stops with an error");
-    assert!(err.to_string().contains("inference thread panicked"), "{err}");
+    assert!(
+        metrics.contains("softprompt_component_up{component=\"inference\"} 0"),
+        "{metrics}"
+    );
+    let err = s
+        .server
+        .wait()
+        .await
+        .expect_err("a failed server stops with an error");
+    assert!(
+        err.to_string().contains("inference thread panicked"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,9 +72,22 @@ async fn a_dead_store_poller_fails_readiness_and_stops_the_server() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(body["status"], "failed", "{body}");
-    assert!(body["reason"].as_str().unwrap().contains("store poller panicked"), "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("store poller panicked"),
+        "{body}"
+    );
     let metrics = s.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("softprompt_component_up{component=\"store_poller\"} 0"), "{metrics}");
-    let err = s.server.wait().await.expect_err("a failed server stops with an error");
+    assert!(
+        metrics.contains("softprompt_component_up{component=\"store_poller\"} 0"),
+        "{metrics}"
+    );
+    let err = s
+        .server
+        .wait()
+        .await
+        .expect_err("a failed server stops with an error");
     assert!(err.to_string().contains("store poller"), "{err}");
 }

@@ -817,9 +817,13 @@ fn peft_refusal_with_config(adapter: &str, field: &str, value: u64) -> impl std:
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&read(&dir.join(peft::CONFIG_FILE))).unwrap();
     cfg[field] = value.into();
-    peft::from_bytes(cfg.to_string().as_bytes(), &read(&dir.join(peft::WEIGHTS_FILE)), None)
-        .err()
-        .unwrap()
+    peft::from_bytes(
+        cfg.to_string().as_bytes(),
+        &read(&dir.join(peft::WEIGHTS_FILE)),
+        None,
+    )
+    .err()
+    .unwrap()
 }
 
 #[test]

@@ -11,7 +11,9 @@ use softprompt::engine::synthetic::{Kind, random_input, random_task};
 use softprompt::engine::{Engine, Pooling, Row, TaskModel};
 use softprompt::model::{Encoded, Model, OpsMode};
 use softprompt::task::{BaseModelRef, Provenance, Task, TaskMeta, native};
-use softprompt::train::{self, Method, Metrics, Params, PromptInit, Reparam, Sample, Spec, TrainConfig, data};
+use softprompt::train::{
+    self, Method, Metrics, Params, PromptInit, Reparam, Sample, Spec, TrainConfig, data,
+};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 
@@ -19,7 +21,13 @@ fn tiny() -> std::sync::Arc<Model> {
     load_model(&fixture("tiny-bert"))
 }
 
-fn spec(method: Method, reparam: Reparam, n: usize, template: Option<&str>, pooling: Pooling) -> Spec {
+fn spec(
+    method: Method,
+    reparam: Reparam,
+    n: usize,
+    template: Option<&str>,
+    pooling: Pooling,
+) -> Spec {
     Spec {
         method,
         num_virtual: n,
@@ -27,7 +35,11 @@ fn spec(method: Method, reparam: Reparam, n: usize, template: Option<&str>, pool
         encoder_hidden: 16,
         encoder_layers: 2,
         template: template.map(str::to_string).unwrap_or_else(|| {
-            if method == Method::PTuningV2 { "{text}".into() } else { format!("[P:{n}] {{text}}") }
+            if method == Method::PTuningV2 {
+                "{text}".into()
+            } else {
+                format!("[P:{n}] {{text}}")
+            }
         }),
         pooling,
         num_labels: 3,
@@ -37,20 +49,54 @@ fn spec(method: Method, reparam: Reparam, n: usize, template: Option<&str>, pool
 /// Every method × encoder × pooling combination the trainer supports.
 fn all_specs() -> Vec<(&'static str, Spec)> {
     vec![
-        ("prompt-tuning mean", spec(Method::PromptTuning, Reparam::None, 4, None, Pooling::Mean)),
-        ("prompt-tuning pooler", spec(Method::PromptTuning, Reparam::None, 4, None, Pooling::Pooler)),
-        ("p-tuning mlp template", spec(Method::PTuning, Reparam::Mlp, 4, Some("[P:2] {text} [P:2]"), Pooling::Mean)),
-        ("p-tuning lstm", spec(Method::PTuning, Reparam::Lstm, 3, None, Pooling::Pooler)),
-        ("p-tuning-v2", spec(Method::PTuningV2, Reparam::None, 5, None, Pooling::Mean)),
-        ("p-tuning-v2 mlp", spec(Method::PTuningV2, Reparam::Mlp, 5, None, Pooling::Pooler)),
+        (
+            "prompt-tuning mean",
+            spec(Method::PromptTuning, Reparam::None, 4, None, Pooling::Mean),
+        ),
+        (
+            "prompt-tuning pooler",
+            spec(
+                Method::PromptTuning,
+                Reparam::None,
+                4,
+                None,
+                Pooling::Pooler,
+            ),
+        ),
+        (
+            "p-tuning mlp template",
+            spec(
+                Method::PTuning,
+                Reparam::Mlp,
+                4,
+                Some("[P:2] {text} [P:2]"),
+                Pooling::Mean,
+            ),
+        ),
+        (
+            "p-tuning lstm",
+            spec(Method::PTuning, Reparam::Lstm, 3, None, Pooling::Pooler),
+        ),
+        (
+            "p-tuning-v2",
+            spec(Method::PTuningV2, Reparam::None, 5, None, Pooling::Mean),
+        ),
+        (
+            "p-tuning-v2 mlp",
+            spec(Method::PTuningV2, Reparam::Mlp, 5, None, Pooling::Pooler),
+        ),
     ]
 }
 
 fn text_inputs(model: &Model) -> Vec<Encoded> {
-    ["this is every low cl", "to do", "at every co to this do at this"]
-        .iter()
-        .map(|t| model.tokenizer.encode(t, None, 40, true).unwrap())
-        .collect()
+    [
+        "this is every low cl",
+        "to do",
+        "at every co to this do at this",
+    ]
+    .iter()
+    .map(|t| model.tokenizer.encode(t, None, 40, true).unwrap())
+    .collect()
 }
 
 #[test]
@@ -58,28 +104,57 @@ fn prompt_and_encoder_and_head_receive_finite_nonzero_gradients() {
     let model = tiny();
     let engine = Engine::new(model.clone());
     let inputs = text_inputs(&model);
-    let samples: Vec<Sample> = inputs.iter().enumerate().map(|(i, e)| Sample { input: e.clone(), label: i % 3 }).collect();
+    let samples: Vec<Sample> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Sample {
+            input: e.clone(),
+            label: i % 3,
+        })
+        .collect();
     let refs: Vec<&Sample> = samples.iter().collect();
     for (name, s) in all_specs() {
         let p = Params::init(s, &model, &PromptInit::Random, 7).unwrap();
         let loss = train::batch_loss(&engine, &p.task_model().unwrap(), &refs).unwrap();
         let grads = loss.backward().unwrap();
-        assert!(p.named().iter().any(|(n, _)| n == "prompt.embedding"), "{name}");
+        assert!(
+            p.named().iter().any(|(n, _)| n == "prompt.embedding"),
+            "{name}"
+        );
         for (vname, var) in p.named() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {vname}"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {vname}"));
             let v: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(v.iter().all(|x| x.is_finite()), "{name}: {vname} gradient not finite");
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{name}: {vname} gradient not finite"
+            );
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             assert!(norm > 1e-9, "{name}: {vname} gradient is zero");
         }
         // The frozen base receives nothing: its tensors are not variables.
-        assert!(grads.get(model.encoder.word_embeddings()).is_none(), "{name}");
+        assert!(
+            grads.get(model.encoder.word_embeddings()).is_none(),
+            "{name}"
+        );
     }
 }
 
-fn assert_train_equals_serve(model: &std::sync::Arc<Model>, tasks: &[TaskModel], inputs: &[Encoded]) {
+fn assert_train_equals_serve(
+    model: &std::sync::Arc<Model>,
+    tasks: &[TaskModel],
+    inputs: &[Encoded],
+) {
     let engine = Engine::new(model.clone());
-    let rows: Vec<Row> = inputs.iter().enumerate().map(|(i, input)| Row { input, task: &tasks[i % tasks.len()] }).collect();
+    let rows: Vec<Row> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| Row {
+            input,
+            task: &tasks[i % tasks.len()],
+        })
+        .collect();
     let collect = |mode| {
         let mut out = vec![Vec::new(); rows.len()];
         for g in engine.forward(&rows, mode).unwrap() {
@@ -92,7 +167,10 @@ fn assert_train_equals_serve(model: &std::sync::Arc<Model>, tasks: &[TaskModel],
     let (serve, tr) = (collect(OpsMode::Serve), collect(OpsMode::Train));
     let d = max_abs_diff(&serve, &tr);
     assert!(d <= 1e-5, "train vs serve forward: max |Δ| {d}");
-    assert!(serve.iter().flatten().any(|v| v.abs() > 1e-3), "logits are not trivially zero");
+    assert!(
+        serve.iter().flatten().any(|v| v.abs() > 1e-3),
+        "logits are not trivially zero"
+    );
 }
 
 #[test]
@@ -101,18 +179,41 @@ fn training_forward_equals_serving_forward_on_a_mixed_batch() {
     let c = model.config().clone();
     let dev = Device::Cpu;
     let mut tasks = Vec::new();
-    for (i, pooling) in [Pooling::Mean, Pooling::Pooler, Pooling::First].into_iter().enumerate() {
+    for (i, pooling) in [Pooling::Mean, Pooling::Pooler, Pooling::First]
+        .into_iter()
+        .enumerate()
+    {
         for kind in [Kind::Shallow, Kind::Deep] {
-            let mut t = random_task(&c, &dev, kind, 3 + i, 2 + i, 11 * i as u64 + kind as u64).unwrap();
+            let mut t =
+                random_task(&c, &dev, kind, 3 + i, 2 + i, 11 * i as u64 + kind as u64).unwrap();
             t.pooling = pooling;
             tasks.push(t);
         }
     }
     // A trained-form task with a free-form template and a text pair.
-    let p = Params::init(spec(Method::PTuning, Reparam::Lstm, 4, Some("[P:1] {text} [P:2] {text_pair} [P:1]"), Pooling::Mean), &model, &PromptInit::Random, 3).unwrap();
+    let p = Params::init(
+        spec(
+            Method::PTuning,
+            Reparam::Lstm,
+            4,
+            Some("[P:1] {text} [P:2] {text_pair} [P:1]"),
+            Pooling::Mean,
+        ),
+        &model,
+        &PromptInit::Random,
+        3,
+    )
+    .unwrap();
     tasks.push(p.fold().unwrap());
-    let mut inputs: Vec<Encoded> = (0..9).map(|i| random_input(&c, 3 + 4 * i, i as u64)).collect();
-    inputs.push(model.tokenizer.encode("this is every", Some("to do at"), 40, true).unwrap());
+    let mut inputs: Vec<Encoded> = (0..9)
+        .map(|i| random_input(&c, 3 + 4 * i, i as u64))
+        .collect();
+    inputs.push(
+        model
+            .tokenizer
+            .encode("this is every", Some("to do at"), 40, true)
+            .unwrap(),
+    );
     inputs.extend(text_inputs(&model));
     assert_train_equals_serve(&model, &tasks, &inputs);
 }
@@ -127,10 +228,14 @@ fn training_forward_equals_serving_forward_on_the_default_model() {
         t.pooling = Pooling::Mean;
         tasks.push(t);
     }
-    let inputs: Vec<Encoded> = ["a gorgeous, witty film", "the plot is a mess and the acting is worse", "fine"]
-        .iter()
-        .map(|t| model.tokenizer.encode(t, None, 64, true).unwrap())
-        .collect();
+    let inputs: Vec<Encoded> = [
+        "a gorgeous, witty film",
+        "the plot is a mess and the acting is worse",
+        "fine",
+    ]
+    .iter()
+    .map(|t| model.tokenizer.encode(t, None, 64, true).unwrap())
+    .collect();
     assert_train_equals_serve(&model, &tasks, &inputs);
 }
 
@@ -147,21 +252,46 @@ fn folded_task_file_holds_only_what_serving_needs_and_serves_the_trained_logits(
             labels: vec!["a".into(), "b".into(), "c".into()],
             template: (!is_deep).then_some(template),
             pooling: p.spec.pooling,
-            base_model: BaseModelRef { name: model.name.clone(), fingerprint: Some(model.fingerprint.clone()) },
-            provenance: Provenance { method: p.spec.method.as_str().into(), ..Default::default() },
+            base_model: BaseModelRef {
+                name: model.name.clone(),
+                fingerprint: Some(model.fingerprint.clone()),
+            },
+            provenance: Provenance {
+                method: p.spec.method.as_str().into(),
+                ..Default::default()
+            },
         };
         let bytes = native::to_bytes(&Task::new(meta, p.fold().unwrap()).unwrap()).unwrap();
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let mut names: Vec<String> = header.tensors().into_keys().collect();
         names.sort();
-        let want: Vec<&str> = if is_deep { vec!["head.bias", "head.weight", "prompt.deep"] } else { vec!["head.bias", "head.weight", "prompt.shallow"] };
+        let want: Vec<&str> = if is_deep {
+            vec!["head.bias", "head.weight", "prompt.deep"]
+        } else {
+            vec!["head.bias", "head.weight", "prompt.shallow"]
+        };
         assert_eq!(names, want, "{name}");
         let served = native::from_bytes(&bytes).unwrap();
-        let rows: Vec<Row> = inputs.iter().map(|input| Row { input, task: &served.model }).collect();
+        let rows: Vec<Row> = inputs
+            .iter()
+            .map(|input| Row {
+                input,
+                task: &served.model,
+            })
+            .collect();
         let got = engine.classify(&rows).unwrap();
         let live = p.task_model().unwrap();
-        let rows: Vec<Row> = inputs.iter().map(|input| Row { input, task: &live }).collect();
-        let trained = engine.forward(&rows, OpsMode::Train).unwrap().remove(0).logits.to_vec2::<f32>().unwrap();
+        let rows: Vec<Row> = inputs
+            .iter()
+            .map(|input| Row { input, task: &live })
+            .collect();
+        let trained = engine
+            .forward(&rows, OpsMode::Train)
+            .unwrap()
+            .remove(0)
+            .logits
+            .to_vec2::<f32>()
+            .unwrap();
         let d = max_abs_diff(&got, &trained);
         assert!(d <= 1e-5, "{name}: served vs trained logits {d}");
     }
@@ -190,12 +320,21 @@ fn prompt_encoders_compute_what_peft_computes() {
             .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone())))
             .collect();
         let expected = values.remove("output").expect("output");
-        values.insert("head.weight".into(), Tensor::zeros((2, h), DType::F32, &Device::Cpu).unwrap());
-        values.insert("head.bias".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+        values.insert(
+            "head.weight".into(),
+            Tensor::zeros((2, h), DType::F32, &Device::Cpu).unwrap(),
+        );
+        values.insert(
+            "head.bias".into(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
         p.set_values(&values).unwrap();
         let got = p.effective_prompt().unwrap().to_vec2::<f32>().unwrap();
         let d = max_abs_diff(&got, &expected.to_vec2::<f32>().unwrap());
-        assert!(d <= 1e-5, "{case}: encoder output differs from PEFT's by {d}");
+        assert!(
+            d <= 1e-5,
+            "{case}: encoder output differs from PEFT's by {d}"
+        );
     }
 }
 
@@ -206,7 +345,14 @@ fn separable(n: usize) -> Vec<Sample> {
             let label = i % 3;
             let word = [150u32, 160, 170][label];
             let filler = 120 + (i as u32 * 7) % 20;
-            Sample { input: Encoded { ids: vec![2, filler, word, filler + 1, 3], type_ids: vec![0; 5], pair_start: None }, label }
+            Sample {
+                input: Encoded {
+                    ids: vec![2, filler, word, filler + 1, 3],
+                    type_ids: vec![0; 5],
+                    pair_start: None,
+                },
+                label,
+            }
         })
         .collect()
 }
@@ -217,14 +363,34 @@ fn training_learns_a_separable_task_and_keeps_the_best_validation_state() {
     let engine = Engine::new(model.clone());
     let data = separable(48);
     let (tr, val) = data.split_at(36);
-    let p = Params::init(spec(Method::PromptTuning, Reparam::None, 4, None, Pooling::Mean), &model, &PromptInit::Vocab, 3).unwrap();
+    let p = Params::init(
+        spec(Method::PromptTuning, Reparam::None, 4, None, Pooling::Mean),
+        &model,
+        &PromptInit::Vocab,
+        3,
+    )
+    .unwrap();
     let before = train::accuracy(&engine, &p.fold().unwrap(), val, 16).unwrap();
-    let cfg = TrainConfig { batch_size: 6, lr: 0.05, epochs: 12, eval_every: 6, progress: false, ..Default::default() };
+    let cfg = TrainConfig {
+        batch_size: 6,
+        lr: 0.05,
+        epochs: 12,
+        eval_every: 6,
+        progress: false,
+        ..Default::default()
+    };
     let out = train::train(&engine, &p, tr, val, &cfg, &AtomicBool::new(false)).unwrap();
     assert_eq!(out.steps, 72);
     let after = train::accuracy(&engine, &p.fold().unwrap(), val, 16).unwrap();
-    assert!(before < 0.7, "untrained accuracy {before} (task too easy to prove anything)");
-    assert_eq!(after, 1.0, "validation accuracy after training: {after}; evals {:?}", out.evals);
+    assert!(
+        before < 0.7,
+        "untrained accuracy {before} (task too easy to prove anything)"
+    );
+    assert_eq!(
+        after, 1.0,
+        "validation accuracy after training: {after}; evals {:?}",
+        out.evals
+    );
     assert_eq!(Some(after), out.best_val_accuracy);
     let first = out.evals.first().unwrap().train_loss;
     let last = out.evals.last().unwrap().train_loss;
@@ -240,7 +406,14 @@ fn interrupted_run_leaves_a_checkpoint_that_resumes() {
     let ckpt = dir.join("run.ckpt");
     let _ = std::fs::remove_dir_all(&dir);
     let s = spec(Method::PTuning, Reparam::Mlp, 2, None, Pooling::Mean);
-    let cfg = TrainConfig { batch_size: 8, max_steps: Some(4), progress: false, checkpoint: Some(ckpt.clone()), resume: true, ..Default::default() };
+    let cfg = TrainConfig {
+        batch_size: 8,
+        max_steps: Some(4),
+        progress: false,
+        checkpoint: Some(ckpt.clone()),
+        resume: true,
+        ..Default::default()
+    };
 
     let p1 = Params::init(s.clone(), &model, &PromptInit::Random, 1).unwrap();
     let out = train::train(&engine, &p1, &data, &[], &cfg, &AtomicBool::new(false)).unwrap();
@@ -250,7 +423,10 @@ fn interrupted_run_leaves_a_checkpoint_that_resumes() {
     // A fresh run that is stopped at once: it loads the checkpoint, writes it
     // back unchanged, and reports the interruption.
     let p2 = Params::init(s.clone(), &model, &PromptInit::Random, 2).unwrap();
-    let cfg8 = TrainConfig { max_steps: Some(8), ..cfg.clone() };
+    let cfg8 = TrainConfig {
+        max_steps: Some(8),
+        ..cfg.clone()
+    };
     let out = train::train(&engine, &p2, &data, &[], &cfg8, &AtomicBool::new(true)).unwrap();
     assert!(out.interrupted);
     assert_eq!((out.steps, train::checkpoint_step(&ckpt).unwrap()), (4, 4));
@@ -263,8 +439,15 @@ fn interrupted_run_leaves_a_checkpoint_that_resumes() {
     let out = train::train(&engine, &p2, &data, &[], &cfg8, &AtomicBool::new(false)).unwrap();
     assert_eq!((out.steps, train::checkpoint_step(&ckpt).unwrap()), (8, 8));
     // A checkpoint of another spec is refused.
-    let other = Params::init(spec(Method::PTuning, Reparam::Lstm, 2, None, Pooling::Mean), &model, &PromptInit::Random, 1).unwrap();
-    let err = train::train(&engine, &other, &data, &[], &cfg8, &AtomicBool::new(false)).unwrap_err();
+    let other = Params::init(
+        spec(Method::PTuning, Reparam::Lstm, 2, None, Pooling::Mean),
+        &model,
+        &PromptInit::Random,
+        1,
+    )
+    .unwrap();
+    let err =
+        train::train(&engine, &other, &data, &[], &cfg8, &AtomicBool::new(false)).unwrap_err();
     assert!(err.to_string().contains("checkpoint was made for"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -279,17 +462,51 @@ fn resumed_run_ends_where_an_uninterrupted_run_ends() {
     let data = separable(24);
     let dir = tempfile::tempdir().unwrap();
     let s = spec(Method::PTuning, Reparam::Mlp, 2, None, Pooling::Mean);
-    let base = TrainConfig { batch_size: 8, progress: false, lr: 0.05, head_lr: 0.05, warmup: 0.0, ..Default::default() };
+    let base = TrainConfig {
+        batch_size: 8,
+        progress: false,
+        lr: 0.05,
+        head_lr: 0.05,
+        warmup: 0.0,
+        ..Default::default()
+    };
 
     let straight = Params::init(s.clone(), &model, &PromptInit::Random, 7).unwrap();
-    let cfg = TrainConfig { max_steps: Some(8), ..base.clone() };
-    train::train(&engine, &straight, &data, &[], &cfg, &AtomicBool::new(false)).unwrap();
+    let cfg = TrainConfig {
+        max_steps: Some(8),
+        ..base.clone()
+    };
+    train::train(
+        &engine,
+        &straight,
+        &data,
+        &[],
+        &cfg,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
 
     let ckpt = dir.path().join("run.ckpt");
     let resumed = Params::init(s.clone(), &model, &PromptInit::Random, 7).unwrap();
-    let first = TrainConfig { max_steps: Some(8), checkpoint: Some(ckpt.clone()), resume: true, ..base.clone() };
-    let half = TrainConfig { pause_at: Some(4), ..first.clone() };
-    let out = train::train(&engine, &resumed, &data, &[], &half, &AtomicBool::new(false)).unwrap();
+    let first = TrainConfig {
+        max_steps: Some(8),
+        checkpoint: Some(ckpt.clone()),
+        resume: true,
+        ..base.clone()
+    };
+    let half = TrainConfig {
+        pause_at: Some(4),
+        ..first.clone()
+    };
+    let out = train::train(
+        &engine,
+        &resumed,
+        &data,
+        &[],
+        &half,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     assert!(out.interrupted);
     assert_eq!((out.steps, train::checkpoint_step(&ckpt).unwrap()), (4, 4));
     let fresh = Params::init(s, &model, &PromptInit::Random, 99).unwrap();
@@ -300,8 +517,15 @@ fn resumed_run_ends_where_an_uninterrupted_run_ends() {
     for (name, t) in fresh.values().unwrap() {
         let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f32> = want[&name].flatten_all().unwrap().to_vec1().unwrap();
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(diff <= 1e-6, "{name}: resumed differs from uninterrupted by {diff}");
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-6,
+            "{name}: resumed differs from uninterrupted by {diff}"
+        );
     }
 }
 
@@ -309,13 +533,43 @@ fn resumed_run_ends_where_an_uninterrupted_run_ends() {
 fn specs_that_make_no_sense_are_refused_with_the_reason() {
     let model = tiny();
     for (s, needle) in [
-        (spec(Method::PTuning, Reparam::None, 3, None, Pooling::Mean), "needs a prompt encoder"),
-        (spec(Method::PromptTuning, Reparam::Mlp, 3, None, Pooling::Mean), "trains the prompt directly"),
-        (spec(Method::PTuningV2, Reparam::Lstm, 3, None, Pooling::Mean), "none or mlp"),
-        (spec(Method::PromptTuning, Reparam::None, 3, Some("[P:2] {text}"), Pooling::Mean), "expected 3 virtual tokens"),
-        (spec(Method::PTuningV2, Reparam::None, 3, Some("[P:3] {text}"), Pooling::Mean), "deep prompts have no placement"),
+        (
+            spec(Method::PTuning, Reparam::None, 3, None, Pooling::Mean),
+            "needs a prompt encoder",
+        ),
+        (
+            spec(Method::PromptTuning, Reparam::Mlp, 3, None, Pooling::Mean),
+            "trains the prompt directly",
+        ),
+        (
+            spec(Method::PTuningV2, Reparam::Lstm, 3, None, Pooling::Mean),
+            "none or mlp",
+        ),
+        (
+            spec(
+                Method::PromptTuning,
+                Reparam::None,
+                3,
+                Some("[P:2] {text}"),
+                Pooling::Mean,
+            ),
+            "expected 3 virtual tokens",
+        ),
+        (
+            spec(
+                Method::PTuningV2,
+                Reparam::None,
+                3,
+                Some("[P:3] {text}"),
+                Pooling::Mean,
+            ),
+            "deep prompts have no placement",
+        ),
     ] {
-        let err = Params::init(s, &model, &PromptInit::Random, 1).err().expect("refused").to_string();
+        let err = Params::init(s, &model, &PromptInit::Random, 1)
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains(needle), "{err}");
     }
 }
@@ -323,33 +577,83 @@ fn specs_that_make_no_sense_are_refused_with_the_reason() {
 #[test]
 fn text_init_uses_the_word_embeddings_of_the_text_repeated() {
     let model = tiny();
-    let p = Params::init(spec(Method::PromptTuning, Reparam::None, 5, None, Pooling::Mean), &model, &PromptInit::Text("this".into()), 1).unwrap();
+    let p = Params::init(
+        spec(Method::PromptTuning, Reparam::None, 5, None, Pooling::Mean),
+        &model,
+        &PromptInit::Text("this".into()),
+        1,
+    )
+    .unwrap();
     // "this" → [CLS] this [SEP] = ids 2, 111, 3 (tests/fixtures/tiny-bert/vocab.txt), cycled to 5.
     let ids = Tensor::new(&[2u32, 111, 3, 2, 111], &Device::Cpu).unwrap();
-    let want = model.encoder.word_embeddings().index_select(&ids, 0).unwrap().to_vec2::<f32>().unwrap();
+    let want = model
+        .encoder
+        .word_embeddings()
+        .index_select(&ids, 0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let got = p.effective_prompt().unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(got, want);
 }
 
 #[test]
 fn jsonl_and_csv_parse_with_pairs_and_errors_name_the_line() {
-    let ex = data::parse_jsonl("{\"text\":\"a\",\"label\":1}\n\n{\"text\":\"b\",\"text_pair\":\"c\",\"label\":\"pos\"}\n", "f").unwrap();
-    assert_eq!(ex[0], data::Example { text: "a".into(), text_pair: None, label: "1".into() });
+    let ex = data::parse_jsonl(
+        "{\"text\":\"a\",\"label\":1}\n\n{\"text\":\"b\",\"text_pair\":\"c\",\"label\":\"pos\"}\n",
+        "f",
+    )
+    .unwrap();
+    assert_eq!(
+        ex[0],
+        data::Example {
+            text: "a".into(),
+            text_pair: None,
+            label: "1".into()
+        }
+    );
     assert_eq!(ex[1].text_pair.as_deref(), Some("c"));
-    let err = data::parse_jsonl("{\"text\":\"a\",\"label\":1}\n{\"label\":2}\n", "f.jsonl").unwrap_err().to_string();
-    assert!(err.contains("f.jsonl:2") && err.contains("\"text\": missing"), "{err}");
-    let ex = data::parse_csv("label,text,text_pair\npos,\"hello, world\",\nneg,bye,x\n", "f.csv").unwrap();
-    assert_eq!(ex[0], data::Example { text: "hello, world".into(), text_pair: None, label: "pos".into() });
+    let err = data::parse_jsonl("{\"text\":\"a\",\"label\":1}\n{\"label\":2}\n", "f.jsonl")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("f.jsonl:2") && err.contains("\"text\": missing"),
+        "{err}"
+    );
+    let ex = data::parse_csv(
+        "label,text,text_pair\npos,\"hello, world\",\nneg,bye,x\n",
+        "f.csv",
+    )
+    .unwrap();
+    assert_eq!(
+        ex[0],
+        data::Example {
+            text: "hello, world".into(),
+            text_pair: None,
+            label: "pos".into()
+        }
+    );
     assert_eq!(ex[1].text_pair.as_deref(), Some("x"));
-    let err = data::parse_csv("sentence,label\nx,1\n", "f.csv").unwrap_err().to_string();
-    assert!(err.contains("expected columns \"text\" and \"label\""), "{err}");
+    let err = data::parse_csv("sentence,label\nx,1\n", "f.csv")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("expected columns \"text\" and \"label\""),
+        "{err}"
+    );
     let labels = data::label_set(&data::parse_jsonl("{\"text\":\"a\",\"label\":10}\n{\"text\":\"a\",\"label\":9}\n{\"text\":\"a\",\"label\":9}\n", "f").unwrap());
     assert_eq!(labels, vec!["9", "10"]);
 }
 
 #[test]
 fn split_is_seeded_disjoint_and_complete() {
-    let ex: Vec<data::Example> = (0..100).map(|i| data::Example { text: format!("t{i}"), text_pair: None, label: "x".into() }).collect();
+    let ex: Vec<data::Example> = (0..100)
+        .map(|i| data::Example {
+            text: format!("t{i}"),
+            text_pair: None,
+            label: "x".into(),
+        })
+        .collect();
     let (a, b) = data::split(&ex, 0.2, 9);
     let (a2, b2) = data::split(&ex, 0.2, 9);
     let (_, b3) = data::split(&ex, 0.2, 10);
@@ -368,13 +672,19 @@ fn metrics_match_hand_computed_values() {
     // f1_score(average="macro")): F1 per label 1/2, 4/5, 2/3 → 0.655556.
     let labels: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
     let m = Metrics::compute(&[0, 0, 1, 1, 2, 2], &[0, 1, 1, 1, 2, 0], &labels);
-    assert_eq!(m.confusion, vec![vec![1, 1, 0], vec![0, 2, 0], vec![1, 0, 1]]);
+    assert_eq!(
+        m.confusion,
+        vec![vec![1, 1, 0], vec![0, 2, 0], vec![1, 0, 1]]
+    );
     assert!((m.accuracy - 4.0 / 6.0).abs() < 1e-12);
     assert!((m.macro_f1 - (0.5 + 0.8 + 2.0 / 3.0) / 3.0).abs() < 1e-12);
     assert!((m.per_label[1].precision - 2.0 / 3.0).abs() < 1e-12);
     assert_eq!(m.per_label[2].support, 2);
     let r = m.report();
-    assert!(r.contains("accuracy   0.6667") && r.contains("macro-F1   0.6556"), "{r}");
+    assert!(
+        r.contains("accuracy   0.6667") && r.contains("macro-F1   0.6556"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -386,30 +696,81 @@ fn train_and_eval_commands_write_and_score_a_task_file() {
     let mut lines = String::new();
     for i in 0..60 {
         let l = i % 3;
-        lines += &format!("{{\"text\": \"at {} every\", \"label\": \"{}\"}}\n", words[l], ["x", "y", "z"][l]);
+        lines += &format!(
+            "{{\"text\": \"at {} every\", \"label\": \"{}\"}}\n",
+            words[l],
+            ["x", "y", "z"][l]
+        );
     }
     std::fs::write(dir.join("d.jsonl"), &lines).unwrap();
     let bin = env!("CARGO_BIN_EXE_softprompt");
     let out = dir.join("t.safetensors");
     let run = |args: &[&str]| {
         let o = std::process::Command::new(bin).args(args).output().unwrap();
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let model = fixture("tiny-bert");
-    let (m, d, o) = (model.to_str().unwrap(), dir.join("d.jsonl"), out.to_str().unwrap());
+    let (m, d, o) = (
+        model.to_str().unwrap(),
+        dir.join("d.jsonl"),
+        out.to_str().unwrap(),
+    );
     let d = d.to_str().unwrap();
-    run(&["train", "--model", m, "--train", d, "--output", o, "--method", "p-tuning", "--reparam", "lstm", "--encoder-hidden", "8", "--virtual-tokens", "3", "--steps", "40", "--batch-size", "6", "--lr", "0.05", "--quiet", "--test", d]);
+    run(&[
+        "train",
+        "--model",
+        m,
+        "--train",
+        d,
+        "--output",
+        o,
+        "--method",
+        "p-tuning",
+        "--reparam",
+        "lstm",
+        "--encoder-hidden",
+        "8",
+        "--virtual-tokens",
+        "3",
+        "--steps",
+        "40",
+        "--batch-size",
+        "6",
+        "--lr",
+        "0.05",
+        "--quiet",
+        "--test",
+        d,
+    ]);
     let task = native::read_file(&out).unwrap();
     assert_eq!(task.meta.labels, vec!["x", "y", "z"]);
     assert_eq!(task.meta.pooling, Pooling::Mean);
     assert_eq!(task.meta.provenance.method, "p-tuning");
-    assert!(task.meta.provenance.metrics["test_accuracy"].as_f64().unwrap() > 0.9, "{}", task.meta.provenance.metrics);
+    assert!(
+        task.meta.provenance.metrics["test_accuracy"]
+            .as_f64()
+            .unwrap()
+            > 0.9,
+        "{}",
+        task.meta.provenance.metrics
+    );
     let report = run(&["eval", "--model", m, o, d]);
-    assert!(report.contains("accuracy") && report.contains("confusion"), "{report}");
-    let json: serde_json::Value = serde_json::from_str(&run(&["eval", "--model", m, o, d, "--json"])).unwrap();
+    assert!(
+        report.contains("accuracy") && report.contains("confusion"),
+        "{report}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["eval", "--model", m, o, d, "--json"])).unwrap();
     assert_eq!(json["examples"], 60);
-    assert_eq!(json["accuracy"].as_f64(), task.meta.provenance.metrics["test_accuracy"].as_f64());
+    assert_eq!(
+        json["accuracy"].as_f64(),
+        task.meta.provenance.metrics["test_accuracy"].as_f64()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -421,27 +782,61 @@ fn prompt_gradient_matches_finite_differences() {
     let model = tiny();
     let engine = Engine::new(model.clone());
     let inputs = text_inputs(&model);
-    let samples: Vec<Sample> = inputs.iter().enumerate().map(|(i, e)| Sample { input: e.clone(), label: i % 3 }).collect();
+    let samples: Vec<Sample> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Sample {
+            input: e.clone(),
+            label: i % 3,
+        })
+        .collect();
     let refs: Vec<&Sample> = samples.iter().collect();
-    for s in [spec(Method::PromptTuning, Reparam::None, 3, None, Pooling::Mean), spec(Method::PTuningV2, Reparam::None, 2, None, Pooling::Pooler)] {
+    for s in [
+        spec(Method::PromptTuning, Reparam::None, 3, None, Pooling::Mean),
+        spec(Method::PTuningV2, Reparam::None, 2, None, Pooling::Pooler),
+    ] {
         let p = Params::init(s.clone(), &model, &PromptInit::Random, 4).unwrap();
         // A head with some weight, so the prompt's gradient is not tiny.
         let mut values = p.values().unwrap();
         let hw = values["head.weight"].dims().to_vec();
-        values.insert("head.weight".into(), Tensor::randn(0f32, 1.0, hw, &Device::Cpu).unwrap());
+        values.insert(
+            "head.weight".into(),
+            Tensor::randn(0f32, 1.0, hw, &Device::Cpu).unwrap(),
+        );
         p.set_values(&values).unwrap();
         let loss_at = |emb: &Tensor| -> f64 {
             let mut v = values.clone();
             v.insert("prompt.embedding".into(), emb.clone());
             p.set_values(&v).unwrap();
-            let l = train::batch_loss(&engine, &p.task_model().unwrap(), &refs).unwrap().to_scalar::<f32>().unwrap() as f64;
+            let l = train::batch_loss(&engine, &p.task_model().unwrap(), &refs)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
             p.set_values(&values).unwrap();
             l
         };
         let loss = train::batch_loss(&engine, &p.task_model().unwrap(), &refs).unwrap();
-        let emb_var = p.named().iter().find(|(n, _)| n == "prompt.embedding").unwrap().1.clone();
-        let grad: Vec<f32> = loss.backward().unwrap().get(emb_var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let emb: Vec<f32> = values["prompt.embedding"].flatten_all().unwrap().to_vec1().unwrap();
+        let emb_var = p
+            .named()
+            .iter()
+            .find(|(n, _)| n == "prompt.embedding")
+            .unwrap()
+            .1
+            .clone();
+        let grad: Vec<f32> = loss
+            .backward()
+            .unwrap()
+            .get(emb_var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let emb: Vec<f32> = values["prompt.embedding"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let shape = values["prompt.embedding"].dims().to_vec();
         // The five largest components.
         let mut order: Vec<usize> = (0..grad.len()).collect();
@@ -469,7 +864,15 @@ fn peft_dir_holds_the_same_task_and_is_refused_for_mean_pooling() {
     let dir = std::env::temp_dir().join(format!("softprompt-peftdir-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let lines: String = (0..12).map(|i| format!("{{\"text\": \"at {} every\", \"label\": {}}}\n", ["this", "to"][i % 2], i % 2)).collect();
+    let lines: String = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"at {} every\", \"label\": {}}}\n",
+                ["this", "to"][i % 2],
+                i % 2
+            )
+        })
+        .collect();
     let data = dir.join("d.jsonl");
     std::fs::write(&data, lines).unwrap();
     let bin = env!("CARGO_BIN_EXE_softprompt");
@@ -478,8 +881,28 @@ fn peft_dir_holds_the_same_task_and_is_refused_for_mean_pooling() {
     let peft_dir = dir.join("adapter");
     let run = |pooling: &str| {
         std::process::Command::new(bin)
-            .args(["train", "--model", model.to_str().unwrap(), "--train", data.to_str().unwrap(), "--output", out.to_str().unwrap()])
-            .args(["--method", "p-tuning-v2", "--virtual-tokens", "3", "--steps", "3", "--batch-size", "4", "--quiet", "--pooling", pooling])
+            .args([
+                "train",
+                "--model",
+                model.to_str().unwrap(),
+                "--train",
+                data.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .args([
+                "--method",
+                "p-tuning-v2",
+                "--virtual-tokens",
+                "3",
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--quiet",
+                "--pooling",
+                pooling,
+            ])
             .args(["--peft-dir", peft_dir.to_str().unwrap()])
             .output()
             .unwrap()
@@ -489,13 +912,26 @@ fn peft_dir_holds_the_same_task_and_is_refused_for_mean_pooling() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--pooling pooler"));
     assert!(!out.exists(), "refused before training");
     let ok = run("pooler");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let native_task = native::read_file(&out).unwrap();
     let peft_task = softprompt::task::peft::read_dir(&peft_dir, None).unwrap();
     let m = load_model(&model);
     let engine = Engine::new(m.clone());
     let inputs = text_inputs(&m);
-    let logits = |t: &TaskModel| engine.classify(&inputs.iter().map(|input| Row { input, task: t }).collect::<Vec<_>>()).unwrap();
+    let logits = |t: &TaskModel| {
+        engine
+            .classify(
+                &inputs
+                    .iter()
+                    .map(|input| Row { input, task: t })
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap()
+    };
     let d = max_abs_diff(&logits(&native_task.model), &logits(&peft_task.model));
     assert!(d <= 1e-6, "native vs PEFT adapter logits differ by {d}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -22,7 +22,12 @@ fn memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
         let line = status.lines().find(|l| l.starts_with(name)).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
     };
     (field("VmHWM:"), field("VmRSS:"))
 }
@@ -36,7 +41,8 @@ fn reset_peak(pid: u32) {
 /// prefix grown to that size. Parses, then fails validation (more virtual
 /// tokens than a task may have), which is the path of every upload.
 fn big_task_file(bytes: usize) -> Vec<u8> {
-    let mut task: Task = peft::read_dir(&root().join("tests/fixtures/adapters/prefix_2"), None).unwrap();
+    let mut task: Task =
+        peft::read_dir(&root().join("tests/fixtures/adapters/prefix_2"), None).unwrap();
     let width = task.model.deep.as_ref().unwrap().dims()[1];
     let n = bytes / (4 * width);
     task.model.deep = Some(Tensor::randn(0f32, 1.0, (n, width), &Device::Cpu).unwrap());
@@ -53,7 +59,9 @@ async fn concurrent_uploads_stay_within_the_permits_times_twice_their_size() {
 
     let store = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_softprompt"));
-    cmd.arg("serve").stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     for (k, _) in std::env::vars() {
         if k.starts_with("SOFTPROMPT_") {
             cmd.env_remove(k);
@@ -76,13 +84,20 @@ async fn concurrent_uploads_stay_within_the_permits_times_twice_their_size() {
         let line = rx.recv_timeout(Duration::from_secs(120)).unwrap();
         if let Some(at) = line.find("listening on http://") {
             let rest = &line[at + "listening on ".len()..];
-            let end = rest.find(|c: char| c == '"' || c.is_whitespace()).unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| c == '"' || c.is_whitespace())
+                .unwrap_or(rest.len());
             break rest[..end].to_string();
         }
     };
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     for _ in 0..600 {
-        if http.get(format!("{base}/ready")).send().await.is_ok_and(|r| r.status() == 200) {
+        if http
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -133,6 +148,12 @@ async fn concurrent_uploads_stay_within_the_permits_times_twice_their_size() {
     );
     let _ = child.kill();
     let _ = child.wait();
-    assert!(peak.saturating_sub(idle) <= PERMITS * 2 * s + (16 << 20), "peak over permits × 2S");
-    assert!(after <= idle + (16 << 20), "memory did not return to its idle level");
+    assert!(
+        peak.saturating_sub(idle) <= PERMITS * 2 * s + (16 << 20),
+        "peak over permits × 2S"
+    );
+    assert!(
+        after <= idle + (16 << 20),
+        "memory did not return to its idle level"
+    );
 }

@@ -92,7 +92,14 @@ mod tests {
     fn admits_up_to_capacity_and_shrinking_frees_the_excess() {
         let a = Admission::new(100);
         let mut t1 = a.try_admit(60).unwrap();
-        assert!(matches!(a.try_admit(50), Err(BatchError::QueueFull { admitted: 60, requested: 50, capacity: 100 })));
+        assert!(matches!(
+            a.try_admit(50),
+            Err(BatchError::QueueFull {
+                admitted: 60,
+                requested: 50,
+                capacity: 100
+            })
+        ));
         t1.shrink_to(20);
         assert_eq!(t1.tokens(), 20);
         let t2 = a.try_admit(80).unwrap();
@@ -100,6 +107,12 @@ mod tests {
         drop(t1);
         drop(t2);
         assert_eq!(a.admitted(), 0);
-        assert!(matches!(a.try_admit(101), Err(BatchError::TooLarge { requested: 101, capacity: 100 })));
+        assert!(matches!(
+            a.try_admit(101),
+            Err(BatchError::TooLarge {
+                requested: 101,
+                capacity: 100
+            })
+        ));
     }
 }

@@ -81,7 +81,10 @@ mod tests {
                 let picked = select(&costs, budget, rows);
                 assert!(picked.contains(&0));
                 assert!(picked.len() <= rows);
-                assert!(picked.len() == 1 || padded(&costs, &picked) <= budget, "budget {budget} rows {rows}");
+                assert!(
+                    picked.len() == 1 || padded(&costs, &picked) <= budget,
+                    "budget {budget} rows {rows}"
+                );
                 let mut seen = picked.clone();
                 seen.sort();
                 seen.dedup();

@@ -35,8 +35,8 @@ use crate::model::Encoded;
 use crate::registry::LoadedTask;
 use admission::Admission;
 pub use admission::Ticket;
-pub use worker::panic_text;
 use queue::Queue;
+pub use worker::panic_text;
 
 /// How batches are formed and how much may wait.
 #[derive(Debug, Clone)]
@@ -80,14 +80,18 @@ pub const DEFAULT_MAX_QUEUED_TOKENS: usize = 65_536;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BatchError {
     /// Admission would push the admitted tokens past their bound.
-    #[error("server busy: {admitted} tokens admitted, {requested} more would exceed the bound of {capacity}")]
+    #[error(
+        "server busy: {admitted} tokens admitted, {requested} more would exceed the bound of {capacity}"
+    )]
     QueueFull {
         admitted: usize,
         requested: usize,
         capacity: usize,
     },
     /// The request alone needs more tokens than the server ever admits.
-    #[error("the request needs up to {requested} tokens, more than the {capacity} the server admits at once; send fewer or shorter inputs")]
+    #[error(
+        "the request needs up to {requested} tokens, more than the {capacity} the server admits at once; send fewer or shorter inputs"
+    )]
     TooLarge { requested: usize, capacity: usize },
     /// The batcher is stopping (or its thread is gone) and takes no work.
     #[error("the inference queue is closed")]
@@ -173,21 +177,28 @@ impl Batcher {
         let admission = Admission::new(config.max_queued_tokens);
         let thread = {
             let (queue, warm, died) = (queue.clone(), warm.clone(), died.clone());
-            std::thread::Builder::new().name("softprompt-infer".into()).spawn(move || {
-                let outcome = catch_unwind(AssertUnwindSafe(|| worker::run(engine, config, queue.clone(), warm)));
-                // The worker returns only once the queue is closed and
-                // empty; anything else is a death the server must report.
-                let reason = match outcome {
-                    Ok(()) if queue.is_closed() => return,
-                    Ok(()) => "the inference thread stopped".to_string(),
-                    Err(panic) => format!("the inference thread panicked: {}", worker::panic_text(&*panic)),
-                };
-                tracing::error!(reason = %reason, "inference thread died");
-                // Nobody will compute what waits: answer it now.
-                queue.close();
-                queue.fail_all();
-                died.send_replace(Some(reason));
-            })?
+            std::thread::Builder::new()
+                .name("softprompt-infer".into())
+                .spawn(move || {
+                    let outcome = catch_unwind(AssertUnwindSafe(|| {
+                        worker::run(engine, config, queue.clone(), warm)
+                    }));
+                    // The worker returns only once the queue is closed and
+                    // empty; anything else is a death the server must report.
+                    let reason = match outcome {
+                        Ok(()) if queue.is_closed() => return,
+                        Ok(()) => "the inference thread stopped".to_string(),
+                        Err(panic) => format!(
+                            "the inference thread panicked: {}",
+                            worker::panic_text(&*panic)
+                        ),
+                    };
+                    tracing::error!(reason = %reason, "inference thread died");
+                    // Nobody will compute what waits: answer it now.
+                    queue.close();
+                    queue.fail_all();
+                    died.send_replace(Some(reason));
+                })?
         };
         Ok(Batcher {
             queue,
@@ -217,7 +228,10 @@ impl Batcher {
     /// it is healthy or after a requested shutdown).
     pub async fn died(&self) -> String {
         let mut rx = self.died.subscribe();
-        let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone().unwrap_or_default());
+        let reason = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|r| r.clone().unwrap_or_default());
         match reason {
             Ok(reason) => reason,
             Err(_) => std::future::pending().await,

@@ -19,11 +19,17 @@ pub(super) fn run(engine: Engine, config: BatchConfig, queue: Arc<Queue>, warm: 
         Ok(()) => warm.store(true, Ordering::Release),
         // Not warm means not ready: the server keeps answering 503 on /ready
         // and the log says why, rather than failing requests one by one.
-        Err(e) => tracing::error!(error = %e, "engine warm-up failed; the server will not report ready"),
+        Err(e) => {
+            tracing::error!(error = %e, "engine warm-up failed; the server will not report ready")
+        }
     }
     let mut batches = 0u64;
     while let Some(batch) = queue.next_batch(&config) {
-        if config.faults.worker_panic_after.is_some_and(|n| batches >= n) {
+        if config
+            .faults
+            .worker_panic_after
+            .is_some_and(|n| batches >= n)
+        {
             panic!("injected fault: worker-panic-after={batches}");
         }
         if let Some(delay) = config.faults.batch_delay {
@@ -45,7 +51,10 @@ fn warm_up(engine: &Engine) -> Result<(), String> {
     for kind in [Kind::Shallow, Kind::Deep] {
         let task = random_task(config, device, kind, 2, 2, 0).map_err(|e| e.to_string())?;
         engine
-            .classify(&[Row { input: &input, task: &task }])
+            .classify(&[Row {
+                input: &input,
+                task: &task,
+            }])
             .map_err(|e| e.to_string())?;
     }
     Ok(())
@@ -54,7 +63,8 @@ fn warm_up(engine: &Engine) -> Result<(), String> {
 fn run_batch(engine: &Engine, queue: &Queue, batch: Vec<Entry>, inject_failure: bool) {
     let started = Instant::now();
     // Last look for hung-up clients: their rows would be computed for nobody.
-    let (batch, gone): (Vec<Entry>, Vec<Entry>) = batch.into_iter().partition(|e| !e.reply.is_closed());
+    let (batch, gone): (Vec<Entry>, Vec<Entry>) =
+        batch.into_iter().partition(|e| !e.reply.is_closed());
     if !gone.is_empty() {
         queue.note_abandoned(gone.len());
     }
@@ -62,13 +72,16 @@ fn run_batch(engine: &Engine, queue: &Queue, batch: Vec<Entry>, inject_failure: 
         return;
     }
     for e in &batch {
-        metrics::histogram!(m::QUEUE_SECONDS).record(started.duration_since(e.enqueued).as_secs_f64());
+        metrics::histogram!(m::QUEUE_SECONDS)
+            .record(started.duration_since(e.enqueued).as_secs_f64());
     }
-    let tasks: HashSet<*const crate::registry::LoadedTask> = batch.iter().map(|e| Arc::as_ptr(&e.task)).collect();
+    let tasks: HashSet<*const crate::registry::LoadedTask> =
+        batch.iter().map(|e| Arc::as_ptr(&e.task)).collect();
     queue.note_batch(batch.len());
     metrics::histogram!(m::BATCH_ROWS).record(batch.len() as f64);
     metrics::histogram!(m::BATCH_TASKS).record(tasks.len() as f64);
-    metrics::histogram!(m::BATCH_TOKENS).record(former::padded_tokens(batch.iter().map(Entry::cost)) as f64);
+    metrics::histogram!(m::BATCH_TOKENS)
+        .record(former::padded_tokens(batch.iter().map(Entry::cost)) as f64);
 
     let rows: Vec<Row> = batch
         .iter()

@@ -42,7 +42,14 @@ pub fn random_task(
         ),
         Kind::Deep => {
             let w = config.num_hidden_layers * 2 * h;
-            (None, Some(Tensor::from_vec(normal(&mut rng, n * w, 0.5), (n, w), device)?))
+            (
+                None,
+                Some(Tensor::from_vec(
+                    normal(&mut rng, n * w, 0.5),
+                    (n, w),
+                    device,
+                )?),
+            )
         }
     };
     let head = Head::Linear(Linear {

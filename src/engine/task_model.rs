@@ -83,7 +83,9 @@ pub struct TaskModel {
 impl TaskModel {
     /// Virtual tokens placed in the input sequence.
     pub fn shallow_len(&self) -> usize {
-        self.shallow.as_ref().map_or(0, |s| s.template.num_virtual())
+        self.shallow
+            .as_ref()
+            .map_or(0, |s| s.template.num_virtual())
     }
 
     /// Key/value prefix length in every layer.

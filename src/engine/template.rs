@@ -113,7 +113,10 @@ impl Template {
 
     /// True for the plain PEFT placement (all virtual tokens first).
     pub fn is_prefix(&self) -> bool {
-        matches!(self.segments.as_slice(), [Segment::Text] | [Segment::Virtual(_), Segment::Text])
+        matches!(
+            self.segments.as_slice(),
+            [Segment::Text] | [Segment::Virtual(_), Segment::Text]
+        )
     }
 
     /// Whether the template places the second text explicitly.
@@ -149,7 +152,10 @@ mod tests {
         assert!(t.has_pair_slot());
         assert_eq!(Template::parse(&t.to_string()).unwrap(), t);
         assert!(Template::parse("[P:4] {text}").unwrap().is_prefix());
-        assert_eq!(Template::parse("[P:4] {text}").unwrap(), Template::prefix(4));
+        assert_eq!(
+            Template::parse("[P:4] {text}").unwrap(),
+            Template::prefix(4)
+        );
     }
 
     #[test]

@@ -27,7 +27,9 @@ pub enum DeviceSpec {
 pub enum DeviceError {
     #[error("unknown device {0:?}: expected cpu, cuda, cuda:N, metal, metal:N or auto")]
     Unknown(String),
-    #[error("device {0}: this binary was built without the `{1}` feature (cargo build --release --features {1})")]
+    #[error(
+        "device {0}: this binary was built without the `{1}` feature (cargo build --release --features {1})"
+    )]
     NotCompiled(DeviceSpec, &'static str),
     #[error("device {0}: {1}")]
     Open(DeviceSpec, String),
@@ -50,7 +52,13 @@ impl FromStr for DeviceSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.trim().to_ascii_lowercase();
         let (kind, ordinal) = match lower.split_once(':') {
-            Some((k, n)) => (k, Some(n.parse::<usize>().map_err(|_| DeviceError::Unknown(s.to_string()))?)),
+            Some((k, n)) => (
+                k,
+                Some(
+                    n.parse::<usize>()
+                        .map_err(|_| DeviceError::Unknown(s.to_string()))?,
+                ),
+            ),
             None => (lower.as_str(), None),
         };
         match (kind, ordinal) {

@@ -392,7 +392,10 @@ impl Encoder {
     pub fn fused(&self, mode: OpsMode) -> bool {
         mode == OpsMode::Serve
             && self.device.is_cpu()
-            && self.config.hidden_size.is_multiple_of(self.config.num_attention_heads)
+            && self
+                .config
+                .hidden_size
+                .is_multiple_of(self.config.num_attention_heads)
     }
 
     /// The serving layer stack on the CPU: packed `[N, hidden]` in and out.

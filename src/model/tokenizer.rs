@@ -40,7 +40,9 @@ impl Encoded {
 /// Why a text could not be turned into a row.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizeError {
-    #[error("input is {found} tokens but at most {max} fit next to this task's prompt; shorten it or set truncate")]
+    #[error(
+        "input is {found} tokens but at most {max} fit next to this task's prompt; shorten it or set truncate"
+    )]
     TooLong { found: usize, max: usize },
     #[error("input text is empty (nothing but whitespace or control characters)")]
     Empty,

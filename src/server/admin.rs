@@ -90,7 +90,11 @@ pub async fn put_task(
     // Store first (durable, visible to the other replicas), then served here.
     let previous = core.sync.put(&id, &task, loaded.clone()).await?;
     tracing::info!(task = %id, version = %loaded.version, replaced = previous.is_some(), "task uploaded");
-    let status = if previous.is_some() { StatusCode::OK } else { StatusCode::CREATED };
+    let status = if previous.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     let body = UploadResponse {
         replaced: previous.is_some(),
         previous_version: previous.map(|p| p.version.clone()),
@@ -108,7 +112,12 @@ async fn read_task(state: &Arc<AppState>, req: Request) -> Result<Task, ApiError
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let parse = match essence.as_str() {
         "application/octet-stream" => {
             let bytes = read_body(req, limit).await?;
@@ -123,7 +132,9 @@ async fn read_task(state: &Arc<AppState>, req: Request) -> Result<Task, ApiError
         }
         _ => return Err(UploadError::MediaType(content_type).into()),
     };
-    Ok(parse.await.map_err(|e| ApiError::Internal(format!("parse task: {e}")))??)
+    Ok(parse
+        .await
+        .map_err(|e| ApiError::Internal(format!("parse task: {e}")))??)
 }
 
 /// Reads a whole body into one buffer sized from `content-length`, frame
@@ -202,8 +213,17 @@ pub async fn delete_task(
     ),
     security(("admin_token" = []))
 )]
-pub async fn list_tasks(_admin: Admin, State(state): State<Arc<AppState>>) -> Result<Json<Vec<TaskDetails>>, ApiError> {
+pub async fn list_tasks(
+    _admin: Admin,
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Vec<TaskDetails>>, ApiError> {
     let core = state.core()?;
     let config = core.model.config();
-    Ok(Json(core.registry.list().iter().map(|t| TaskDetails::new(t, config)).collect()))
+    Ok(Json(
+        core.registry
+            .list()
+            .iter()
+            .map(|t| TaskDetails::new(t, config))
+            .collect(),
+    ))
 }

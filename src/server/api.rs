@@ -23,11 +23,16 @@ pub struct ClassifyRequest {
 /// Deserializes a struct from a JSON object only: serde's derived structs
 /// also accept a sequence of their fields in order (`[1, "none", true]`),
 /// which no client means.
-fn object<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(d: D) -> Result<T, D::Error> {
+fn object<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    d: D,
+) -> Result<T, D::Error> {
     use serde::de::Error;
     match Value::deserialize(d)? {
         v @ Value::Object(_) => T::deserialize(v).map_err(D::Error::custom),
-        other => Err(D::Error::custom(format!("expected a JSON object, found {}", json_kind(&other)))),
+        other => Err(D::Error::custom(format!(
+            "expected a JSON object, found {}",
+            json_kind(&other)
+        ))),
     }
 }
 
@@ -72,10 +77,14 @@ impl<'de> Deserialize<'de> for Inputs {
             Value::Array(items) => items
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| Input::from_value(v).map_err(|e| D::Error::custom(format!("inputs[{i}]: {e}"))))
+                .map(|(i, v)| {
+                    Input::from_value(v).map_err(|e| D::Error::custom(format!("inputs[{i}]: {e}")))
+                })
                 .collect::<Result<_, _>>()
                 .map(Inputs::Many),
-            v => Input::from_value(v).map(Inputs::One).map_err(|e| D::Error::custom(format!("inputs: {e}"))),
+            v => Input::from_value(v)
+                .map(Inputs::One)
+                .map_err(|e| D::Error::custom(format!("inputs: {e}"))),
         }
     }
 }
@@ -94,7 +103,9 @@ impl Input {
     fn from_value(v: Value) -> Result<Self, String> {
         match v {
             Value::String(s) => Ok(Input::Text(s)),
-            v @ Value::Object(_) => serde_json::from_value(v).map(Input::Pair).map_err(|e| e.to_string()),
+            v @ Value::Object(_) => serde_json::from_value(v)
+                .map(Input::Pair)
+                .map_err(|e| e.to_string()),
             other => Err(format!(
                 "expected a string or an object {{\"text\": …, \"text_pair\": …}}, found {}",
                 json_type(&other)

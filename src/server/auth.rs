@@ -59,7 +59,8 @@ impl Failures {
     fn record(&self, ip: IpAddr) -> u32 {
         let now = Instant::now();
         if self.by_client.len() >= MAX_CLIENTS {
-            self.by_client.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
+            self.by_client
+                .retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
             if self.by_client.len() >= MAX_CLIENTS {
                 self.by_client.clear();
             }
@@ -102,7 +103,10 @@ pub struct Admin;
 impl FromRequestParts<Arc<AppState>> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
         let Some(expected) = state.admin_token.as_deref() else {
             return Err(ApiError::AdminDisabled);
         };
@@ -129,7 +133,11 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 Ok(Admin)
             }
             _ => {
-                let reason = if presented.is_some() { "wrong_token" } else { "missing_token" };
+                let reason = if presented.is_some() {
+                    "wrong_token"
+                } else {
+                    "missing_token"
+                };
                 metrics::counter!(AUTH_FAILURES, "reason" => reason).increment(1);
                 let count = state.auth_failures.record(ip);
                 static LOG: RateLimit = RateLimit::new(WARN_INTERVAL);

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
@@ -59,8 +59,15 @@ pub async fn classify(
         Ok(_) => "ok",
         Err(e) => e.error_type(),
     };
-    let served = state.core().ok().is_some_and(|c| c.registry.get(&task).is_some());
-    let label = if served { state.task_labels.label(&task) } else { UNKNOWN_TASK.to_string() };
+    let served = state
+        .core()
+        .ok()
+        .is_some_and(|c| c.registry.get(&task).is_some());
+    let label = if served {
+        state.task_labels.label(&task)
+    } else {
+        UNKNOWN_TASK.to_string()
+    };
     metrics::counter!(CLASSIFY_REQUESTS, "outcome" => outcome).increment(1);
     metrics::counter!(TASK_REQUESTS, "task" => label.clone(), "outcome" => outcome).increment(1);
     match result {
@@ -88,17 +95,26 @@ async fn run(
     let (inputs, params) = input::parse(&body, state.args.max_inputs)?;
     drop(body);
     // The version resolved here scores every input of the request.
-    let task = core.registry.get(id).ok_or_else(|| ApiError::TaskNotFound(id.to_string()))?;
+    let task = core
+        .registry
+        .get(id)
+        .ok_or_else(|| ApiError::TaskNotFound(id.to_string()))?;
     let budget = task.model.text_budget(core.model.config());
     // Admission before any tokenizing: a full server refuses here.
     let prompt = task.model.shallow_len() + task.model.deep_len();
-    let ticket = core.batcher.admit(input::token_bound(&inputs, budget, prompt))?;
+    let ticket = core
+        .batcher
+        .admit(input::token_bound(&inputs, budget, prompt))?;
     let model = core.model.clone();
     let truncate = params.truncate;
-    let encoded = tokio::task::spawn_blocking(move || input::tokenize(&model.tokenizer, &inputs, budget, truncate))
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))??;
-    let pending = core.batcher.submit(ticket, request_id, task.clone(), encoded)?;
+    let encoded = tokio::task::spawn_blocking(move || {
+        input::tokenize(&model.tokenizer, &inputs, budget, truncate)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))??;
+    let pending = core
+        .batcher
+        .submit(ticket, request_id, task.clone(), encoded)?;
     // Dropping `pending` (timeout, hang-up, shutdown bound) abandons the
     // rows not yet computed; the worker skips them.
     let logits = tokio::select! {

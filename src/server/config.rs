@@ -25,7 +25,12 @@ pub struct ServeArgs {
     /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL
     /// (MinIO, SeaweedFS...; path-style requests) and AWS_ALLOW_HTTP=true for
     /// a plain-HTTP endpoint.
-    #[arg(long, env = "SOFTPROMPT_PROMPTS", default_value = "prompts", value_name = "DIR|s3://BUCKET/PREFIX")]
+    #[arg(
+        long,
+        env = "SOFTPROMPT_PROMPTS",
+        default_value = "prompts",
+        value_name = "DIR|s3://BUCKET/PREFIX"
+    )]
     pub prompts: StoreLocation,
     /// How often (ms) the store is polled for tasks that other replicas (or
     /// people) added, replaced or deleted; 0 turns polling off. A task
@@ -102,7 +107,12 @@ pub struct ServeArgs {
     /// SOFTPROMPT_ADMIN_TOKEN variable: a flag is visible to every user in
     /// `ps`. Without a token (here or in
     /// --admin-token-file) the admin routes refuse every request.
-    #[arg(long, env = "SOFTPROMPT_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "admin_token_file")]
+    #[arg(
+        long,
+        env = "SOFTPROMPT_ADMIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file"
+    )]
     pub admin_token: Option<String>,
     /// File holding the admin bearer token (surrounding whitespace ignored).
     #[arg(long, env = "SOFTPROMPT_ADMIN_TOKEN_FILE")]
@@ -259,10 +269,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("token");
         std::fs::write(&f, "  s3cret\n").unwrap();
-        let a = ServeArgs::try_parse_from(["serve", "--admin-token-file", f.to_str().unwrap()]).unwrap();
+        let a = ServeArgs::try_parse_from(["serve", "--admin-token-file", f.to_str().unwrap()])
+            .unwrap();
         assert_eq!(a.resolve_admin_token().unwrap().as_deref(), Some("s3cret"));
         std::fs::write(&f, "\n").unwrap();
-        assert!(matches!(a.resolve_admin_token(), Err(ConfigError::EmptyToken)));
+        assert!(matches!(
+            a.resolve_admin_token(),
+            Err(ConfigError::EmptyToken)
+        ));
         let none = ServeArgs::try_parse_from(["serve"]).unwrap();
         assert!(none.resolve_admin_token().unwrap().is_none());
         std::fs::remove_dir_all(dir).ok();
@@ -270,7 +284,14 @@ mod tests {
 
     #[test]
     fn prompts_take_a_directory_or_an_s3_url() {
-        let a = ServeArgs::try_parse_from(["serve", "--prompts", "s3://bucket/some/prefix", "--sync-interval-ms", "0"]).unwrap();
+        let a = ServeArgs::try_parse_from([
+            "serve",
+            "--prompts",
+            "s3://bucket/some/prefix",
+            "--sync-interval-ms",
+            "0",
+        ])
+        .unwrap();
         assert_eq!(
             a.prompts,
             StoreLocation::S3 {
@@ -279,13 +300,20 @@ mod tests {
             }
         );
         assert_eq!(a.sync_interval(), None);
-        let err = ServeArgs::try_parse_from(["serve", "--prompts", "gs://bucket/p"]).unwrap_err().to_string();
+        let err = ServeArgs::try_parse_from(["serve", "--prompts", "gs://bucket/p"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unsupported store scheme"), "{err}");
     }
 
     #[test]
     fn zero_bounds_are_config_errors() {
-        for flag in ["--max-queued-tokens", "--max-connections", "--header-timeout-ms", "--max-concurrent-uploads"] {
+        for flag in [
+            "--max-queued-tokens",
+            "--max-connections",
+            "--header-timeout-ms",
+            "--max-concurrent-uploads",
+        ] {
             let a = ServeArgs::try_parse_from(["serve", flag, "0"]).unwrap();
             let err = a.batch_config().unwrap_err().to_string();
             assert!(err.contains(&flag[2..]), "{flag}: {err}");

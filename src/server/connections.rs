@@ -61,14 +61,23 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 pub async fn listen(addr: &str) -> io::Result<TcpListener> {
     let mut last = None;
     for a in tokio::net::lookup_host(addr).await? {
-        let socket = if a.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if a.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         socket.set_reuseaddr(true)?;
         match socket.bind(a) {
             Ok(()) => return socket.listen(LISTEN_BACKLOG),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the address resolves to nothing")))
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    }))
 }
 
 /// Timeouts and bounds of client connections.
@@ -153,8 +162,9 @@ impl ConnState {
 
     /// How long the connection has been idle, if it is.
     fn idle_for(&self) -> Option<Duration> {
-        (self.phase.load(Ordering::Acquire) == IDLE)
-            .then(|| Duration::from_millis(now_ms().saturating_sub(self.since.load(Ordering::Acquire))))
+        (self.phase.load(Ordering::Acquire) == IDLE).then(|| {
+            Duration::from_millis(now_ms().saturating_sub(self.since.load(Ordering::Acquire)))
+        })
     }
 }
 
@@ -179,7 +189,11 @@ struct Tracked {
 }
 
 impl AsyncRead for Tracked {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
         if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -190,7 +204,11 @@ impl AsyncRead for Tracked {
 }
 
 impl AsyncWrite for Tracked {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -294,7 +312,10 @@ pub async fn serve(
     drop(listener);
     let _ = stop_tx.send(Stop::Graceful);
     let all = config.max_connections as u32;
-    if tokio::time::timeout(CLOSE_GRACE, slots.acquire_many(all)).await.is_err() {
+    if tokio::time::timeout(CLOSE_GRACE, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after the close grace; closing them");
         let _ = stop_tx.send(Stop::Close);
         let _ = tokio::time::timeout(Duration::from_millis(100), slots.acquire_many(all)).await;
@@ -336,7 +357,9 @@ impl Connection {
             let deadline = state.deadline(&self.config);
             let sleep = async {
                 match deadline {
-                    Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
+                    Some(at) => {
+                        tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await
+                    }
                     None => std::future::pending().await,
                 }
             };

@@ -120,7 +120,9 @@ impl ApiError {
 
 fn registry_status(e: &RegistryError) -> (StatusCode, &'static str) {
     match e {
-        RegistryError::BadId(_) | RegistryError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_task"),
+        RegistryError::BadId(_) | RegistryError::Invalid { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_task")
+        }
         RegistryError::Device { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "backend"),
     }
 }
@@ -141,9 +143,12 @@ impl ApiError {
 /// One WARN line per error type and interval: a drain or an outage answers
 /// thousands of 503s a second, and each line would say the same.
 fn log_failure(status: StatusCode, error_type: &'static str, error: &str) {
-    static LIMITS: std::sync::OnceLock<dashmap::DashMap<&'static str, RateLimit>> = std::sync::OnceLock::new();
+    static LIMITS: std::sync::OnceLock<dashmap::DashMap<&'static str, RateLimit>> =
+        std::sync::OnceLock::new();
     let limits = LIMITS.get_or_init(Default::default);
-    let limit = limits.entry(error_type).or_insert_with(|| RateLimit::new(WARN_INTERVAL));
+    let limit = limits
+        .entry(error_type)
+        .or_insert_with(|| RateLimit::new(WARN_INTERVAL));
     if let Some(suppressed) = limit.check() {
         tracing::warn!(%status, error_type, %error, suppressed, "request failed");
     }

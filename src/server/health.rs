@@ -58,7 +58,11 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let status = state.readiness();
     let ready = status == "ready";
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let store = state.store_health.snapshot();
     (
         code,
@@ -89,7 +93,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.store_health.export_age();
     state.prometheus.run_upkeep();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.prometheus.render(),
     )
         .into_response()

@@ -34,7 +34,9 @@ pub enum InputError {
 pub fn parse(body: &[u8], max_inputs: usize) -> Result<(Vec<Input>, Parameters), InputError> {
     // A JSON value's type is its first non-blank byte. serde's derived
     // structs would also take an array of the fields in order (`["a"]`).
-    let first = body.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    let first = body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
     if first.is_some_and(|b| *b != b'{') {
         // Not an object: malformed JSON, or JSON of the wrong type?
         return Err(match serde_json::from_slice::<serde_json::Value>(body) {
@@ -129,7 +131,10 @@ mod tests {
         let (v, _) = parse(br#"{"inputs": ["a", "b"]}"#, 4).unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].parts(), ("a", None));
-        assert!(matches!(err(r#"{"inputs": [["a", "b"]]}"#), InputError::Schema(_)));
+        assert!(matches!(
+            err(r#"{"inputs": [["a", "b"]]}"#),
+            InputError::Schema(_)
+        ));
     }
 
     #[test]
@@ -138,10 +143,22 @@ mod tests {
         assert!(matches!(err("not json"), InputError::Malformed(_)));
         assert!(matches!(err(r#"{}"#), InputError::Schema(_)));
         assert!(matches!(err(r#"{"inputs": 3}"#), InputError::Schema(_)));
-        assert!(matches!(err(r#"{"inputs": "a", "parameters": {"top_k": -1}}"#), InputError::Schema(_)));
-        assert!(matches!(err(r#"{"inputs": "a", "parameters": {"function_to_apply": "relu"}}"#), InputError::Schema(_)));
-        assert!(matches!(err(r#"{"inputs": "a", "parameters": {"topk": 1}}"#), InputError::Schema(_)));
-        assert!(matches!(err(r#"{"inputs": {"text": "a", "extra": 1}}"#), InputError::Schema(_)));
+        assert!(matches!(
+            err(r#"{"inputs": "a", "parameters": {"top_k": -1}}"#),
+            InputError::Schema(_)
+        ));
+        assert!(matches!(
+            err(r#"{"inputs": "a", "parameters": {"function_to_apply": "relu"}}"#),
+            InputError::Schema(_)
+        ));
+        assert!(matches!(
+            err(r#"{"inputs": "a", "parameters": {"topk": 1}}"#),
+            InputError::Schema(_)
+        ));
+        assert!(matches!(
+            err(r#"{"inputs": {"text": "a", "extra": 1}}"#),
+            InputError::Schema(_)
+        ));
     }
 
     #[test]
@@ -155,14 +172,21 @@ mod tests {
             let body = format!(r#"{{"inputs": "a", "parameters": {params}}}"#);
             let e = err(&body);
             assert!(matches!(e, InputError::Schema(_)), "{body}: {e:?}");
-            assert!(e.to_string().contains("expected a JSON object"), "{body}: {e}");
+            assert!(
+                e.to_string().contains("expected a JSON object"),
+                "{body}: {e}"
+            );
         }
         assert!(parse(br#" {"inputs": "a", "parameters": {}}"#, 4).is_ok());
     }
 
     #[test]
     fn the_token_bound_covers_text_specials_and_prompt_within_the_budget() {
-        let (inputs, _) = parse(br#"{"inputs": ["abc", {"text": "de", "text_pair": "f"}]}"#, 4).unwrap();
+        let (inputs, _) = parse(
+            br#"{"inputs": ["abc", {"text": "de", "text_pair": "f"}]}"#,
+            4,
+        )
+        .unwrap();
         assert_eq!(token_bound(&inputs, 100, 5), (3 + 4 + 5) + (3 + 4 + 5));
         assert_eq!(token_bound(&inputs, 6, 5), (6 + 5) * 2);
     }
@@ -170,8 +194,14 @@ mod tests {
     #[test]
     fn counts_and_top_k_are_checked() {
         assert!(matches!(err(r#"{"inputs": []}"#), InputError::NoInputs));
-        assert!(matches!(err(r#"{"inputs": ["a","b","c","d","e"]}"#), InputError::TooMany { count: 5, max: 4 }));
-        assert!(matches!(err(r#"{"inputs": "a", "parameters": {"top_k": 0}}"#), InputError::ZeroTopK));
+        assert!(matches!(
+            err(r#"{"inputs": ["a","b","c","d","e"]}"#),
+            InputError::TooMany { count: 5, max: 4 }
+        ));
+        assert!(matches!(
+            err(r#"{"inputs": "a", "parameters": {"top_k": 0}}"#),
+            InputError::ZeroTopK
+        ));
         let (_, p) = parse(br#"{"inputs": "a", "parameters": {"top_k": null, "function_to_apply": "none", "truncate": true}}"#, 4).unwrap();
         assert_eq!(p.top_k, None);
         assert!(p.truncate);

@@ -41,7 +41,8 @@ impl Default for Lifecycle {
 impl Lifecycle {
     /// Starts draining (idempotent).
     pub fn begin_drain(&self) {
-        self.draining.send_if_modified(|d| !std::mem::replace(d, true));
+        self.draining
+            .send_if_modified(|d| !std::mem::replace(d, true));
     }
 
     /// True once draining started.
@@ -79,7 +80,10 @@ impl Lifecycle {
     pub async fn drained(self: Arc<Self>, bound: Duration) {
         self.draining().await;
         let mut rx = self.in_flight.subscribe();
-        if tokio::time::timeout(bound, rx.wait_for(|n| *n == 0)).await.is_err() {
+        if tokio::time::timeout(bound, rx.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 in_flight = self.in_flight(),
                 "shutdown bound reached with requests in flight; answering them 503"

@@ -45,14 +45,21 @@ pub fn prometheus() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let seconds = [
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
             ];
             let powers = |max: u32| (0..=max).map(|p| f64::from(1u32 << p)).collect::<Vec<_>>();
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(batch::BATCH_ROWS.into()), &powers(10)))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(batch::BATCH_TASKS.into()), &powers(10)))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(batch::BATCH_TOKENS.into()), &powers(20)))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(batch::BATCH_ROWS.into()), &powers(10))
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(batch::BATCH_TASKS.into()), &powers(10))
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(batch::BATCH_TOKENS.into()), &powers(20))
+                })
                 .expect("bucket lists are non-empty");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();

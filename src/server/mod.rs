@@ -41,8 +41,8 @@ use crate::engine::Engine;
 use crate::model::{Model, ModelError};
 use crate::registry::Registry;
 use crate::store::StoreError;
-use sync::{RoundError, StoreSync};
 use crate::task::Limits;
+use sync::{RoundError, StoreSync};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -96,10 +96,13 @@ impl Server {
         let admin_token = args.resolve_admin_token()?;
         let batch_config = args.batch_config()?;
         let conn_config = args.conn_config(raise_open_files_limit());
-        let listener = connections::listen(&args.addr).await.map_err(|source| StartError::Bind {
-            addr: args.addr.clone(),
-            source,
-        })?;
+        let listener =
+            connections::listen(&args.addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: args.addr.clone(),
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: args.addr.clone(),
             source,
@@ -109,7 +112,10 @@ impl Server {
         }
         let state = Arc::new(AppState::new(args, admin_token));
         let app = routes::router(state.clone());
-        let drained = state.lifecycle.clone().drained(state.args.shutdown_timeout());
+        let drained = state
+            .lifecycle
+            .clone()
+            .drained(state.args.shutdown_timeout());
         let serve = tokio::spawn(connections::serve(listener, app, conn_config, drained));
         tracing::info!("listening on http://{addr}");
 
@@ -119,11 +125,14 @@ impl Server {
                 if state.core.set(core).is_err() {
                     unreachable!("the core is set once, here");
                 }
-                let poller = state.args.sync_interval().map(|interval| {
-                    let lifecycle = state.lifecycle.clone();
-                    let faults = state.args.faults.clone();
-                    tokio::spawn(sync.run(interval, faults, async move { lifecycle.draining().await }))
-                });
+                let poller =
+                    state.args.sync_interval().map(|interval| {
+                        let lifecycle = state.lifecycle.clone();
+                        let faults = state.args.faults.clone();
+                        tokio::spawn(
+                            sync.run(interval, faults, async move { lifecycle.draining().await }),
+                        )
+                    });
                 supervise::start(state.clone(), poller);
             }
             Err(e) => {
@@ -142,7 +151,12 @@ impl Server {
 
     /// The batcher (e.g. to [`Batcher::pause`] it).
     pub fn batcher(&self) -> &Batcher {
-        &self.state.core.get().expect("set before start returns").batcher
+        &self
+            .state
+            .core
+            .get()
+            .expect("set before start returns")
+            .batcher
     }
 
     /// Requests being handled now (probes included).
@@ -161,7 +175,9 @@ impl Server {
     /// are done or the shutdown bound passes; then the inference thread
     /// finishes what is queued and exits.
     pub async fn wait(self) -> std::io::Result<()> {
-        let Server { state, mut serve, .. } = self;
+        let Server {
+            state, mut serve, ..
+        } = self;
         let result = tokio::select! {
             r = &mut serve => r,
             _ = state.lifecycle.draining() => {
@@ -217,7 +233,11 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     let model = Arc::new(model);
     tracing::info!(model = %model.name, "model loaded");
     let registry = Arc::new(Registry::new(model.clone(), Limits::default()));
-    let sync = Arc::new(StoreSync::new(store.clone(), registry.clone(), state.store_health.clone()));
+    let sync = Arc::new(StoreSync::new(
+        store.clone(),
+        registry.clone(),
+        state.store_health.clone(),
+    ));
     let mut retry = START_RETRY_MIN;
     let report = loop {
         match sync.round(args.strict).await {
@@ -240,7 +260,8 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
         skipped = report.failed.len(),
         "tasks loaded"
     );
-    let batcher = Batcher::start(Engine::new(model.clone()), batch_config).map_err(StartError::Thread)?;
+    let batcher =
+        Batcher::start(Engine::new(model.clone()), batch_config).map_err(StartError::Thread)?;
     Ok(Core {
         model,
         registry,
@@ -256,7 +277,9 @@ const START_RETRY_MAX: Duration = Duration::from_secs(5);
 /// `softprompt serve`: runs until SIGTERM/SIGINT, then shuts down
 /// gracefully and returns.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result = runtime.block_on(async {
         // A signal while the model loads stops the start-up cleanly too.
         let server = tokio::select! {

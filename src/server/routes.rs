@@ -21,10 +21,17 @@ type Handler = MethodRouter<Arc<AppState>>;
 
 /// Every route: path (axum and OpenAPI share the `{param}` syntax), method,
 /// handler with its body limit (and classify with its deadline).
-fn table(body_limit: usize, upload_limit: usize, state: Option<&Arc<AppState>>) -> Vec<(&'static str, Method, Handler)> {
+fn table(
+    body_limit: usize,
+    upload_limit: usize,
+    state: Option<&Arc<AppState>>,
+) -> Vec<(&'static str, Method, Handler)> {
     let mut classify_route = post(classify::classify).layer(DefaultBodyLimit::max(body_limit));
     if let Some(state) = state {
-        classify_route = classify_route.layer(from_fn_with_state(state.clone(), timeouts::request_deadline));
+        classify_route = classify_route.layer(from_fn_with_state(
+            state.clone(),
+            timeouts::request_deadline,
+        ));
     }
     vec![
         ("/v1/tasks/{task}/classify", Method::POST, classify_route),
@@ -35,7 +42,11 @@ fn table(body_limit: usize, upload_limit: usize, state: Option<&Arc<AppState>>) 
             Method::PUT,
             put(admin::put_task).layer(DefaultBodyLimit::max(upload_limit)),
         ),
-        ("/admin/tasks/{task}", Method::DELETE, delete(admin::delete_task)),
+        (
+            "/admin/tasks/{task}",
+            Method::DELETE,
+            delete(admin::delete_task),
+        ),
         ("/admin/tasks", Method::GET, get(admin::list_tasks)),
         ("/health", Method::GET, get(health::health)),
         ("/ready", Method::GET, get(health::ready)),
@@ -46,7 +57,10 @@ fn table(body_limit: usize, upload_limit: usize, state: Option<&Arc<AppState>>) 
 
 /// `(method, path)` of every route, for checking the OpenAPI document.
 pub fn endpoints() -> Vec<(Method, &'static str)> {
-    table(1, 1, None).into_iter().map(|(p, m, _)| (m, p)).collect()
+    table(1, 1, None)
+        .into_iter()
+        .map(|(p, m, _)| (m, p))
+        .collect()
 }
 
 /// The application: routes, JSON 404/405 for everything else, and around
@@ -64,7 +78,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     router
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(from_fn_with_state(state.clone(), timeouts::body_deadline_layer))
+        .layer(from_fn_with_state(
+            state.clone(),
+            timeouts::body_deadline_layer,
+        ))
         .layer(from_fn_with_state(state.clone(), lifecycle::gate))
         .layer(from_fn(metrics::track))
         .layer(

@@ -5,7 +5,12 @@ use super::api::{FunctionToApply, LabelScore};
 /// Applies `function` to `logits`, pairs scores with `labels`, sorts by
 /// score (descending; ties keep label order) and keeps the first `top_k`
 /// (all when `None`).
-pub fn rank(logits: &[f32], labels: &[String], function: FunctionToApply, top_k: Option<usize>) -> Vec<LabelScore> {
+pub fn rank(
+    logits: &[f32],
+    labels: &[String],
+    function: FunctionToApply,
+    top_k: Option<usize>,
+) -> Vec<LabelScore> {
     let scores = apply(logits, function);
     let mut out: Vec<LabelScore> = labels
         .iter()
@@ -70,11 +75,21 @@ mod tests {
 
     #[test]
     fn ranked_descending_and_cut() {
-        let r = rank(&[0.1, 3.0, -1.0, 2.0], &labels(4), FunctionToApply::None, Some(2));
+        let r = rank(
+            &[0.1, 3.0, -1.0, 2.0],
+            &labels(4),
+            FunctionToApply::None,
+            Some(2),
+        );
         let names: Vec<_> = r.iter().map(|s| s.label.as_str()).collect();
         assert_eq!(names, ["L1", "L3"]);
         assert_eq!(r[0].score, 3.0);
-        let all = rank(&[0.1, 3.0, -1.0, 2.0], &labels(4), FunctionToApply::None, None);
+        let all = rank(
+            &[0.1, 3.0, -1.0, 2.0],
+            &labels(4),
+            FunctionToApply::None,
+            None,
+        );
         assert_eq!(all.len(), 4);
         let big_k = rank(&[0.1, 3.0], &labels(2), FunctionToApply::Softmax, Some(10));
         assert_eq!(big_k.len(), 2);

@@ -85,12 +85,18 @@ impl AppState {
 
     /// Records that a supervised component died (the first reason wins).
     pub fn set_failure(&self, reason: String) {
-        self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(reason);
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
     }
 
     /// Why the server failed, if it has.
     pub fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Ready to take traffic: loaded (model and the whole store), warmed

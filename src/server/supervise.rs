@@ -44,7 +44,10 @@ pub fn start(state: Arc<AppState>, poller: Option<JoinHandle<()>>) {
             }
             let reason = match outcome {
                 Ok(()) => "the store poller stopped".to_string(),
-                Err(e) if e.is_panic() => format!("the store poller panicked: {}", crate::batch::panic_text(&*e.into_panic())),
+                Err(e) if e.is_panic() => format!(
+                    "the store poller panicked: {}",
+                    crate::batch::panic_text(&*e.into_panic())
+                ),
                 Err(e) => format!("the store poller was cancelled: {e}"),
             };
             fail(&state, STORE_POLLER, reason).await;

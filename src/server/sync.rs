@@ -470,7 +470,12 @@ impl StoreSync {
     }
 
     /// Polls the store every `interval` until `stop` resolves.
-    pub async fn run(self: Arc<Self>, interval: Duration, faults: crate::faults::Faults, stop: impl Future<Output = ()>) {
+    pub async fn run(
+        self: Arc<Self>,
+        interval: Duration,
+        faults: crate::faults::Faults,
+        stop: impl Future<Output = ()>,
+    ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate; start-up just loaded

@@ -21,9 +21,17 @@ use super::state::AppState;
         (status = 503, description = "Not ready", body = ErrorResponse),
     )
 )]
-pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Result<Json<Vec<TaskInfo>>, ApiError> {
+pub async fn list_tasks(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Vec<TaskInfo>>, ApiError> {
     let core = state.core()?;
-    Ok(Json(core.registry.list().iter().map(|t| TaskInfo::from(t.as_ref())).collect()))
+    Ok(Json(
+        core.registry
+            .list()
+            .iter()
+            .map(|t| TaskInfo::from(t.as_ref()))
+            .collect(),
+    ))
 }
 
 /// One served task.
@@ -38,7 +46,10 @@ pub async fn list_tasks(State(state): State<Arc<AppState>>) -> Result<Json<Vec<T
         (status = 503, description = "Not ready", body = ErrorResponse),
     )
 )]
-pub async fn get_task(State(state): State<Arc<AppState>>, TaskPath(id): TaskPath) -> Result<Json<TaskInfo>, ApiError> {
+pub async fn get_task(
+    State(state): State<Arc<AppState>>,
+    TaskPath(id): TaskPath,
+) -> Result<Json<TaskInfo>, ApiError> {
     let core = state.core()?;
     let task = core.registry.get(&id).ok_or(ApiError::TaskNotFound(id))?;
     Ok(Json(TaskInfo::from(task.as_ref())))

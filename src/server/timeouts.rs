@@ -50,12 +50,17 @@ impl http_body::Body for DeadlineBody {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(frame);
         }
         match self.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(axum::Error::new(BodyDeadline(self.limit_ms))))),
+            Poll::Ready(()) => {
+                Poll::Ready(Some(Err(axum::Error::new(BodyDeadline(self.limit_ms)))))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -70,7 +75,11 @@ impl http_body::Body for DeadlineBody {
 }
 
 /// Middleware: the body must be complete within `--body-timeout-ms`.
-pub async fn body_deadline_layer(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub async fn body_deadline_layer(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let limit = state.args.body_timeout();
     let (parts, body) = req.into_parts();
     let body = Body::new(DeadlineBody {
@@ -84,7 +93,11 @@ pub async fn body_deadline_layer(State(state): State<Arc<AppState>>, req: Reques
 /// Middleware of classify: the answer must be ready within
 /// `--request-timeout-ms` of the header; otherwise 503 `timeout`, and the
 /// request's rows are abandoned (the worker skips them).
-pub async fn request_deadline(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub async fn request_deadline(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let limit: Duration = state.args.request_timeout();
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,

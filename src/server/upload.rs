@@ -11,7 +11,9 @@ use crate::task::{Task, TaskError, native, peft};
 /// Why an upload body could not be read as a task.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("unsupported content type {0:?}: send application/octet-stream (a native task file) or multipart/form-data (a PEFT adapter)")]
+    #[error(
+        "unsupported content type {0:?}: send application/octet-stream (a native task file) or multipart/form-data (a PEFT adapter)"
+    )]
     MediaType(String),
     #[error("upload larger than the limit of {0} bytes")]
     TooLarge(usize),
@@ -21,7 +23,9 @@ pub enum UploadError {
     BodyTimeout(u64),
     #[error("multipart part {0:?} is missing")]
     MissingPart(&'static str),
-    #[error("multipart part {0:?} is not expected (expected adapter_config.json, adapter_model.safetensors, labels)")]
+    #[error(
+        "multipart part {0:?} is not expected (expected adapter_config.json, adapter_model.safetensors, labels)"
+    )]
     UnknownPart(String),
     #[error("multipart part {0:?} appears twice")]
     DuplicatePart(String),
@@ -80,11 +84,18 @@ impl AdapterParts {
 
     /// Parses the adapter (CPU work: run off the async workers).
     pub fn into_task(self) -> Result<Task, UploadError> {
-        let config = self.config.ok_or(UploadError::MissingPart(peft::CONFIG_FILE))?;
-        let weights = self.weights.ok_or(UploadError::MissingPart(peft::WEIGHTS_FILE))?;
+        let config = self
+            .config
+            .ok_or(UploadError::MissingPart(peft::CONFIG_FILE))?;
+        let weights = self
+            .weights
+            .ok_or(UploadError::MissingPart(peft::WEIGHTS_FILE))?;
         let labels = self
             .labels
-            .map(|b| serde_json::from_slice::<Vec<String>>(&b).map_err(|e| UploadError::Labels(e.to_string())))
+            .map(|b| {
+                serde_json::from_slice::<Vec<String>>(&b)
+                    .map_err(|e| UploadError::Labels(e.to_string()))
+            })
             .transpose()?;
         Ok(peft::from_bytes(&config, &weights, labels)?)
     }

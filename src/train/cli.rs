@@ -181,7 +181,10 @@ fn load_model(dir: &Path) -> anyhow::Result<Arc<Model>> {
 }
 
 fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (proleptic Gregorian).
     let z = days + 719_468;
@@ -193,7 +196,12 @@ fn now_rfc3339() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// Runs `softprompt train`.
@@ -209,7 +217,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         Some(l) => l.clone(),
         None => data::label_set(&[train_ex.as_slice(), val_ex.as_slice()].concat()),
     };
-    let reparam = args.reparam.unwrap_or(if args.method == Method::PTuning { Reparam::Mlp } else { Reparam::None });
+    let reparam = args.reparam.unwrap_or(if args.method == Method::PTuning {
+        Reparam::Mlp
+    } else {
+        Reparam::None
+    });
     let n = args.virtual_tokens;
     let template = match (&args.template, args.method.is_deep()) {
         (Some(t), _) => t.clone(),
@@ -227,21 +239,40 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         num_labels: labels.len(),
     };
     let deep_raw = args.method.is_deep() && reparam == Reparam::None;
-    let init = match args.init.unwrap_or(if deep_raw { InitArg::Random } else { InitArg::Vocab }) {
+    let init = match args.init.unwrap_or(if deep_raw {
+        InitArg::Random
+    } else {
+        InitArg::Vocab
+    }) {
         InitArg::Random => PromptInit::Random,
         InitArg::Vocab => PromptInit::Vocab,
-        InitArg::Text => PromptInit::Text(args.init_text.clone().context("--init text needs --init-text")?),
+        InitArg::Text => PromptInit::Text(
+            args.init_text
+                .clone()
+                .context("--init text needs --init-text")?,
+        ),
     };
     if args.peft_dir.is_some() {
         anyhow::ensure!(
-            spec.pooling == Pooling::Pooler && Template::parse(&spec.template).is_ok_and(|t| t.is_prefix()),
+            spec.pooling == Pooling::Pooler
+                && Template::parse(&spec.template).is_ok_and(|t| t.is_prefix()),
             "--peft-dir: PEFT reads the BERT pooler and puts every virtual token first; train with --pooling pooler and without --template"
         );
     }
     let params = Params::init(spec, &model, &init, args.seed)?;
-    let budget = model.config().max_sequence().saturating_sub(n).min(args.max_tokens);
+    let budget = model
+        .config()
+        .max_sequence()
+        .saturating_sub(n)
+        .min(args.max_tokens);
     let tok = &model.tokenizer;
-    let train_s = data::encode(tok, &train_ex, &labels, budget, &args.train.display().to_string())?;
+    let train_s = data::encode(
+        tok,
+        &train_ex,
+        &labels,
+        budget,
+        &args.train.display().to_string(),
+    )?;
     let val_s = data::encode(tok, &val_ex, &labels, budget, "validation")?;
     tracing::info!(
         method = args.method.as_str(),
@@ -271,7 +302,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         eval_every: args.eval_every,
         patience: args.patience,
         seed: args.seed,
-        checkpoint: Some(args.checkpoint.clone().unwrap_or_else(|| PathBuf::from(ckpt))),
+        checkpoint: Some(
+            args.checkpoint
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(ckpt)),
+        ),
         resume: args.resume,
         pause_at: args.pause_at_step,
         progress: !args.quiet,
@@ -316,13 +351,21 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     let meta = TaskMeta {
         labels,
-        template: (!args.method.is_deep() && !params.spec.template.eq(&Template::prefix(n).to_string())).then(|| params.spec.template.clone()),
+        template: (!args.method.is_deep()
+            && !params.spec.template.eq(&Template::prefix(n).to_string()))
+        .then(|| params.spec.template.clone()),
         pooling: params.spec.pooling,
-        base_model: BaseModelRef { name: model.name.clone(), fingerprint: Some(model.fingerprint.clone()) },
+        base_model: BaseModelRef {
+            name: model.name.clone(),
+            fingerprint: Some(model.fingerprint.clone()),
+        },
         provenance: Provenance {
             method: args.method.as_str().into(),
             data: Some(args.data_name.clone().unwrap_or_else(|| {
-                args.train.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+                args.train
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             })),
             metrics,
             created: Some(now_rfc3339()),
@@ -342,7 +385,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         task.version,
         outcome.steps,
         outcome.seconds,
-        outcome.best_val_accuracy.map_or("n/a".into(), |a| format!("{a:.4}"))
+        outcome
+            .best_val_accuracy
+            .map_or("n/a".into(), |a| format!("{a:.4}"))
     );
     Ok(())
 }
@@ -355,15 +400,27 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<Metrics> {
     } else {
         let t = native::read_file(&args.task)?;
         if let Some(l) = &args.labels {
-            anyhow::ensure!(*l == t.meta.labels, "--labels {l:?} differ from the task's {:?}", t.meta.labels);
+            anyhow::ensure!(
+                *l == t.meta.labels,
+                "--labels {l:?} differ from the task's {:?}",
+                t.meta.labels
+            );
         }
         t
     };
     validate(&task, &model, &Limits::default())?;
     let tm = task.to_device(model.encoder.device())?;
-    let budget = tm.text_budget(model.config()).min(args.max_tokens.unwrap_or(usize::MAX));
+    let budget = tm
+        .text_budget(model.config())
+        .min(args.max_tokens.unwrap_or(usize::MAX));
     let ex = data::read_examples(&args.data)?;
-    let s = data::encode(&model.tokenizer, &ex, &task.meta.labels, budget, &args.data.display().to_string())?;
+    let s = data::encode(
+        &model.tokenizer,
+        &ex,
+        &task.meta.labels,
+        budget,
+        &args.data.display().to_string(),
+    )?;
     let engine = Engine::new(model);
     let pred = predict(&engine, &tm, &s, args.batch_size)?;
     let gold: Vec<usize> = s.iter().map(|x| x.label).collect();

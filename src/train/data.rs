@@ -60,28 +60,50 @@ pub fn parse_jsonl(text: &str, what: &str) -> anyhow::Result<Vec<Example>> {
             None => None,
         };
         let label = match field("label") {
-            Some(l) => label_text(l).ok_or_else(|| anyhow::anyhow!("{}: \"label\": expected a string, number or boolean, found {l}", at()))?,
+            Some(l) => label_text(l).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: \"label\": expected a string, number or boolean, found {l}",
+                    at()
+                )
+            })?,
             None => bail!("{}: \"label\": missing", at()),
         };
-        out.push(Example { text, text_pair, label });
+        out.push(Example {
+            text,
+            text_pair,
+            label,
+        });
     }
     Ok(out)
 }
 
 /// Parses CSV with a header row naming `text`, `label` and optionally `text_pair`.
 pub fn parse_csv(text: &str, what: &str) -> anyhow::Result<Vec<Example>> {
-    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(text.as_bytes());
-    let headers = rdr.headers().with_context(|| format!("{what}: header"))?.clone();
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(false)
+        .from_reader(text.as_bytes());
+    let headers = rdr
+        .headers()
+        .with_context(|| format!("{what}: header"))?
+        .clone();
     let col = |name: &str| headers.iter().position(|h| h.trim() == name);
     let (Some(ti), Some(li)) = (col("text"), col("label")) else {
-        bail!("{what}: header: expected columns \"text\" and \"label\" (and optionally \"text_pair\"), found {:?}", headers.iter().collect::<Vec<_>>());
+        bail!(
+            "{what}: header: expected columns \"text\" and \"label\" (and optionally \"text_pair\"), found {:?}",
+            headers.iter().collect::<Vec<_>>()
+        );
     };
     let pi = col("text_pair");
     let mut out = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
         let rec = rec.with_context(|| format!("{what}: record {}", i + 1))?;
         let pair = pi.map(|p| rec[p].to_string()).filter(|s| !s.is_empty());
-        out.push(Example { text: rec[ti].to_string(), text_pair: pair, label: rec[li].trim().to_string() });
+        out.push(Example {
+            text: rec[ti].to_string(),
+            text_pair: pair,
+            label: rec[li].trim().to_string(),
+        });
     }
     Ok(out)
 }
@@ -90,7 +112,10 @@ pub fn parse_csv(text: &str, what: &str) -> anyhow::Result<Vec<Example>> {
 pub fn read_examples(path: &Path) -> anyhow::Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let what = path.display().to_string();
-    let ex = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+    let ex = if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+    {
         parse_csv(&text, &what)?
     } else {
         parse_jsonl(&text, &what)?
@@ -128,13 +153,23 @@ pub fn split(examples: &[Example], fraction: f64, seed: u64) -> (Vec<Example>, V
 
 /// Tokenizes examples for a task with label names `labels`; texts are cut
 /// (longest first) to `max_tokens`, specials included.
-pub fn encode(tok: &TextTokenizer, examples: &[Example], labels: &[String], max_tokens: usize, what: &str) -> anyhow::Result<Vec<Sample>> {
+pub fn encode(
+    tok: &TextTokenizer,
+    examples: &[Example],
+    labels: &[String],
+    max_tokens: usize,
+    what: &str,
+) -> anyhow::Result<Vec<Sample>> {
     examples
         .iter()
         .enumerate()
         .map(|(i, e)| {
             let label = labels.iter().position(|l| *l == e.label).ok_or_else(|| {
-                anyhow::anyhow!("{what}: example {}: label {:?} is not one of the task's labels {labels:?}", i + 1, e.label)
+                anyhow::anyhow!(
+                    "{what}: example {}: label {:?} is not one of the task's labels {labels:?}",
+                    i + 1,
+                    e.label
+                )
             })?;
             let input = tok
                 .encode(&e.text, e.text_pair.as_deref(), max_tokens, true)

@@ -51,11 +51,24 @@ impl Metrics {
                 let predicted: usize = (0..k).map(|g| confusion[g][i]).sum();
                 let precision = div(tp, predicted);
                 let recall = div(tp, support);
-                let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
-                LabelScores { precision, recall, f1, support }
+                let f1 = if precision + recall == 0.0 {
+                    0.0
+                } else {
+                    2.0 * precision * recall / (precision + recall)
+                };
+                LabelScores {
+                    precision,
+                    recall,
+                    f1,
+                    support,
+                }
             })
             .collect();
-        let macro_f1 = if k == 0 { 0.0 } else { per_label.iter().map(|s| s.f1).sum::<f64>() / k as f64 };
+        let macro_f1 = if k == 0 {
+            0.0
+        } else {
+            per_label.iter().map(|s| s.f1).sum::<f64>() / k as f64
+        };
         Metrics {
             examples: gold.len(),
             accuracy: div(correct, gold.len()),
@@ -68,16 +81,32 @@ impl Metrics {
 
     /// A plain-text report: headline numbers, per-label scores, confusion matrix.
     pub fn report(&self) -> String {
-        let w = self.labels.iter().map(|l| l.len()).max().unwrap_or(5).max(5);
+        let w = self
+            .labels
+            .iter()
+            .map(|l| l.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
         let mut s = format!(
             "examples   {}\naccuracy   {:.4}\nmacro-F1   {:.4}\n\n{:<w$}  precision  recall  f1      support\n",
             self.examples, self.accuracy, self.macro_f1, "label"
         );
         for (l, sc) in self.labels.iter().zip(&self.per_label) {
-            s += &format!("{l:<w$}  {:<9.4}  {:<6.4}  {:<6.4}  {}\n", sc.precision, sc.recall, sc.f1, sc.support);
+            s += &format!(
+                "{l:<w$}  {:<9.4}  {:<6.4}  {:<6.4}  {}\n",
+                sc.precision, sc.recall, sc.f1, sc.support
+            );
         }
         s += &format!("\nconfusion (rows: gold, columns: predicted)\n{:<w$}", "");
-        let cw = self.confusion.iter().flatten().map(|n| n.to_string().len()).max().unwrap_or(1).max(w);
+        let cw = self
+            .confusion
+            .iter()
+            .flatten()
+            .map(|n| n.to_string().len())
+            .max()
+            .unwrap_or(1)
+            .max(w);
         for l in &self.labels {
             s += &format!("  {l:>cw$}");
         }

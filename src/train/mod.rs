@@ -153,17 +153,34 @@ struct CheckpointTensors {
     optimizer: HashMap<String, Tensor>,
 }
 
-fn save_checkpoint(path: &Path, state: &CheckpointState, t: &CheckpointTensors) -> anyhow::Result<()> {
+fn save_checkpoint(
+    path: &Path,
+    state: &CheckpointState,
+    t: &CheckpointTensors,
+) -> anyhow::Result<()> {
     let mut bufs = Vec::new();
-    for (prefix, map) in [("param.", &t.current), ("best.", &t.best), ("adamw.", &t.optimizer)] {
+    for (prefix, map) in [
+        ("param.", &t.current),
+        ("best.", &t.best),
+        ("adamw.", &t.optimizer),
+    ] {
         for (name, t) in map {
             let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            bufs.push((format!("{prefix}{name}"), t.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
+            bufs.push((
+                format!("{prefix}{name}"),
+                t.dims().to_vec(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            ));
         }
     }
     let views = bufs
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .map(|(n, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let meta = HashMap::from([(CKPT_STATE.to_string(), serde_json::to_string(state)?)]);
     let bytes = safetensors::serialize(views, Some(meta))?;
@@ -189,10 +206,19 @@ fn load_checkpoint(path: &Path) -> anyhow::Result<Loaded> {
         .metadata()
         .as_ref()
         .and_then(|m| m.get(CKPT_STATE))
-        .ok_or_else(|| anyhow::anyhow!("{}: not a training checkpoint (no {CKPT_STATE} header)", path.display()))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: not a training checkpoint (no {CKPT_STATE} header)",
+                path.display()
+            )
+        })?;
     let state: CheckpointState = serde_json::from_str(state_json)?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)?;
-    let mut out = CheckpointTensors { current: HashMap::new(), best: HashMap::new(), optimizer: HashMap::new() };
+    let mut out = CheckpointTensors {
+        current: HashMap::new(),
+        best: HashMap::new(),
+        optimizer: HashMap::new(),
+    };
     for (name, t) in tensors {
         if let Some(n) = name.strip_prefix("param.") {
             out.current.insert(n.to_string(), t);
@@ -229,18 +255,31 @@ pub fn epoch_batches(lens: &[usize], batch: usize, seed: u64, epoch: usize) -> V
 
 /// Predicted label index for every sample, through the serving path
 /// ([`Engine::classify`]), in batches of rows of similar length.
-pub fn predict(engine: &Engine, task: &TaskModel, samples: &[Sample], batch: usize) -> anyhow::Result<Vec<usize>> {
+pub fn predict(
+    engine: &Engine,
+    task: &TaskModel,
+    samples: &[Sample],
+    batch: usize,
+) -> anyhow::Result<Vec<usize>> {
     let mut order: Vec<usize> = (0..samples.len()).collect();
     order.sort_by_key(|&i| samples[i].input.len());
     let mut out = vec![0usize; samples.len()];
     for chunk in order.chunks(batch.max(1)) {
-        let rows: Vec<Row> = chunk.iter().map(|&i| Row { input: &samples[i].input, task }).collect();
+        let rows: Vec<Row> = chunk
+            .iter()
+            .map(|&i| Row {
+                input: &samples[i].input,
+                task,
+            })
+            .collect();
         let logits = engine.classify(&rows)?;
         for (&i, l) in chunk.iter().zip(logits) {
             out[i] = l
                 .iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (j, &v)| if v > best.1 { (j, v) } else { best })
+                .fold((0, f32::NEG_INFINITY), |best, (j, &v)| {
+                    if v > best.1 { (j, v) } else { best }
+                })
                 .0;
         }
     }
@@ -248,20 +287,43 @@ pub fn predict(engine: &Engine, task: &TaskModel, samples: &[Sample], batch: usi
 }
 
 /// Accuracy of the task's folded form on `samples`.
-pub fn accuracy(engine: &Engine, task: &TaskModel, samples: &[Sample], batch: usize) -> anyhow::Result<f64> {
+pub fn accuracy(
+    engine: &Engine,
+    task: &TaskModel,
+    samples: &[Sample],
+    batch: usize,
+) -> anyhow::Result<f64> {
     let pred = predict(engine, task, samples, batch)?;
-    let ok = pred.iter().zip(samples).filter(|(p, s)| **p == s.label).count();
+    let ok = pred
+        .iter()
+        .zip(samples)
+        .filter(|(p, s)| **p == s.label)
+        .count();
     Ok(ok as f64 / samples.len().max(1) as f64)
 }
 
 /// Cross-entropy of one training batch, differentiable with respect to the
 /// parameters (exposed for tests).
-pub fn batch_loss(engine: &Engine, task: &TaskModel, samples: &[&Sample]) -> anyhow::Result<Tensor> {
-    let rows: Vec<Row> = samples.iter().map(|s| Row { input: &s.input, task }).collect();
+pub fn batch_loss(
+    engine: &Engine,
+    task: &TaskModel,
+    samples: &[&Sample],
+) -> anyhow::Result<Tensor> {
+    let rows: Vec<Row> = samples
+        .iter()
+        .map(|s| Row {
+            input: &s.input,
+            task,
+        })
+        .collect();
     let groups = engine.forward(&rows, OpsMode::Train)?;
     anyhow::ensure!(groups.len() == 1, "a training batch holds one task");
     let g = &groups[0];
-    let labels: Vec<u32> = g.rows.iter().map(|&r| samples[r as usize].label as u32).collect();
+    let labels: Vec<u32> = g
+        .rows
+        .iter()
+        .map(|&r| samples[r as usize].label as u32)
+        .collect();
     let target = Tensor::new(labels.as_slice(), g.logits.device())?;
     Ok(candle_nn::loss::cross_entropy(&g.logits, &target)?)
 }
@@ -277,19 +339,37 @@ fn lr_factor(step: usize, total: usize, warmup: usize) -> f64 {
 /// Trains `params` on `train`, validating on `val`. Returns when the steps
 /// are done, early stopping triggers, or `stop` is set (then a checkpoint is
 /// written, when configured, and `interrupted` is true).
-pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample], cfg: &TrainConfig, stop: &AtomicBool) -> anyhow::Result<Outcome> {
+pub fn train(
+    engine: &Engine,
+    params: &Params,
+    train: &[Sample],
+    val: &[Sample],
+    cfg: &TrainConfig,
+    stop: &AtomicBool,
+) -> anyhow::Result<Outcome> {
     anyhow::ensure!(!train.is_empty(), "no training examples");
     anyhow::ensure!(cfg.batch_size > 0, "--batch-size: expected at least 1");
     let started = Instant::now();
     let per_epoch = train.len().div_ceil(cfg.batch_size);
     let total = cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1));
     let warmup = (cfg.warmup * total as f64).round() as usize;
-    let eval_every = if cfg.eval_every == 0 { per_epoch } else { cfg.eval_every };
+    let eval_every = if cfg.eval_every == 0 {
+        per_epoch
+    } else {
+        cfg.eval_every
+    };
     let lens: Vec<usize> = train.iter().map(|s| s.input.len()).collect();
 
     // Group 0: the prompt and its encoder; group 1: the head.
-    let adamw = optim::AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() };
-    let mut opt = optim::AdamW::new(params.named(), |name| usize::from(name.starts_with("head.")), adamw)?;
+    let adamw = optim::AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..Default::default()
+    };
+    let mut opt = optim::AdamW::new(
+        params.named(),
+        |name| usize::from(name.starts_with("head.")),
+        adamw,
+    )?;
 
     let mut st = CheckpointState {
         spec: params.spec.clone(),
@@ -305,22 +385,38 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
         && path.is_file()
     {
         let (s, saved) = load_checkpoint(path)?;
-        anyhow::ensure!(s.spec == params.spec, "{}: checkpoint was made for {:?}, this run is {:?}", path.display(), s.spec, params.spec);
+        anyhow::ensure!(
+            s.spec == params.spec,
+            "{}: checkpoint was made for {:?}, this run is {:?}",
+            path.display(),
+            s.spec,
+            params.spec
+        );
         params.set_values(&saved.current)?;
         if saved.optimizer.is_empty() {
             tracing::warn!(checkpoint = %path.display(), "checkpoint has no optimizer state (older format); AdamW restarts from zero");
         } else {
-            opt.set_state(&saved.optimizer).with_context(|| path.display().to_string())?;
+            opt.set_state(&saved.optimizer)
+                .with_context(|| path.display().to_string())?;
         }
         best = saved.best;
         tracing::info!(step = s.step, checkpoint = %path.display(), "resuming");
-        st = CheckpointState { total_steps: total, ..s };
+        st = CheckpointState {
+            total_steps: total,
+            ..s
+        };
     }
 
-    let pb = if cfg.progress { ProgressBar::new(total as u64) } else { ProgressBar::hidden() };
+    let pb = if cfg.progress {
+        ProgressBar::new(total as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}<{eta_precise}] {wide_bar} {pos}/{len} {msg}",
+        )
+        .expect("valid template"),
     );
     pb.set_position(st.step as u64);
     let mut loss_sum = 0.0;
@@ -330,9 +426,16 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
     let mut batches: Vec<Vec<usize>> = Vec::new();
     let mut batches_epoch = usize::MAX;
 
-    let checkpoint = |st: &CheckpointState, best: &HashMap<String, Tensor>, opt: &optim::AdamW| -> anyhow::Result<()> {
+    let checkpoint = |st: &CheckpointState,
+                      best: &HashMap<String, Tensor>,
+                      opt: &optim::AdamW|
+     -> anyhow::Result<()> {
         if let Some(p) = &cfg.checkpoint {
-            let tensors = CheckpointTensors { current: params.values()?, best: best.clone(), optimizer: opt.state()? };
+            let tensors = CheckpointTensors {
+                current: params.values()?,
+                best: best.clone(),
+                optimizer: opt.state()?,
+            };
             save_checkpoint(p, st, &tensors)?;
         }
         Ok(())
@@ -348,19 +451,30 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
             batches = epoch_batches(&lens, cfg.batch_size, cfg.seed, epoch);
             batches_epoch = epoch;
         }
-        let batch: Vec<&Sample> = batches[st.step % per_epoch].iter().map(|&i| &train[i]).collect();
+        let batch: Vec<&Sample> = batches[st.step % per_epoch]
+            .iter()
+            .map(|&i| &train[i])
+            .collect();
         let f = lr_factor(st.step, total, warmup);
         let task = time("train.prompt_encoder", || params.task_model())?;
         let loss = time("train.forward", || batch_loss(engine, &task, &batch))?;
         let grads = time("train.backward", || loss.backward())?;
-        time("train.optimizer", || opt.step(&grads, &[cfg.lr * f, cfg.head_lr * f]))?;
+        time("train.optimizer", || {
+            opt.step(&grads, &[cfg.lr * f, cfg.head_lr * f])
+        })?;
         let l = loss.to_scalar::<f32>()? as f64;
-        anyhow::ensure!(l.is_finite(), "step {}: loss is {l}; lower --lr", st.step + 1);
+        anyhow::ensure!(
+            l.is_finite(),
+            "step {}: loss is {l}; lower --lr",
+            st.step + 1
+        );
         loss_sum += l;
         loss_n += 1;
         st.step += 1;
         pb.set_position(st.step as u64);
-        let last = st.best_val_accuracy.map_or(String::new(), |a| format!(" best val {a:.4}"));
+        let last = st
+            .best_val_accuracy
+            .map_or(String::new(), |a| format!(" best val {a:.4}"));
         pb.set_message(format!("loss {:.4}{last}", loss_sum / loss_n as f64));
 
         if st.step.is_multiple_of(eval_every) || st.step == total {
@@ -371,8 +485,14 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
                 best = params.values()?;
                 st.best_step = st.step;
             } else {
-                let acc = time("train.validation", || accuracy(engine, &params.fold()?, val, cfg.eval_batch))?;
-                st.evals.push(EvalPoint { step: st.step, train_loss, val_accuracy: acc });
+                let acc = time("train.validation", || {
+                    accuracy(engine, &params.fold()?, val, cfg.eval_batch)
+                })?;
+                st.evals.push(EvalPoint {
+                    step: st.step,
+                    train_loss,
+                    val_accuracy: acc,
+                });
                 if st.best_val_accuracy.is_none_or(|b| acc > b) {
                     st.best_val_accuracy = Some(acc);
                     st.best_step = st.step;
@@ -382,7 +502,14 @@ pub fn train(engine: &Engine, params: &Params, train: &[Sample], val: &[Sample],
                     st.stale_evals += 1;
                 }
                 pb.suspend(|| {
-                    tracing::info!(step = st.step, total, train_loss = format!("{train_loss:.4}"), val_accuracy = format!("{acc:.4}"), best = format!("{:.4}", st.best_val_accuracy.unwrap_or(0.0)), "validation")
+                    tracing::info!(
+                        step = st.step,
+                        total,
+                        train_loss = format!("{train_loss:.4}"),
+                        val_accuracy = format!("{acc:.4}"),
+                        best = format!("{:.4}", st.best_val_accuracy.unwrap_or(0.0)),
+                        "validation"
+                    )
                 });
                 if cfg.patience.is_some_and(|p| st.stale_evals >= p) {
                     early = true;

@@ -31,7 +31,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -58,7 +63,11 @@ const STEPS_KEY: &str = "steps";
 impl AdamW {
     /// One slot per `(name, var)`; `group_of` says which learning-rate group
     /// each variable belongs to.
-    pub fn new(vars: &[(String, Var)], group_of: impl Fn(&str) -> usize, cfg: AdamWConfig) -> candle_core::Result<Self> {
+    pub fn new(
+        vars: &[(String, Var)],
+        group_of: impl Fn(&str) -> usize,
+        cfg: AdamWConfig,
+    ) -> candle_core::Result<Self> {
         let slots = vars
             .iter()
             .map(|(name, var)| {
@@ -71,7 +80,11 @@ impl AdamW {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, slots, steps: 0 })
+        Ok(AdamW {
+            cfg,
+            slots,
+            steps: 0,
+        })
     }
 
     /// One update; `lrs[g]` is group g's learning rate for this step.
@@ -79,11 +92,18 @@ impl AdamW {
     /// value and moments, as in PyTorch.
     pub fn step(&mut self, grads: &GradStore, lrs: &[f64]) -> candle_core::Result<()> {
         self.steps += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.cfg;
         let correct1 = 1.0 / (1.0 - beta1.powi(self.steps as i32));
         let correct2 = 1.0 / (1.0 - beta2.powi(self.steps as i32));
         for slot in &mut self.slots {
-            let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
             let lr = lrs[slot.group];
             let m = ((&slot.m * beta1)? + (g * (1.0 - beta1))?)?;
             let v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -105,23 +125,42 @@ impl AdamW {
             out.insert(format!("m.{}", s.name), s.m.copy()?);
             out.insert(format!("v.{}", s.name), s.v.copy()?);
         }
-        let dev = self.slots.first().map(|s| s.m.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let dev = self
+            .slots
+            .first()
+            .map(|s| s.m.device().clone())
+            .unwrap_or(candle_core::Device::Cpu);
         // f32 holds step counts exactly up to 2^24, far past any run here.
-        out.insert(STEPS_KEY.to_string(), Tensor::new(&[self.steps as f32], &dev)?);
+        out.insert(
+            STEPS_KEY.to_string(),
+            Tensor::new(&[self.steps as f32], &dev)?,
+        );
         Ok(out)
     }
 
     /// Restores what [`AdamW::state`] saved; refuses missing or mis-shaped
     /// moments by name rather than training on with the wrong state.
     pub fn set_state(&mut self, state: &HashMap<String, Tensor>) -> anyhow::Result<()> {
-        let steps = state.get(STEPS_KEY).ok_or_else(|| anyhow::anyhow!("optimizer state: missing {STEPS_KEY}"))?;
+        let steps = state
+            .get(STEPS_KEY)
+            .ok_or_else(|| anyhow::anyhow!("optimizer state: missing {STEPS_KEY}"))?;
         let steps = steps.flatten_all()?.to_vec1::<f32>()?;
-        anyhow::ensure!(steps.len() == 1 && steps[0] >= 0.0, "optimizer state: {STEPS_KEY} must be one non-negative number");
+        anyhow::ensure!(
+            steps.len() == 1 && steps[0] >= 0.0,
+            "optimizer state: {STEPS_KEY} must be one non-negative number"
+        );
         for s in &mut self.slots {
             for (key, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
                 let name = format!("{key}.{}", s.name);
-                let t = state.get(&name).ok_or_else(|| anyhow::anyhow!("optimizer state: missing {name}"))?;
-                anyhow::ensure!(t.dims() == slot.dims(), "optimizer state {name}: expected shape {:?}, found {:?}", slot.dims(), t.dims());
+                let t = state
+                    .get(&name)
+                    .ok_or_else(|| anyhow::anyhow!("optimizer state: missing {name}"))?;
+                anyhow::ensure!(
+                    t.dims() == slot.dims(),
+                    "optimizer state {name}: expected shape {:?}, found {:?}",
+                    slot.dims(),
+                    t.dims()
+                );
                 *slot = t.to_device(slot.device())?;
             }
         }

@@ -19,7 +19,9 @@ use crate::engine::{Head, Pooling, ShallowPrompt, TaskModel, Template};
 use crate::model::{Linear, Model};
 
 /// Which soft-prompt method a task is trained with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Lester et al. 2021: trainable virtual-token embeddings at the input.
@@ -50,7 +52,9 @@ impl Method {
 
 /// The reparameterization applied to the raw prompt embedding during
 /// training (folded away afterwards).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Reparam {
     /// The prompt is trained directly.
@@ -98,22 +102,41 @@ pub struct Spec {
 impl Spec {
     /// Checks that the combination makes sense for `model`.
     pub fn check(&self, model: &Model) -> anyhow::Result<Template> {
-        anyhow::ensure!(self.num_virtual > 0, "--virtual-tokens: expected at least 1, found 0");
-        anyhow::ensure!(self.num_labels >= 2, "labels: expected at least 2 distinct labels, found {}", self.num_labels);
+        anyhow::ensure!(
+            self.num_virtual > 0,
+            "--virtual-tokens: expected at least 1, found 0"
+        );
+        anyhow::ensure!(
+            self.num_labels >= 2,
+            "labels: expected at least 2 distinct labels, found {}",
+            self.num_labels
+        );
         let template = Template::parse(&self.template).map_err(anyhow::Error::msg)?;
         match self.method {
             Method::PromptTuning => {
-                anyhow::ensure!(self.reparam == Reparam::None, "--reparam: prompt-tuning trains the prompt directly; use p-tuning for an encoder");
+                anyhow::ensure!(
+                    self.reparam == Reparam::None,
+                    "--reparam: prompt-tuning trains the prompt directly; use p-tuning for an encoder"
+                );
             }
             Method::PTuning => {
-                anyhow::ensure!(self.reparam != Reparam::None, "--reparam: p-tuning needs a prompt encoder (mlp or lstm)");
+                anyhow::ensure!(
+                    self.reparam != Reparam::None,
+                    "--reparam: p-tuning needs a prompt encoder (mlp or lstm)"
+                );
             }
             Method::PTuningV2 => {
-                anyhow::ensure!(self.reparam != Reparam::Lstm, "--reparam: p-tuning-v2 supports none or mlp");
+                anyhow::ensure!(
+                    self.reparam != Reparam::Lstm,
+                    "--reparam: p-tuning-v2 supports none or mlp"
+                );
             }
         }
         if self.method.is_deep() {
-            anyhow::ensure!(template.num_virtual() == 0 && template.is_prefix(), "--template: deep prompts have no placement; leave the template out");
+            anyhow::ensure!(
+                template.num_virtual() == 0 && template.is_prefix(),
+                "--template: deep prompts have no placement; leave the template out"
+            );
         } else {
             anyhow::ensure!(
                 template.num_virtual() == self.num_virtual,
@@ -142,7 +165,12 @@ pub struct Params {
 /// Name of the raw prompt embedding.
 pub const EMBEDDING: &str = "prompt.embedding";
 
-fn uniform(rng: &mut StdRng, shape: &[usize], bound: f32, dev: &Device) -> candle_core::Result<Var> {
+fn uniform(
+    rng: &mut StdRng,
+    shape: &[usize],
+    bound: f32,
+    dev: &Device,
+) -> candle_core::Result<Var> {
     let d = Uniform::new_inclusive(-bound, bound).expect("finite bound");
     let n = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| d.sample(rng)).collect();
@@ -170,10 +198,17 @@ impl Params {
         let e = spec.encoder_hidden;
         let mut vars: Vec<(String, Var)> = Vec::new();
         let mut push = |name: String, v: Var| vars.push((name, v));
-        let linear = |rng: &mut StdRng, name: &str, out: usize, inp: usize| -> candle_core::Result<Vec<(String, Var)>> {
+        let linear = |rng: &mut StdRng,
+                      name: &str,
+                      out: usize,
+                      inp: usize|
+         -> candle_core::Result<Vec<(String, Var)>> {
             let b = 1.0 / (inp as f32).sqrt();
             Ok(vec![
-                (format!("{name}.weight"), uniform(rng, &[out, inp], b, &dev)?),
+                (
+                    format!("{name}.weight"),
+                    uniform(rng, &[out, inp], b, &dev)?,
+                ),
                 (format!("{name}.bias"), uniform(rng, &[out], b, &dev)?),
             ])
         };
@@ -182,9 +217,14 @@ impl Params {
         let embedding = match init {
             PromptInit::Random => normal(&mut rng, &[n, emb_width], 1.0, &dev)?,
             PromptInit::Vocab | PromptInit::Text(_) => {
-                anyhow::ensure!(!deep_raw, "--init: vocab/text init needs a prompt of hidden width (prompt-tuning, p-tuning, or p-tuning-v2 with --reparam mlp)");
+                anyhow::ensure!(
+                    !deep_raw,
+                    "--init: vocab/text init needs a prompt of hidden width (prompt-tuning, p-tuning, or p-tuning-v2 with --reparam mlp)"
+                );
                 let ids: Vec<u32> = match init {
-                    PromptInit::Vocab => (0..n).map(|_| rng.random_range(0..c.vocab_size as u32)).collect(),
+                    PromptInit::Vocab => (0..n)
+                        .map(|_| rng.random_range(0..c.vocab_size as u32))
+                        .collect(),
                     PromptInit::Text(t) => {
                         let enc = model.tokenizer.encode(t, None, usize::MAX, false)?;
                         enc.ids.iter().copied().cycle().take(n).collect()
@@ -192,14 +232,27 @@ impl Params {
                     PromptInit::Random => unreachable!(),
                 };
                 let ids = Tensor::new(ids.as_slice(), &dev)?;
-                Var::from_tensor(&model.encoder.word_embeddings().index_select(&ids, 0)?.copy()?)?
+                Var::from_tensor(
+                    &model
+                        .encoder
+                        .word_embeddings()
+                        .index_select(&ids, 0)?
+                        .copy()?,
+                )?
             }
         };
         push(EMBEDDING.into(), embedding);
         match (spec.method, spec.reparam) {
             (_, Reparam::None) => {}
             (Method::PTuning, Reparam::Mlp) => {
-                for (name, v) in [linear(&mut rng, "encoder.mlp.0", e, h)?, linear(&mut rng, "encoder.mlp.2", e, e)?, linear(&mut rng, "encoder.mlp.4", h, e)?].into_iter().flatten() {
+                for (name, v) in [
+                    linear(&mut rng, "encoder.mlp.0", e, h)?,
+                    linear(&mut rng, "encoder.mlp.2", e, e)?,
+                    linear(&mut rng, "encoder.mlp.4", h, e)?,
+                ]
+                .into_iter()
+                .flatten()
+                {
                     push(name, v);
                 }
             }
@@ -208,26 +261,60 @@ impl Params {
                 for l in 0..spec.encoder_layers {
                     let inp = if l == 0 { h } else { 2 * e };
                     for dir in ["", "_reverse"] {
-                        push(format!("encoder.lstm.weight_ih_l{l}{dir}"), uniform(&mut rng, &[4 * e, inp], b, &dev)?);
-                        push(format!("encoder.lstm.weight_hh_l{l}{dir}"), uniform(&mut rng, &[4 * e, e], b, &dev)?);
-                        push(format!("encoder.lstm.bias_ih_l{l}{dir}"), uniform(&mut rng, &[4 * e], b, &dev)?);
-                        push(format!("encoder.lstm.bias_hh_l{l}{dir}"), uniform(&mut rng, &[4 * e], b, &dev)?);
+                        push(
+                            format!("encoder.lstm.weight_ih_l{l}{dir}"),
+                            uniform(&mut rng, &[4 * e, inp], b, &dev)?,
+                        );
+                        push(
+                            format!("encoder.lstm.weight_hh_l{l}{dir}"),
+                            uniform(&mut rng, &[4 * e, e], b, &dev)?,
+                        );
+                        push(
+                            format!("encoder.lstm.bias_ih_l{l}{dir}"),
+                            uniform(&mut rng, &[4 * e], b, &dev)?,
+                        );
+                        push(
+                            format!("encoder.lstm.bias_hh_l{l}{dir}"),
+                            uniform(&mut rng, &[4 * e], b, &dev)?,
+                        );
                     }
                 }
-                for (name, v) in [linear(&mut rng, "encoder.mlp.0", 2 * e, 2 * e)?, linear(&mut rng, "encoder.mlp.2", h, 2 * e)?].into_iter().flatten() {
+                for (name, v) in [
+                    linear(&mut rng, "encoder.mlp.0", 2 * e, 2 * e)?,
+                    linear(&mut rng, "encoder.mlp.2", h, 2 * e)?,
+                ]
+                .into_iter()
+                .flatten()
+                {
                     push(name, v);
                 }
             }
             (Method::PTuningV2, Reparam::Mlp) => {
-                for (name, v) in [linear(&mut rng, "encoder.mlp.0", e, h)?, linear(&mut rng, "encoder.mlp.2", layers * 2 * h, e)?].into_iter().flatten() {
+                for (name, v) in [
+                    linear(&mut rng, "encoder.mlp.0", e, h)?,
+                    linear(&mut rng, "encoder.mlp.2", layers * 2 * h, e)?,
+                ]
+                .into_iter()
+                .flatten()
+                {
                     push(name, v);
                 }
             }
             (m, r) => anyhow::bail!("{} with --reparam {r:?} is not supported", m.as_str()),
         }
-        push("head.weight".into(), normal(&mut rng, &[spec.num_labels, h], 0.02, &dev)?);
-        push("head.bias".into(), Var::zeros(spec.num_labels, DType::F32, &dev)?);
-        Ok(Params { spec, template, vars })
+        push(
+            "head.weight".into(),
+            normal(&mut rng, &[spec.num_labels, h], 0.02, &dev)?,
+        );
+        push(
+            "head.bias".into(),
+            Var::zeros(spec.num_labels, DType::F32, &dev)?,
+        );
+        Ok(Params {
+            spec,
+            template,
+            vars,
+        })
     }
 
     /// All trainable variables with their names.
@@ -251,21 +338,37 @@ impl Params {
     }
 
     fn lin(&self, name: &str) -> Linear {
-        Linear { weight: self.t(&format!("{name}.weight")), bias: self.t(&format!("{name}.bias")) }
+        Linear {
+            weight: self.t(&format!("{name}.weight")),
+            bias: self.t(&format!("{name}.bias")),
+        }
     }
 
     /// One LSTM direction over `x` `[n, in]`; PyTorch's gate order (i, f, g, o).
-    fn lstm_direction(&self, x: &Tensor, l: usize, dir: &str, reverse: bool) -> candle_core::Result<Tensor> {
+    fn lstm_direction(
+        &self,
+        x: &Tensor,
+        l: usize,
+        dir: &str,
+        reverse: bool,
+    ) -> candle_core::Result<Tensor> {
         let e = self.spec.encoder_hidden;
         let w_hh = self.t(&format!("encoder.lstm.weight_hh_l{l}{dir}"));
-        let proj = Linear { weight: self.t(&format!("encoder.lstm.weight_ih_l{l}{dir}")), bias: self.t(&format!("encoder.lstm.bias_ih_l{l}{dir}")) }
-            .forward(x)?
-            .broadcast_add(&self.t(&format!("encoder.lstm.bias_hh_l{l}{dir}")))?;
+        let proj = Linear {
+            weight: self.t(&format!("encoder.lstm.weight_ih_l{l}{dir}")),
+            bias: self.t(&format!("encoder.lstm.bias_ih_l{l}{dir}")),
+        }
+        .forward(x)?
+        .broadcast_add(&self.t(&format!("encoder.lstm.bias_hh_l{l}{dir}")))?;
         let n = x.dims()[0];
         let mut h = Tensor::zeros((1, e), DType::F32, x.device())?;
         let mut c = h.clone();
         let mut out = vec![h.clone(); n];
-        let order: Vec<usize> = if reverse { (0..n).rev().collect() } else { (0..n).collect() };
+        let order: Vec<usize> = if reverse {
+            (0..n).rev().collect()
+        } else {
+            (0..n).collect()
+        };
         for t in order {
             let gates = (proj.narrow(0, t, 1)? + h.matmul(&w_hh.t()?)?)?;
             let i = candle_nn::ops::sigmoid(&gates.narrow(1, 0, e)?)?;
@@ -311,9 +414,20 @@ impl Params {
         let (shallow, deep) = if self.spec.method.is_deep() {
             (None, Some(prompt))
         } else {
-            (Some(ShallowPrompt { embeddings: prompt, template: self.template.clone() }), None)
+            (
+                Some(ShallowPrompt {
+                    embeddings: prompt,
+                    template: self.template.clone(),
+                }),
+                None,
+            )
         };
-        TaskModel { shallow, deep, head: Head::Linear(head), pooling: self.spec.pooling }
+        TaskModel {
+            shallow,
+            deep,
+            head: Head::Linear(head),
+            pooling: self.spec.pooling,
+        }
     }
 
     /// The task as the engine runs it, differentiable (for a training step).
@@ -328,20 +442,33 @@ impl Params {
         let head = self.lin("head");
         Ok(self.build(
             plain(self.effective_prompt()?)?,
-            Linear { weight: plain(head.weight)?, bias: plain(head.bias)? },
+            Linear {
+                weight: plain(head.weight)?,
+                bias: plain(head.bias)?,
+            },
         ))
     }
 
     /// Copies of the current values, by name.
     pub fn values(&self) -> candle_core::Result<HashMap<String, Tensor>> {
-        self.vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?))).collect()
+        self.vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
+            .collect()
     }
 
     /// Sets every variable from `values`; refuses missing or mis-shaped ones.
     pub fn set_values(&self, values: &HashMap<String, Tensor>) -> anyhow::Result<()> {
         for (name, var) in &self.vars {
-            let t = values.get(name).ok_or_else(|| anyhow::anyhow!("parameter {name}: missing"))?;
-            anyhow::ensure!(t.dims() == var.dims(), "parameter {name}: expected shape {:?}, found {:?}", var.dims(), t.dims());
+            let t = values
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("parameter {name}: missing"))?;
+            anyhow::ensure!(
+                t.dims() == var.dims(),
+                "parameter {name}: expected shape {:?}, found {:?}",
+                var.dims(),
+                t.dims()
+            );
             var.set(&t.to_device(var.device())?)?;
         }
         Ok(())

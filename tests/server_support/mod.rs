@@ -135,16 +135,25 @@ impl Running {
             .unwrap()
     }
 
-    pub async fn put_adapter(&self, id: &str, adapter: &str, labels: Option<&[&str]>) -> reqwest::Response {
+    pub async fn put_adapter(
+        &self,
+        id: &str,
+        adapter: &str,
+        labels: Option<&[&str]>,
+    ) -> reqwest::Response {
         let dir = adapter_dir(adapter);
         let mut form = reqwest::multipart::Form::new()
             .part(
                 peft::CONFIG_FILE,
-                reqwest::multipart::Part::bytes(std::fs::read(dir.join(peft::CONFIG_FILE)).unwrap()),
+                reqwest::multipart::Part::bytes(
+                    std::fs::read(dir.join(peft::CONFIG_FILE)).unwrap(),
+                ),
             )
             .part(
                 peft::WEIGHTS_FILE,
-                reqwest::multipart::Part::bytes(std::fs::read(dir.join(peft::WEIGHTS_FILE)).unwrap()),
+                reqwest::multipart::Part::bytes(
+                    std::fs::read(dir.join(peft::WEIGHTS_FILE)).unwrap(),
+                ),
             );
         if let Some(l) = labels {
             form = form.text("labels", serde_json::to_string(l).unwrap());
@@ -169,7 +178,12 @@ impl Running {
 
     /// The served version of `id` (from the public listing).
     pub async fn version(&self, id: &str) -> String {
-        let v: Value = self.get(&format!("/v1/tasks/{id}")).await.json().await.unwrap();
+        let v: Value = self
+            .get(&format!("/v1/tasks/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
         v["version"].as_str().unwrap().to_string()
     }
 
@@ -198,8 +212,15 @@ pub async fn error_of(resp: reqwest::Response) -> (u16, String, reqwest::header:
     let body: Value = resp.json().await.expect("error body is JSON");
     let error = body["error"].as_str().expect("error: string");
     assert!(!error.is_empty());
-    let error_type = body["error_type"].as_str().expect("error_type: string").to_string();
-    assert_eq!(body.as_object().unwrap().len(), 2, "error body has exactly error and error_type: {body}");
+    let error_type = body["error_type"]
+        .as_str()
+        .expect("error_type: string")
+        .to_string();
+    assert_eq!(
+        body.as_object().unwrap().len(),
+        2,
+        "error body has exactly error and error_type: {body}"
+    );
     (status, error_type, headers)
 }
 
@@ -212,7 +233,10 @@ pub struct In {
 
 impl In {
     pub fn text(t: &str) -> Self {
-        In { text: t.into(), pair: None }
+        In {
+            text: t.into(),
+            pair: None,
+        }
     }
     pub fn pair(t: &str, p: &str) -> Self {
         In {
@@ -288,7 +312,10 @@ impl Reference {
             let label = e["label"].as_str().unwrap();
             let score = e["score"].as_f64().unwrap() as f32;
             let w = by_label[label];
-            assert!((score - w).abs() <= TOL, "{input:?} {label}: got {score}, want {w}");
+            assert!(
+                (score - w).abs() <= TOL,
+                "{input:?} {label}: got {score}, want {w}"
+            );
             assert!(score <= prev, "sorted descending: {got}");
             prev = score;
         }
@@ -317,7 +344,10 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.push((p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+                out.push((
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
             }
         }
     }
