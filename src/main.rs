@@ -23,6 +23,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start-up and matched once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Print what a task file or a directory of task files holds.
     Inspect(softprompt::task::cli::InspectArgs),

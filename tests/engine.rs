@@ -6,15 +6,21 @@ mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
 use common::*;
-use softprompt::engine::{Engine, Pooling, Row, ShallowPrompt, TaskModel, Template};
-use softprompt::model::{Encoded, Model};
+use softprompt::engine::{Engine, Kernels, Pooling, Row, ShallowPrompt, TaskModel, Template};
+use softprompt::model::{Encoded, Model, OpsMode};
 use softprompt::task::peft;
 
 /// Every row of a mixed batch (shallow, deep, both model kinds' adapters,
 /// singles and pairs, different lengths) equals the same row run alone.
 fn assert_batch_invariant(model_name: &str, adapters: &[&str]) {
+    for kernels in [Kernels::Auto, Kernels::Candle] {
+        assert_batch_invariant_with(model_name, adapters, kernels);
+    }
+}
+
+fn assert_batch_invariant_with(model_name: &str, adapters: &[&str], kernels: Kernels) {
     let model = load_model(&fixture(model_name));
-    let engine = Engine::new(model.clone());
+    let engine = Engine::with_kernels(model.clone(), kernels);
     let tasks: Vec<_> = adapters
         .iter()
         .map(|a| {
@@ -43,9 +49,19 @@ fn assert_batch_invariant(model_name: &str, adapters: &[&str]) {
         let d = max_abs_diff(&alone, &mixed[r..r + 1]);
         assert!(
             d <= 1e-5,
-            "{model_name} row {r}: |Δlogit| {d} alone vs mixed"
+            "{model_name} ({kernels:?}) row {r}: |Δlogit| {d} alone vs mixed"
         );
     }
+}
+
+#[test]
+fn the_candle_switch_serves_through_candle_ops_not_the_fused_kernels() {
+    let model = load_model(&fixture("tiny-bert"));
+    let auto = Engine::with_kernels(model.clone(), Kernels::Auto);
+    let candle = Engine::with_kernels(model.clone(), Kernels::Candle);
+    assert!(model.encoder.fused(auto.serve_mode()));
+    assert_eq!(candle.serve_mode(), OpsMode::ServeOps);
+    assert!(!model.encoder.fused(candle.serve_mode()));
 }
 
 #[test]

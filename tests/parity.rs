@@ -4,10 +4,14 @@
 mod common;
 
 use common::*;
-use softprompt::engine::{Engine, Pooling, Row};
+use softprompt::engine::{Engine, Kernels, Pooling, Row};
 use softprompt::task::peft;
 
 const TOL: f32 = 1e-4;
+
+/// Both serving forwards: our fused CPU kernels, and candle's ops (what a
+/// GPU runs), forced on the CPU.
+const KERNELS: [Kernels; 2] = [Kernels::Auto, Kernels::Candle];
 
 fn check_cases(file: &str, model_dir: impl Fn(&str) -> std::path::PathBuf, adapters: &str) {
     let exp = expected(file);
@@ -25,7 +29,6 @@ fn check_cases(file: &str, model_dir: impl Fn(&str) -> std::path::PathBuf, adapt
             assert_eq!(&e.ids, ids, "{}: token ids", case.adapter);
             assert_eq!(&e.type_ids, types, "{}: token types", case.adapter);
         }
-        let engine = Engine::new(model);
         let rows: Vec<Row> = encoded
             .iter()
             .map(|input| Row {
@@ -33,15 +36,19 @@ fn check_cases(file: &str, model_dir: impl Fn(&str) -> std::path::PathBuf, adapt
                 task: &task.model,
             })
             .collect();
-        let got = engine.classify(&rows).unwrap();
-        let diff = max_abs_diff(&got, &case.logits);
-        assert!(
-            diff <= TOL,
-            "{} ({}): max |Δlogit| {diff} > {TOL}\n got {got:?}\n want {:?}",
-            case.adapter,
-            case.peft_type,
-            case.logits
-        );
+        for kernels in KERNELS {
+            let got = Engine::with_kernels(model.clone(), kernels)
+                .classify(&rows)
+                .unwrap();
+            let diff = max_abs_diff(&got, &case.logits);
+            assert!(
+                diff <= TOL,
+                "{} ({}, {kernels:?}): max |Δlogit| {diff} > {TOL}\n got {got:?}\n want {:?}",
+                case.adapter,
+                case.peft_type,
+                case.logits
+            );
+        }
     }
 }
 
@@ -63,7 +70,6 @@ fn check_base(file: &str, model_dir: impl Fn(&str) -> std::path::PathBuf) {
         for (e, ids) in encoded.iter().zip(&base.input_ids) {
             assert_eq!(&e.ids, ids, "{}: token ids", base.model);
         }
-        let engine = Engine::new(model.clone());
         let mut checks = vec![
             (Pooling::First, base.cls_hidden.clone()),
             (Pooling::Mean, base.mean_pooled.clone()),
@@ -77,9 +83,17 @@ fn check_base(file: &str, model_dir: impl Fn(&str) -> std::path::PathBuf) {
                 .iter()
                 .map(|input| Row { input, task: &task })
                 .collect();
-            let got = engine.classify(&rows).unwrap();
-            let diff = max_abs_diff(&got, &want);
-            assert!(diff <= TOL, "{} {pooling:?}: max |Δ| {diff}", base.model);
+            for kernels in KERNELS {
+                let got = Engine::with_kernels(model.clone(), kernels)
+                    .classify(&rows)
+                    .unwrap();
+                let diff = max_abs_diff(&got, &want);
+                assert!(
+                    diff <= TOL,
+                    "{} {pooling:?} {kernels:?}: max |Δ| {diff}",
+                    base.model
+                );
+            }
         }
     }
 }

@@ -16,9 +16,23 @@ use softprompt::task::{Task, native};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn classify_scores_match_the_engine_for_every_adapter_kind() {
+    classify_scores_match_with(&[]).await;
+}
+
+/// The server on candle's ops (the forward a GPU runs) gives the same
+/// scores as the fused CPU engine (the reference, itself checked against
+/// PEFT in tests/parity.rs, which also runs both forwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_through_candle_ops_matches_the_fused_engine() {
+    classify_scores_match_with(&["--kernels", "candle"]).await;
+}
+
+async fn classify_scores_match_with(extra: &[&str]) {
     let names: Vec<&str> = SHALLOW.iter().chain(DEEP).copied().collect();
     let store = store_with(&names);
-    let s = start(&flags(store.path())).await;
+    let mut f = flags(store.path());
+    f.extend(extra.iter().map(|s| s.to_string()));
+    let s = start(&f).await;
     let reference = Reference::new();
     let inputs = sample_inputs();
     for name in &names {

@@ -164,9 +164,19 @@ fn assert_train_equals_serve(
         }
         out
     };
-    let (serve, tr) = (collect(OpsMode::Serve), collect(OpsMode::Train));
+    // The three forwards: fused CPU kernels (serving on the CPU), candle's
+    // ops (serving on a GPU), composed ops with a backward (training).
+    let (serve, ops, tr) = (
+        collect(OpsMode::Serve),
+        collect(OpsMode::ServeOps),
+        collect(OpsMode::Train),
+    );
     let d = max_abs_diff(&serve, &tr);
-    assert!(d <= 1e-5, "train vs serve forward: max |Δ| {d}");
+    assert!(d <= 1e-5, "train vs fused serve forward: max |Δ| {d}");
+    let d = max_abs_diff(&ops, &tr);
+    assert!(d <= 1e-5, "train vs candle-ops serve forward: max |Δ| {d}");
+    let d = max_abs_diff(&serve, &ops);
+    assert!(d <= 1e-5, "fused vs candle-ops serve forward: max |Δ| {d}");
     assert!(
         serve.iter().flatten().any(|v| v.abs() > 1e-3),
         "logits are not trivially zero"
@@ -609,7 +619,8 @@ fn jsonl_and_csv_parse_with_pairs_and_errors_name_the_line() {
         data::Example {
             text: "a".into(),
             text_pair: None,
-            label: "1".into()
+            label: "1".into(),
+            line: 1,
         }
     );
     assert_eq!(ex[1].text_pair.as_deref(), Some("c"));
@@ -630,7 +641,8 @@ fn jsonl_and_csv_parse_with_pairs_and_errors_name_the_line() {
         data::Example {
             text: "hello, world".into(),
             text_pair: None,
-            label: "pos".into()
+            label: "pos".into(),
+            line: 2,
         }
     );
     assert_eq!(ex[1].text_pair.as_deref(), Some("x"));
@@ -638,7 +650,8 @@ fn jsonl_and_csv_parse_with_pairs_and_errors_name_the_line() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("expected columns \"text\" and \"label\""),
+        err.contains("expected columns \"text\" and \"label\"")
+            && err.contains("no \"text\" column"),
         "{err}"
     );
     let labels = data::label_set(&data::parse_jsonl("{\"text\":\"a\",\"label\":10}\n{\"text\":\"a\",\"label\":9}\n{\"text\":\"a\",\"label\":9}\n", "f").unwrap());
@@ -652,6 +665,7 @@ fn split_is_seeded_disjoint_and_complete() {
             text: format!("t{i}"),
             text_pair: None,
             label: "x".into(),
+            line: i + 1,
         })
         .collect();
     let (a, b) = data::split(&ex, 0.2, 9);
@@ -935,4 +949,129 @@ fn peft_dir_holds_the_same_task_and_is_refused_for_mean_pooling() {
     let d = max_abs_diff(&logits(&native_task.model), &logits(&peft_task.model));
     assert!(d <= 1e-6, "native vs PEFT adapter logits differ by {d}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `softprompt train` on the tiny model with data files written from
+/// `files` (name, content) into a fresh directory; `args` name them by file
+/// name. Expects a failure before training (no checkpoint, no output) and
+/// returns its stderr.
+fn train_refuses(files: &[(&str, &str)], args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.path().join(name), content).unwrap();
+    }
+    let out = dir.path().join("t.safetensors");
+    let model = fixture("tiny-bert");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_softprompt"))
+        .current_dir(dir.path())
+        .args(["train", "--model", model.to_str().unwrap()])
+        .args(["--output", out.to_str().unwrap()])
+        .args(["--virtual-tokens", "2", "--steps", "2", "--batch-size", "4"])
+        .arg("--quiet")
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{args:?} was accepted: {err}");
+    assert!(!out.exists(), "{args:?}: wrote the task");
+    assert!(
+        !dir.path().join("t.safetensors.ckpt").exists(),
+        "{args:?}: training started before the data was refused: {err}"
+    );
+    err
+}
+
+const TWO_CLASSES: &str = "{\"text\": \"at this\", \"label\": \"a\"}\n{\"text\": \"to do\", \"label\": \"b\"}\n{\"text\": \"at do\", \"label\": \"a\"}\n{\"text\": \"to this\", \"label\": \"b\"}\n";
+
+#[test]
+fn unknown_label_in_validation_or_test_data_is_refused_with_its_line() {
+    let val =
+        "{\"text\": \"at this\", \"label\": \"a\"}\n\n{\"text\": \"to do\", \"label\": \"c\"}\n";
+    for flag in ["--val", "--test"] {
+        let err = train_refuses(
+            &[("train.jsonl", TWO_CLASSES), ("other.jsonl", val)],
+            &["--train", "train.jsonl", flag, "other.jsonl"],
+        );
+        assert!(
+            err.contains("other.jsonl:3")
+                && err.contains("unknown label \"c\"")
+                && err.contains("training labels [\"a\", \"b\"]"),
+            "{flag}: {err}"
+        );
+    }
+    // A CSV names the line of the record.
+    let err = train_refuses(
+        &[
+            ("train.jsonl", TWO_CLASSES),
+            ("val.csv", "text,label\nat this,a\nto do,zz\n"),
+        ],
+        &["--train", "train.jsonl", "--val", "val.csv"],
+    );
+    assert!(
+        err.contains("val.csv:3") && err.contains("unknown label \"zz\""),
+        "{err}"
+    );
+    // With --labels, a training label outside them is refused as well.
+    let err = train_refuses(
+        &[("train.jsonl", TWO_CLASSES)],
+        &["--train", "train.jsonl", "--labels", "a,x"],
+    );
+    assert!(
+        err.contains("train.jsonl:2")
+            && err.contains("unknown label \"b\"")
+            && err.contains("--labels"),
+        "{err}"
+    );
+}
+
+#[test]
+fn empty_text_is_refused_with_its_file_and_line() {
+    let jsonl = format!("{TWO_CLASSES}{{\"text\": \"  \\t \", \"label\": \"a\"}}\n");
+    let err = train_refuses(&[("train.jsonl", &jsonl)], &["--train", "train.jsonl"]);
+    assert!(err.contains("train.jsonl:5: empty text"), "{err}");
+    let err = train_refuses(
+        &[("train.csv", "text,label\nat this,a\n\"\",b\nto do,b\n")],
+        &["--train", "train.csv"],
+    );
+    assert!(err.contains("train.csv:3: empty text"), "{err}");
+    // In test data too, before training.
+    let err = train_refuses(
+        &[
+            ("train.jsonl", TWO_CLASSES),
+            ("test.jsonl", "{\"text\": \"\", \"label\": \"a\"}\n"),
+        ],
+        &["--train", "train.jsonl", "--test", "test.jsonl"],
+    );
+    assert!(err.contains("test.jsonl:1: empty text"), "{err}");
+}
+
+#[test]
+fn csv_without_a_label_column_is_refused() {
+    let err = train_refuses(
+        &[("train.csv", "text,category\nat this,a\nto do,b\n")],
+        &["--train", "train.csv"],
+    );
+    assert!(
+        err.contains("train.csv:1: header: no \"label\" column")
+            && err.contains("found [\"text\", \"category\"]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn training_data_with_one_class_is_refused() {
+    let one =
+        "{\"text\": \"at this\", \"label\": \"a\"}\n{\"text\": \"to do\", \"label\": \"a\"}\n";
+    let err = train_refuses(&[("train.jsonl", one)], &["--train", "train.jsonl"]);
+    assert!(
+        err.contains("train.jsonl: only one class")
+            && err.contains("2 examples has the label \"a\""),
+        "{err}"
+    );
+    // Naming two labels does not make the data have two classes.
+    let err = train_refuses(
+        &[("train.jsonl", one)],
+        &["--train", "train.jsonl", "--labels", "a,b"],
+    );
+    assert!(err.contains("only one class"), "{err}");
 }

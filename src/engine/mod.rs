@@ -47,16 +47,41 @@ pub struct TaskLogits {
     pub logits: Tensor,
 }
 
+/// Which forward serves requests (`serve --kernels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Kernels {
+    /// Our fused kernels on the CPU, candle's ops on other devices.
+    #[default]
+    Auto,
+    /// candle's ops on every device: what a GPU runs. On the CPU it is
+    /// slower; it exists so the GPU's forward is tested where CI runs.
+    Candle,
+}
+
 /// Runs batches on the resident model. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
     model: Arc<Model>,
+    kernels: Kernels,
 }
 
 impl Engine {
-    /// Wraps a loaded model.
+    /// Wraps a loaded model; serves with [`Kernels::Auto`].
     pub fn new(model: Arc<Model>) -> Self {
-        Engine { model }
+        Self::with_kernels(model, Kernels::Auto)
+    }
+
+    /// Wraps a loaded model, serving with `kernels`.
+    pub fn with_kernels(model: Arc<Model>, kernels: Kernels) -> Self {
+        Engine { model, kernels }
+    }
+
+    /// The forward [`Engine::classify`] runs.
+    pub fn serve_mode(&self) -> OpsMode {
+        match self.kernels {
+            Kernels::Auto => OpsMode::Serve,
+            Kernels::Candle => OpsMode::ServeOps,
+        }
     }
 
     /// The resident model.
@@ -68,7 +93,7 @@ impl Engine {
     /// count).
     pub fn classify(&self, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let mut out = vec![Vec::new(); rows.len()];
-        for g in self.forward(rows, OpsMode::Serve)? {
+        for g in self.forward(rows, self.serve_mode())? {
             let values: Vec<Vec<f32>> = g.logits.to_vec2()?;
             for (r, v) in g.rows.iter().zip(values) {
                 out[*r as usize] = v;

@@ -22,7 +22,12 @@ use super::weights::Weights;
 /// no backward (their gradients silently come back as `None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpsMode {
+    /// Serving: fused kernels on the CPU, candle's ops elsewhere.
     Serve,
+    /// Serving through candle's ops on every device: the forward a GPU
+    /// runs, forced on the CPU so that CI tests it (`serve --kernels candle`).
+    ServeOps,
+    /// Training: composed ops with a backward.
     Train,
 }
 
@@ -117,7 +122,7 @@ impl Norm {
 
     fn forward(&self, x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
         match mode {
-            OpsMode::Serve => {
+            OpsMode::Serve | OpsMode::ServeOps => {
                 candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
             }
             OpsMode::Train => {
@@ -135,7 +140,7 @@ impl Norm {
 
 fn softmax_last(x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
     match mode {
-        OpsMode::Serve => candle_nn::ops::softmax_last_dim(x),
+        OpsMode::Serve | OpsMode::ServeOps => candle_nn::ops::softmax_last_dim(x),
         OpsMode::Train => candle_nn::ops::softmax(x, D::Minus1),
     }
 }

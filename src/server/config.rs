@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// CUDA and Metal need a binary built with `--features cuda` / `metal`.
     #[arg(long, env = "SOFTPROMPT_DEVICE", default_value = "cpu")]
     pub device: crate::model::DeviceSpec,
+    /// Which forward serves: auto (our fused kernels on the CPU, candle's
+    /// ops on a GPU) or candle (candle's ops everywhere: the GPU's forward,
+    /// on the CPU for testing it; slower there).
+    #[arg(long, env = "SOFTPROMPT_KERNELS", value_enum, default_value_t = crate::engine::Kernels::Auto)]
+    pub kernels: crate::engine::Kernels,
     /// Address to listen on.
     #[arg(long, env = "SOFTPROMPT_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: String,

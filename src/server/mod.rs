@@ -260,8 +260,11 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
         skipped = report.failed.len(),
         "tasks loaded"
     );
-    let batcher =
-        Batcher::start(Engine::new(model.clone()), batch_config).map_err(StartError::Thread)?;
+    let batcher = Batcher::start(
+        Engine::with_kernels(model.clone(), args.kernels),
+        batch_config,
+    )
+    .map_err(StartError::Thread)?;
     Ok(Core {
         model,
         registry,
