@@ -5,6 +5,11 @@
 //! 429 at the cost of parsing the JSON, not of tokenizing it, and the work
 //! waiting is bounded in tokens (what compute time scales with), not in
 //! rows, so long inputs cannot pile up into timeouts.
+//!
+//! tower's `ConcurrencyLimit` + `LoadShed` would bound requests, not the
+//! tokens they carry (one request may hold 64 inputs of 512 tokens), and
+//! could not give back the unused part of a reservation; a semaphore of
+//! tokens does both.
 
 use std::sync::Arc;
 

@@ -74,6 +74,8 @@ pub async fn put_task(
     validate_id(&id)?;
     // Bounded before the body is read: each upload in progress holds about
     // twice its size (the body, then the parsed task and its native bytes).
+    // A semaphore with a deadline rather than tower's ConcurrencyLimit,
+    // which waits without one and has no JSON answer for giving up.
     let wait = state.args.request_timeout();
     let _permit = tokio::time::timeout(wait, state.upload_permits.clone().acquire_owned())
         .await

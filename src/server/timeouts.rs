@@ -92,7 +92,9 @@ pub async fn body_deadline_layer(
 
 /// Middleware of classify: the answer must be ready within
 /// `--request-timeout-ms` of the header; otherwise 503 `timeout`, and the
-/// request's rows are abandoned (the worker skips them).
+/// request's rows are abandoned (the worker skips them). Not tower-http's
+/// `TimeoutLayer`: it answers an empty 408, and the API promises the JSON
+/// 503 `timeout` that clients and the balancer's retries key on.
 pub async fn request_deadline(
     State(state): State<Arc<AppState>>,
     req: Request,
