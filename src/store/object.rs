@@ -72,38 +72,8 @@ impl ObjectPromptStore {
         } else {
             format!("s3://{bucket}/{prefix}")
         };
-        let builder = builder
-            .with_bucket_name(bucket)
-            // A store that is down must fail a poll in seconds, not in the
-            // default three minutes of retries: the next poll retries anyway.
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(1),
-                    base: 2.0,
-                },
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(10),
-            })
-            // Task files run to tens of MiB: more than the 30 s default.
-            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "120s");
-        let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
-        let allow_http =
-            builder.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp));
-        if let Some(endpoint) = &endpoint
-            && endpoint.starts_with("http://")
-            && allow_http.as_deref() != Some("true")
-        {
-            return Err(StoreError::Config(format!(
-                "{location}: the endpoint {endpoint} is plain HTTP; set AWS_ALLOW_HTTP=true to allow it"
-            )));
-        }
-        let s3 = builder.build().map_err(|source| StoreError::Remote {
-            location: location.clone(),
-            action: "configure the S3 client from AWS_* variables".into(),
-            source,
-        })?;
-        Ok(Self::new(Arc::new(s3), prefix, location))
+        let s3 = s3_client(builder, bucket, &location)?;
+        Ok(Self::new(s3, prefix, location))
     }
 
     fn native_key(&self, id: &str) -> Path {
@@ -160,6 +130,58 @@ impl ObjectPromptStore {
         }
         Ok(!objects.is_empty())
     }
+}
+
+/// The S3 client of `bucket` configured by the usual `AWS_*` environment
+/// variables, as the prompt store's (also what the trainer reads
+/// `s3://` data files with); `location` names it in errors.
+pub fn s3_client_from_env(
+    bucket: &str,
+    location: &str,
+) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    s3_client(AmazonS3Builder::from_env(), bucket, location)
+}
+
+/// The S3 client of `bucket` with the settings of `builder`, plus retries
+/// short enough that a store that is down fails in seconds; refuses a
+/// plain-HTTP endpoint without `AWS_ALLOW_HTTP=true`.
+pub fn s3_client(
+    builder: AmazonS3Builder,
+    bucket: &str,
+    location: &str,
+) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let builder = builder
+        .with_bucket_name(bucket)
+        // A store that is down must fail a poll in seconds, not in the
+        // default three minutes of retries: the next poll retries anyway.
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(1),
+                base: 2.0,
+            },
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(10),
+        })
+        // Task files run to tens of MiB: more than the 30 s default.
+        .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "120s");
+    let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+    let allow_http =
+        builder.get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp));
+    if let Some(endpoint) = &endpoint
+        && endpoint.starts_with("http://")
+        && allow_http.as_deref() != Some("true")
+    {
+        return Err(StoreError::Config(format!(
+            "{location}: the endpoint {endpoint} is plain HTTP; set AWS_ALLOW_HTTP=true to allow it"
+        )));
+    }
+    let s3 = builder.build().map_err(|source| StoreError::Remote {
+        location: location.to_string(),
+        action: "configure the S3 client from AWS_* variables".into(),
+        source,
+    })?;
+    Ok(Arc::new(s3))
 }
 
 /// Token of one object: its ETag (quotes stripped: listings and PUT answers

@@ -6,12 +6,79 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::data::{self, Example};
+use super::data::{self, DataSource, Example};
 use super::params::{Method, Params, PromptInit, Reparam, Spec};
 use super::{Metrics, TrainConfig, predict, write_atomic};
 use crate::engine::{Engine, Pooling, Template};
 use crate::model::{DEFAULT_MODEL_DIR, Model};
+use crate::registry::{Registry, validate_id};
+use crate::store::{PromptStore, StoreLocation};
 use crate::task::{BaseModelRef, Limits, Provenance, Task, TaskMeta, native, validate};
+
+/// Where `softprompt train` puts the trained task (`--output`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskOutput {
+    /// A local task file, written atomically (temp file, fsync, rename).
+    File(PathBuf),
+    /// Task `id` in a prompt store (`s3://bucket/prefix/ID`), written
+    /// through [`PromptStore::put`] as an admin upload is.
+    Store {
+        /// The store, as `softprompt serve --prompts` names it.
+        location: StoreLocation,
+        /// Task id.
+        id: String,
+    },
+}
+
+impl std::str::FromStr for TaskOutput {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some(rest) = s.strip_prefix("s3://") else {
+            if s.is_empty() {
+                return Err("the output file name is empty".into());
+            }
+            // A URL of another scheme is a mistake, not a file named "gs:".
+            s.parse::<StoreLocation>()?;
+            return Ok(TaskOutput::File(PathBuf::from(s)));
+        };
+        let Some((store, id)) = rest.rsplit_once('/').filter(|(b, _)| !b.is_empty()) else {
+            return Err(format!(
+                "{s:?}: expected s3://bucket/prefix/ID (the last segment is the task id)"
+            ));
+        };
+        if id.is_empty() {
+            return Err(format!(
+                "{s:?}: no task id after the last '/'; expected s3://bucket/prefix/ID"
+            ));
+        }
+        if store.ends_with('/') {
+            return Err(format!(
+                "{s:?}: the prefix has an empty, '.' or '..' segment"
+            ));
+        }
+        let id = id
+            .strip_suffix(&format!(".{}", native::EXTENSION))
+            .unwrap_or(id);
+        validate_id(id).map_err(|e| format!("{s:?}: {e}"))?;
+        let location = format!("s3://{store}").parse::<StoreLocation>()?;
+        Ok(TaskOutput::Store {
+            location,
+            id: id.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for TaskOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskOutput::File(p) => write!(f, "{}", p.display()),
+            TaskOutput::Store { location, id } => {
+                write!(f, "{location}/{id}.{}", native::EXTENSION)
+            }
+        }
+    }
+}
 
 /// How the prompt starts (command-line form of [`PromptInit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,21 +118,35 @@ pub struct TrainArgs {
     /// Base model directory.
     #[arg(long, default_value = DEFAULT_MODEL_DIR)]
     pub model: PathBuf,
-    /// Training data: JSONL (`{"text", "text_pair"?, "label"}`) or CSV with a header.
+    /// Training data: JSONL (`{"text", "text_pair"?, "label"}`) or CSV with a
+    /// header (`.csv`); a local file or `s3://bucket/key` (read with the
+    /// `AWS_*` variables the prompt store uses).
     #[arg(long)]
-    pub train: PathBuf,
-    /// Validation data; without it, `--val-fraction` of the training data is held out.
+    pub train: DataSource,
+    /// Validation data (file or `s3://bucket/key`); without it,
+    /// `--val-fraction` of the training data is held out. Its labels must
+    /// be among the training data's.
     #[arg(long)]
-    pub val: Option<PathBuf>,
+    pub val: Option<DataSource>,
     /// Share of the training data held out for validation (seeded).
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f64,
-    /// Labeled test data, scored once after training (result goes into the task's provenance).
+    /// Labeled test data (file or `s3://bucket/key`), scored once after
+    /// training (result goes into the task's provenance); read and checked
+    /// before training starts.
     #[arg(long)]
-    pub test: Option<PathBuf>,
-    /// Where to write the native task file.
-    #[arg(long, short)]
-    pub output: PathBuf,
+    pub test: Option<DataSource>,
+    /// Where the trained task goes: a file path (written atomically), or
+    /// `s3://bucket/prefix/ID` to publish task ID to the prompt store
+    /// `s3://bucket/prefix` that `softprompt serve --prompts` reads (one
+    /// atomic PUT of `<prefix>/ID.safetensors`, as an admin upload; every
+    /// replica serves it within its sync interval). The task is validated
+    /// against the model with the server's limits before anything is
+    /// written; the id and the store (configuration, and one LIST) are
+    /// checked before training starts. For a directory store, give the file
+    /// `DIR/ID.safetensors`: replicas polling DIR pick it up the same way.
+    #[arg(long, short, value_name = "FILE|s3://BUCKET/PREFIX/ID")]
+    pub output: TaskOutput,
     /// Soft-prompt method.
     #[arg(long, value_enum, default_value = "prompt-tuning")]
     pub method: Method,
@@ -129,7 +210,8 @@ pub struct TrainArgs {
     /// Seed of the split, the init and the batch order.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Checkpoint file [default: <output>.ckpt].
+    /// Checkpoint file, always local [default: <output>.ckpt; for an s3://
+    /// output, ID.safetensors.ckpt in the current directory].
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Continue from the checkpoint if it exists.
@@ -160,8 +242,8 @@ pub struct EvalArgs {
     pub model: PathBuf,
     /// A native task file or a PEFT adapter directory.
     pub task: PathBuf,
-    /// Labeled data (JSONL or CSV).
-    pub data: PathBuf,
+    /// Labeled data (JSONL or CSV; a file or `s3://bucket/key`).
+    pub data: DataSource,
     /// Label names for a PEFT adapter (which stores none), in head order.
     #[arg(long, value_delimiter = ',')]
     pub labels: Option<Vec<String>>,
@@ -204,18 +286,93 @@ fn now_rfc3339() -> String {
     )
 }
 
+/// An opened output store: the store, the task id, and a runtime to drive
+/// its async calls from this synchronous command.
+struct Publisher {
+    store: Arc<dyn PromptStore>,
+    id: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Publisher {
+    /// Opens the store of an `s3://…/ID` output and reads it once (a LIST
+    /// of the prefix), so that a misconfigured or unreachable store fails
+    /// now rather than after training.
+    fn open(location: &StoreLocation, id: &str) -> anyhow::Result<Publisher> {
+        validate_id(id)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("start the store client's runtime")?;
+        let store = crate::store::open(location)
+            .with_context(|| format!("--output: cannot open the prompt store {location}"))?;
+        let tasks = rt.block_on(store.list()).with_context(|| {
+            format!("--output: cannot read the prompt store {location} (checked before training)")
+        })?;
+        tracing::info!(
+            store = %location,
+            task = id,
+            tasks = tasks.len(),
+            replaces = tasks.iter().any(|t| t.id == id),
+            "publishing to the prompt store after training"
+        );
+        Ok(Publisher {
+            store,
+            id: id.to_string(),
+            rt,
+        })
+    }
+}
+
 /// Runs `softprompt train`.
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    // Where the task goes is checked first: a bad id or store must not
+    // cost a training run.
+    let publisher = match &args.output {
+        TaskOutput::Store { location, id } => Some(Publisher::open(location, id)?),
+        TaskOutput::File(path) => {
+            // In a directory a server polls, the file name is the task id.
+            if let Some(stem) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(&format!(".{}", native::EXTENSION)))
+                && validate_id(stem).is_err()
+            {
+                tracing::warn!(
+                    output = %path.display(),
+                    "{stem:?} is not a valid task id: a server polling this directory will skip the file"
+                );
+            }
+            None
+        }
+    };
     let model = load_model(&args.model)?;
     let engine = Engine::new(model.clone());
+    let train_name = args.train.to_string();
     let all_train = data::read_examples(&args.train)?;
+    // The head's classes are the training data's labels (or --labels);
+    // validation and test labels must be among them.
+    data::ensure_two_classes(&all_train, &train_name)?;
+    let (labels, whose) = match &args.labels {
+        Some(l) => (l.clone(), "the --labels"),
+        None => (data::label_set(&all_train), "the training labels"),
+    };
+    data::ensure_known_labels(&all_train, &labels, &train_name, whose)?;
     let (train_ex, val_ex): (Vec<Example>, Vec<Example>) = match &args.val {
-        Some(p) => (all_train, data::read_examples(p)?),
+        Some(p) => {
+            let val = data::read_examples(p)?;
+            data::ensure_known_labels(&val, &labels, &p.to_string(), whose)?;
+            (all_train, val)
+        }
         None => data::split(&all_train, args.val_fraction, args.seed),
     };
-    let labels = match &args.labels {
-        Some(l) => l.clone(),
-        None => data::label_set(&[train_ex.as_slice(), val_ex.as_slice()].concat()),
+    let test_ex = match &args.test {
+        Some(p) => {
+            let ex = data::read_examples(p)?;
+            data::ensure_known_labels(&ex, &labels, &p.to_string(), whose)?;
+            Some((p, ex))
+        }
+        None => None,
     };
     let reparam = args.reparam.unwrap_or(if args.method == Method::PTuning {
         Reparam::Mlp
@@ -266,13 +423,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         .saturating_sub(n)
         .min(args.max_tokens);
     let tok = &model.tokenizer;
-    let train_s = data::encode(
-        tok,
-        &train_ex,
-        &labels,
-        budget,
-        &args.train.display().to_string(),
-    )?;
+    let train_s = data::encode(tok, &train_ex, &labels, budget, &train_name)?;
     let val_s = data::encode(tok, &val_ex, &labels, budget, "validation")?;
     tracing::info!(
         method = args.method.as_str(),
@@ -289,8 +440,15 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         // Only one handler per process; a second train() in-process keeps the first.
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
-    let mut ckpt = args.output.as_os_str().to_owned();
-    ckpt.push(".ckpt");
+    // Checkpoints stay local whatever the output is.
+    let ckpt = match &args.output {
+        TaskOutput::File(p) => {
+            let mut c = p.as_os_str().to_owned();
+            c.push(".ckpt");
+            c
+        }
+        TaskOutput::Store { id, .. } => format!("{id}.{}.ckpt", native::EXTENSION).into(),
+    };
     let cfg = TrainConfig {
         batch_size: args.batch_size,
         lr: args.lr,
@@ -338,13 +496,12 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "encoder_hidden": params.spec.encoder_hidden,
         "seed": args.seed,
     });
-    if let Some(test) = &args.test {
-        let ex = data::read_examples(test)?;
-        let s = data::encode(tok, &ex, &labels, budget, &test.display().to_string())?;
+    if let Some((test, ex)) = &test_ex {
+        let s = data::encode(tok, ex, &labels, budget, &test.to_string())?;
         let pred = predict(&engine, &folded, &s, 64)?;
         let gold: Vec<usize> = s.iter().map(|x| x.label).collect();
         let m = Metrics::compute(&gold, &pred, &labels);
-        eprintln!("test {}\n{}", test.display(), m.report());
+        eprintln!("test {test}\n{}", m.report());
         metrics["test_accuracy"] = serde_json::json!(m.accuracy);
         metrics["test_macro_f1"] = serde_json::json!(m.macro_f1);
         metrics["test_examples"] = serde_json::json!(m.examples);
@@ -361,34 +518,67 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         },
         provenance: Provenance {
             method: args.method.as_str().into(),
-            data: Some(args.data_name.clone().unwrap_or_else(|| {
-                args.train
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            })),
+            data: Some(
+                args.data_name
+                    .clone()
+                    .unwrap_or_else(|| args.train.file_name()),
+            ),
             metrics,
             created: Some(now_rfc3339()),
         },
     };
     let task = Task::new(meta, folded)?;
-    validate(&task, &model, &Limits::default())?;
-    write_atomic(&args.output, &native::to_bytes(&task)?)?;
-    if let Some(dir) = &args.peft_dir {
-        crate::task::peft::write_dir(&task, dir)?;
-        println!("wrote PEFT adapter {}", dir.display());
-    }
-    println!(
-        "wrote {} ({} bytes, version {}): {} steps in {:.0}s, best validation accuracy {}",
-        args.output.display(),
-        std::fs::metadata(&args.output)?.len(),
-        task.version,
+    let summary = format!(
+        "{} steps in {:.0}s, best validation accuracy {}",
         outcome.steps,
         outcome.seconds,
         outcome
             .best_val_accuracy
             .map_or("n/a".into(), |a| format!("{a:.4}"))
     );
+    match (&args.output, publisher) {
+        (TaskOutput::File(path), _) => {
+            // The server's limits (serve builds its registry with the defaults).
+            validate(&task, &model, &Limits::default())?;
+            write_atomic(path, &native::to_bytes(&task)?)?;
+            println!(
+                "wrote {} ({} bytes, version {}): {summary}",
+                path.display(),
+                std::fs::metadata(path)?.len(),
+                task.version,
+            );
+        }
+        (TaskOutput::Store { location, id }, Some(p)) => {
+            // What an admin upload does: validate (id, task against the
+            // model, the server's limits) before anything is written, then
+            // one durable, atomic store write that every replica polls.
+            Registry::new(model.clone(), Limits::default()).prepare(id, &task)?;
+            let put = p.rt.block_on(p.store.put(&p.id, &task));
+            if let Err(e) = put {
+                // Keep the trained task: it cost a training run.
+                let keep = ckpt_path.with_file_name(format!("{id}.{}", native::EXTENSION));
+                let kept = write_atomic(&keep, &native::to_bytes(&task)?);
+                let note = match kept {
+                    Ok(()) => format!(
+                        "the trained task is saved in {} (upload it with PUT /admin/tasks/{id})",
+                        keep.display()
+                    ),
+                    Err(k) => format!("saving it locally failed too: {k:#}"),
+                };
+                return Err(anyhow::Error::new(e)
+                    .context(format!("publish task {id:?} to {location}; {note}")));
+            }
+            println!(
+                "published {} (task {id}, version {}): {summary}",
+                args.output, task.version,
+            );
+        }
+        (TaskOutput::Store { .. }, None) => unreachable!("the store is opened first"),
+    }
+    if let Some(dir) = &args.peft_dir {
+        crate::task::peft::write_dir(&task, dir)?;
+        println!("wrote PEFT adapter {}", dir.display());
+    }
     Ok(())
 }
 
@@ -419,7 +609,7 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<Metrics> {
         &ex,
         &task.meta.labels,
         budget,
-        &args.data.display().to_string(),
+        &args.data.to_string(),
     )?;
     let engine = Engine::new(model);
     let pred = predict(&engine, &tm, &s, args.batch_size)?;
@@ -436,4 +626,79 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         print!("{}", m.report());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_parse_to_a_file_or_a_store_and_id() {
+        let store = |b: &str, p: &str, id: &str| TaskOutput::Store {
+            location: StoreLocation::S3 {
+                bucket: b.into(),
+                prefix: p.into(),
+            },
+            id: id.into(),
+        };
+        let parse = |s: &str| s.parse::<TaskOutput>();
+        assert_eq!(parse("s3://b/p/q/topic"), Ok(store("b", "p/q", "topic")));
+        assert_eq!(parse("s3://b/topic.v2"), Ok(store("b", "", "topic.v2")));
+        assert_eq!(
+            parse("s3://b/p/topic.safetensors"),
+            Ok(store("b", "p", "topic"))
+        );
+        assert_eq!(
+            parse("s3://b/p/topic").unwrap().to_string(),
+            "s3://b/p/topic.safetensors"
+        );
+        assert_eq!(
+            parse("prompts/x.safetensors"),
+            Ok(TaskOutput::File("prompts/x.safetensors".into()))
+        );
+        for (bad, says) in [
+            ("s3://b/p/", "no task id"),
+            ("s3://b", "expected s3://bucket/prefix/ID"),
+            ("s3:///x", "expected s3://bucket/prefix/ID"),
+            ("s3://b/p/a b", "is invalid"),
+            ("s3://b/p/..", "is invalid"),
+            ("s3://b/p//x", "segment"),
+            ("s3://b/../x", "segment"),
+            ("gs://b/p/x", "unsupported store scheme"),
+            ("", "empty"),
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn data_sources_parse_to_a_file_or_an_object() {
+        let parse = |s: &str| s.parse::<DataSource>();
+        let src = parse("s3://b/data/train.CSV").unwrap();
+        assert_eq!(
+            src,
+            DataSource::S3 {
+                bucket: "b".into(),
+                key: "data/train.CSV".into()
+            }
+        );
+        assert!(src.is_csv());
+        assert_eq!(src.file_name(), "train.CSV");
+        assert_eq!(src.to_string(), "s3://b/data/train.CSV");
+        let file = parse("data/t.jsonl").unwrap();
+        assert_eq!(file, DataSource::File("data/t.jsonl".into()));
+        assert!(!file.is_csv());
+        for bad in [
+            "s3://b",
+            "s3://b/",
+            "s3:///k",
+            "s3://b/d/",
+            "s3://b/a//k",
+            "gs://b/k",
+            "",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 }
