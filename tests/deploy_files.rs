@@ -1,8 +1,12 @@
 //! Offline checks of the deployment files (Dockerfile, deploy/):
 //!
 //! - both Dockerfiles lint clean with hadolint;
-//! - deploy/k8s/*.yaml validate with `kubernetes-validate --strict`, the
-//!   kustomization lists every manifest, and the shutdown timings fit;
+//! - deploy/k8s/*.yaml and deploy/k8s/jobs/*.yaml validate with
+//!   `kubernetes-validate --strict`, the kustomization lists every manifest
+//!   of deploy/k8s (the on-demand Jobs in jobs/ are left out), and the
+//!   shutdown timings fit;
+//! - the training Job and the compose `train` service pass only flags
+//!   `softprompt train` has and publish to the store the replicas serve;
 //! - deploy/nginx.conf passes `nginx -t` once its marked upstream block is
 //!   pointed at loopback, and a running nginx retries a classify POST on a
 //!   503 but never an admin POST;
@@ -173,10 +177,24 @@ fn k8s_manifests() -> Vec<PathBuf> {
     files
 }
 
+/// deploy/k8s/jobs/*.yaml: Jobs run on demand (`kubectl create -f`), not
+/// part of the kustomization.
+fn k8s_job_manifests() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/k8s/jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "deploy/k8s/jobs has no manifest");
+    files
+}
+
 #[test]
 fn k8s_manifests_validate_strictly() {
     let validate = tool("kubernetes-validate");
-    let files = k8s_manifests();
+    let mut files = k8s_manifests();
+    files.extend(k8s_job_manifests());
     // The bundled newest schema, and an older release still in support.
     for version in [None, Some("1.30.0")] {
         let mut cmd = Command::new(&validate);
@@ -308,6 +326,128 @@ fn deployment_variables_are_ones_the_server_reads() {
         }
     }
     assert!(checked >= 10, "only {checked} variables found");
+}
+
+/// The training Job and the compose `train` service: every flag they pass
+/// is one `softprompt train` has, the data and output are where the
+/// replicas' store is, and the compose service stays out of a plain `up`.
+#[test]
+fn training_job_and_compose_service_publish_to_the_served_store() {
+    let python = tool("python");
+    let dump = r#"
+import json, sys, yaml
+job = yaml.safe_load(open(sys.argv[1]))
+cm = yaml.safe_load(open(sys.argv[2]))
+compose = yaml.safe_load(open(sys.argv[3]))
+pod = job["spec"]["template"]["spec"]
+c = pod["containers"][0]
+s = compose["services"]
+print(json.dumps({
+    "kind": job["kind"],
+    "restart": pod["restartPolicy"],
+    "job_args": c["args"],
+    "job_env_from": [e["configMapRef"]["name"] for e in c["envFrom"]],
+    "job_env": [e["name"] for e in c["env"]],
+    "job_mounts": [m["mountPath"] for m in c["volumeMounts"]],
+    "read_only_root": c["securityContext"]["readOnlyRootFilesystem"],
+    "cm_prompts": cm["data"]["SOFTPROMPT_PROMPTS"],
+    "compose_args": s["train"]["command"],
+    "compose_profiles": s["train"]["profiles"],
+    "compose_env": sorted(s["train"]["environment"]),
+    "compose_depends": s["train"]["depends_on"]["s3-init"]["condition"],
+    "compose_prompts": s["softprompt-1"]["environment"]["SOFTPROMPT_PROMPTS"],
+}))
+"#;
+    let out = run(Command::new(&python)
+        .arg("-c")
+        .arg(dump)
+        .arg(root().join("deploy/k8s/jobs/train-job.yaml"))
+        .arg(root().join("deploy/k8s/configmap.yaml"))
+        .arg(root().join("deploy/compose.yaml")));
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let help = Command::new(env!("CARGO_BIN_EXE_softprompt"))
+        .args(["train", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let strings = |key: &str| -> Vec<String> {
+        v[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}: {v}"))
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .unwrap()
+                    // Compose's default for the task name.
+                    .replace("${TRAIN_TASK:-topic}", "topic")
+            })
+            .collect()
+    };
+    for (file, args, store) in [
+        ("train-job.yaml", strings("job_args"), &v["cm_prompts"]),
+        (
+            "compose.yaml",
+            strings("compose_args"),
+            &v["compose_prompts"],
+        ),
+    ] {
+        assert_eq!(args[0], "train", "{file}: {args:?}");
+        for flag in args.iter().filter(|a| a.starts_with("--")) {
+            // An option line of the help: `  --flag <V>` or `  -f, --flag <V>`.
+            let has = help.lines().any(|l| {
+                let l = l.trim_start();
+                let l = l
+                    .split_once(", ")
+                    .filter(|(short, _)| short.len() == 2 && short.starts_with('-'))
+                    .map_or(l, |(_, long)| long);
+                l == flag.as_str() || l.starts_with(&format!("{flag} "))
+            });
+            assert!(has, "{file}: `softprompt train` has no {flag}");
+        }
+        let after = |flag: &str| {
+            let at = args.iter().position(|a| a == flag);
+            at.map(|i| args[i + 1].clone())
+                .unwrap_or_else(|| panic!("{file}: no {flag}"))
+        };
+        let output = after("--output");
+        let store = store.as_str().unwrap();
+        let id = output
+            .strip_prefix(&format!("{store}/"))
+            .unwrap_or_else(|| {
+                panic!("{file}: --output {output} is not in the served store {store}")
+            });
+        softprompt::registry::validate_id(id).unwrap();
+        // Checkpoints stay on a writable local path.
+        let ckpt = after("--checkpoint");
+        assert!(
+            ckpt.starts_with("/scratch/") || ckpt.starts_with("/tmp/"),
+            "{file}: checkpoint {ckpt}"
+        );
+    }
+    assert_eq!(v["kind"], "Job");
+    assert_eq!(v["restart"], "OnFailure");
+    assert_eq!(v["job_env_from"], serde_json::json!(["softprompt"]));
+    for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(strings("job_env").contains(&k.to_string()), "job lacks {k}");
+    }
+    assert!(strings("job_mounts").contains(&"/scratch".to_string()));
+    assert_eq!(v["read_only_root"], true);
+    assert_eq!(v["compose_profiles"], serde_json::json!(["train"]));
+    assert_eq!(v["compose_depends"], "service_completed_successfully");
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "AWS_ALLOW_HTTP",
+    ] {
+        assert!(
+            strings("compose_env").contains(&k.to_string()),
+            "compose train lacks {k}"
+        );
+    }
+    // Not applied with the fleet: the kustomization lists no Job.
+    assert!(!read("deploy/k8s/kustomization.yaml").contains("jobs/"));
 }
 
 // --- nginx ---------------------------------------------------------------

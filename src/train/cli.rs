@@ -115,8 +115,8 @@ impl From<PoolingArg> for Pooling {
 /// Arguments of `softprompt train`.
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// Base model directory.
-    #[arg(long, default_value = DEFAULT_MODEL_DIR)]
+    /// Base model directory (the container images set SOFTPROMPT_MODEL).
+    #[arg(long, env = "SOFTPROMPT_MODEL", default_value = DEFAULT_MODEL_DIR)]
     pub model: PathBuf,
     /// Training data: JSONL (`{"text", "text_pair"?, "label"}`) or CSV with a
     /// header (`.csv`); a local file or `s3://bucket/key` (read with the
@@ -237,8 +237,8 @@ pub struct TrainArgs {
 /// Arguments of `softprompt eval`.
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// Base model directory.
-    #[arg(long, default_value = DEFAULT_MODEL_DIR)]
+    /// Base model directory (the container images set SOFTPROMPT_MODEL).
+    #[arg(long, env = "SOFTPROMPT_MODEL", default_value = DEFAULT_MODEL_DIR)]
     pub model: PathBuf,
     /// A native task file or a PEFT adapter directory.
     pub task: PathBuf,
