@@ -12,11 +12,13 @@
 //! share the machine's cores, as they would on a 2-core replica with its
 //! load balancer's retries arriving.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+#[path = "../tests/process_support/mod.rs"]
+mod process_support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use process_support::*;
 use serde_json::json;
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -31,61 +33,24 @@ async fn main() {
     let requests = env_or("OVERLOAD_REQUESTS", 3000);
     let concurrency = env_or("OVERLOAD_CONCURRENCY", 512);
     let fresh = env_or("OVERLOAD_NEW_CONNECTIONS", 1) == 1;
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let store = tempfile::tempdir().unwrap();
-    let adapter = root.join("tests/fixtures/adapters/pt_random_2");
+    let adapter = root().join("tests/fixtures/adapters/pt_random_2");
     std::fs::create_dir_all(store.path().join("pt_random_2")).unwrap();
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(adapter.join(f), store.path().join("pt_random_2").join(f)).unwrap();
     }
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_softprompt"));
-    cmd.arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SOFTPROMPT_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("SOFTPROMPT_ADDR", "127.0.0.1:0")
-        .env("SOFTPROMPT_MODEL", root.join("tests/fixtures/tiny-bert"))
+    let mut cmd = serve_command(store.path());
+    cmd.env("SOFTPROMPT_MODEL", root().join("tests/fixtures/tiny-bert"))
         .env("SOFTPROMPT_PROMPTS", store.path())
         .env("SOFTPROMPT_MAX_QUEUED_TOKENS", "64")
-        .env("SOFTPROMPT_FAULTS", "batch-delay-ms=120000");
-    let mut child = cmd.spawn().expect("spawn softprompt serve");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let base = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the server logs its address");
-        if let Some(at) = line.find("listening on http://") {
-            let rest = &line[at + "listening on ".len()..];
-            let end = rest
-                .find(|c: char| c == '"' || c.is_whitespace())
-                .unwrap_or(rest.len());
-            break rest[..end].to_string();
-        }
-    };
+        .env("SOFTPROMPT_FAULTS", "batch-delay-ms=120000")
+        // Its log would interleave with the results; failures still show.
+        .env("RUST_LOG", "info,softprompt::server::error=error");
+    let (mut child, base, logs) = spawn(cmd);
     // Keep draining the server's log so it never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
+    std::thread::spawn(move || while logs.recv().is_ok() {});
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    for _ in 0..600 {
-        if http
-            .get(format!("{base}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&http, &base).await;
     // Fill the bound: one truncated long input costs exactly 64 tokens.
     let long = "the movie was great but far too long for its own good ".repeat(3);
     let filler = {

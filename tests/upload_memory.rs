@@ -5,17 +5,13 @@
 //! real `softprompt serve` process from /proc (VmHWM: the peak resident
 //! set; VmRSS: now).
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+mod process_support;
+
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
+use process_support::*;
 use softprompt::task::{Task, native, peft};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// `VmHWM` and `VmRSS` of a process, in bytes.
 fn memory(pid: u32) -> (u64, u64) {
@@ -58,50 +54,14 @@ async fn concurrent_uploads_stay_within_the_permits_times_twice_their_size() {
     let s = body.len() as u64;
 
     let store = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_softprompt"));
-    cmd.arg("serve")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SOFTPROMPT_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("SOFTPROMPT_ADDR", "127.0.0.1:0")
-        .env("SOFTPROMPT_MODEL", root().join("tests/fixtures/tiny-bert"))
+    let mut cmd = serve_command(store.path());
+    cmd.env("SOFTPROMPT_MODEL", root().join("tests/fixtures/tiny-bert"))
         .env("SOFTPROMPT_PROMPTS", store.path())
         .env("SOFTPROMPT_ADMIN_TOKEN", "t")
         .env("SOFTPROMPT_MAX_CONCURRENT_UPLOADS", PERMITS.to_string());
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let base = loop {
-        let line = rx.recv_timeout(Duration::from_secs(120)).unwrap();
-        if let Some(at) = line.find("listening on http://") {
-            let rest = &line[at + "listening on ".len()..];
-            let end = rest
-                .find(|c: char| c == '"' || c.is_whitespace())
-                .unwrap_or(rest.len());
-            break rest[..end].to_string();
-        }
-    };
+    let (mut child, base, _logs) = spawn(cmd);
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    for _ in 0..600 {
-        if http
-            .get(format!("{base}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&http, &base).await;
     let pid = child.id();
     let upload = |body: Vec<u8>| {
         let (http, base) = (http.clone(), base.clone());
