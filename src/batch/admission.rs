@@ -54,8 +54,10 @@ impl Drop for Ticket {
 
 impl Admission {
     pub fn new(capacity: usize) -> Self {
+        // Permits are taken as u32 at a time; a larger bound means no bound.
+        let capacity = capacity.min(u32::MAX as usize);
         Admission {
-            tokens: Arc::new(Semaphore::new(capacity.min(Semaphore::MAX_PERMITS))),
+            tokens: Arc::new(Semaphore::new(capacity)),
             capacity,
         }
     }
@@ -68,7 +70,7 @@ impl Admission {
                 capacity: self.capacity,
             });
         }
-        // Fits in u32: capacity does (Semaphore::MAX_PERMITS < u32::MAX).
+        // Fits in u32: capacity does (see `new`).
         match self.tokens.clone().try_acquire_many_owned(tokens as u32) {
             Ok(permit) => {
                 metrics::gauge!(m::ADMITTED_TOKENS).increment(tokens as f64);

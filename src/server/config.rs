@@ -229,7 +229,8 @@ impl ServeArgs {
         // Descriptors the process needs besides client sockets: the model
         // and store files, the store client's sockets, the runtime.
         const RESERVE: u64 = 128;
-        let mut max_connections = self.max_connections;
+        // The accept loop counts connections in u32 permits.
+        let mut max_connections = self.max_connections.min(u32::MAX as usize);
         if let Some(limit) = open_files {
             let room = limit.saturating_sub(RESERVE).max(1) as usize;
             if max_connections > room {
