@@ -172,8 +172,10 @@ impl Server {
 
     /// Waits until the server has stopped: after [`Server::shutdown`] (or a
     /// signal, under [`run`]) the listener closes once in-flight requests
-    /// are done or the shutdown bound passes; then the inference thread
-    /// finishes what is queued and exits.
+    /// are done, or once the shutdown bound passes and the requests still
+    /// waiting have been answered 503; the inference thread then gets a
+    /// moment to finish its batch. Returns an error when the server stopped
+    /// because a supervised component died (see [`supervise`]).
     pub async fn wait(self) -> std::io::Result<()> {
         let Server {
             state, mut serve, ..
