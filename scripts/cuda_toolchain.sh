@@ -58,6 +58,9 @@ done
 # is ever loaded at run time the program gets an error, not garbage. It is for
 # linking only: the link folder has no libcuda.so.1, and must never be put on
 # LD_LIBRARY_PATH on a GPU machine.
+# cargo metadata names the source folder; cargo fetch makes sure it is there
+# (on a fresh machine nothing has downloaded cudarc yet).
+cargo fetch --locked >&2
 CUDARC_SRC=$(cargo metadata --format-version 1 --features cuda --locked 2>/dev/null |
   "$VENV/bin/python" -c 'import json,sys,os
 for p in json.load(sys.stdin)["packages"]:
