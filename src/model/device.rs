@@ -80,13 +80,14 @@ impl DeviceSpec {
                 if !candle_core::utils::cuda_is_available() {
                     return Err(DeviceError::NotCompiled(self, "cuda"));
                 }
-                Device::new_cuda(n).map_err(|e| DeviceError::Open(self, e.to_string()))
+                Device::new_cuda(n)
+                    .map_err(|e| DeviceError::Open(self, explain_cuda_error(&message(e))))
             }
             DeviceSpec::Metal(n) => {
                 if !candle_core::utils::metal_is_available() {
                     return Err(DeviceError::NotCompiled(self, "metal"));
                 }
-                Device::new_metal(n).map_err(|e| DeviceError::Open(self, e.to_string()))
+                Device::new_metal(n).map_err(|e| DeviceError::Open(self, message(e)))
             }
             DeviceSpec::Auto => {
                 if candle_core::utils::cuda_is_available()
@@ -98,6 +99,37 @@ impl DeviceSpec {
             }
         }
     }
+}
+
+/// candle's error without the backtrace it appends when RUST_BACKTRACE is
+/// set: a device that cannot be opened is a user-facing error, not a bug.
+fn message(e: candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => inner.to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// Says in words what a CUDA driver error at device open means, before the
+/// driver's own message (cudarc prints only the CUresult name when the driver
+/// library is a stub).
+fn explain_cuda_error(msg: &str) -> String {
+    let hint = if msg.contains("CUDA_ERROR_STUB_LIBRARY") {
+        "no NVIDIA GPU driver here: the libcuda.so.1 that was loaded is a link-time stub, not the driver's"
+    } else if msg.contains("CUDA_ERROR_NO_DEVICE") {
+        "no NVIDIA GPU is visible (nvidia-smi lists none, or CUDA_VISIBLE_DEVICES hides them)"
+    } else if msg.contains("CUDA_ERROR_INVALID_DEVICE") {
+        "no GPU with that ordinal (nvidia-smi lists the GPUs, from 0)"
+    } else if msg.contains("CUDA_ERROR_INSUFFICIENT_DRIVER")
+        || msg.contains("CUDA_ERROR_COMPAT_NOT_SUPPORTED")
+    {
+        "the NVIDIA driver is older than the CUDA 13.0 this binary was built for (driver 580 or newer is needed)"
+    } else if msg.contains("CUDA_ERROR_NOT_INITIALIZED") || msg.contains("CUDA_ERROR_UNKNOWN") {
+        "the NVIDIA driver could not be initialised (no GPU, or a driver/kernel-module mismatch: see nvidia-smi)"
+    } else {
+        return msg.to_string();
+    };
+    format!("{hint} ({msg})")
 }
 
 #[cfg(test)]
@@ -125,5 +157,17 @@ mod tests {
             let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
             assert!(err.contains("--features cuda"), "{err}");
         }
+    }
+
+    #[test]
+    fn cuda_open_errors_are_said_in_words() {
+        let stub = explain_cuda_error("DriverError(CUDA_ERROR_STUB_LIBRARY, \"<Failure>\")");
+        assert!(stub.starts_with("no NVIDIA GPU driver here"), "{stub}");
+        assert!(stub.contains("CUDA_ERROR_STUB_LIBRARY"), "{stub}");
+        let none = explain_cuda_error(
+            "DriverError(CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device is detected\")",
+        );
+        assert!(none.starts_with("no NVIDIA GPU is visible"), "{none}");
+        assert_eq!(explain_cuda_error("something else"), "something else");
     }
 }
