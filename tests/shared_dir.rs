@@ -12,12 +12,14 @@
 //! case was not exercised (the unit tests in src/fsutil.rs still cover
 //! same-pid writers: threads of one process).
 
+mod process_support;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use process_support::spawn_tagged;
 
 use serde_json::Value;
 use softprompt::task::{Task, native, peft};
@@ -92,27 +94,7 @@ impl Replica {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn softprompt serve");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{name}] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let base = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|_| panic!("{name} logs its address"));
-            if let Some(at) = line.find("listening on http://") {
-                let rest = &line[at + "listening on ".len()..];
-                let end = rest
-                    .find(|c: char| c == '"' || c.is_whitespace())
-                    .unwrap_or(rest.len());
-                break rest[..end].to_string();
-            }
-        };
+        let (child, base, _logs) = spawn_tagged(cmd, name);
         Replica { name, child, base }
     }
 

@@ -7,14 +7,15 @@
 //! Needs moto_server (scripts/test_deps.sh installs it into .venv-test);
 //! scripts/test.sh sets SOFTPROMPT_TEST_BIN.
 
+mod process_support;
 mod s3_support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use object_store::ObjectStoreExt;
+use process_support::{spawn_tagged, wait_ready};
 use s3_support::{AWS_ENV, Moto, eventually, free_port, http, raw, store};
 use serde_json::{Value, json};
 use softprompt::store::PromptStore;
@@ -96,32 +97,18 @@ struct Server {
 
 impl Server {
     async fn start(endpoint: &str) -> Server {
-        let port = free_port();
-        let mut child = softprompt(endpoint)
-            .arg("serve")
+        let mut cmd = softprompt(endpoint);
+        cmd.arg("serve")
             .env("SOFTPROMPT_MODEL", tiny_bert())
             .env("SOFTPROMPT_PROMPTS", format!("s3://{BUCKET}/{PREFIX}"))
-            .env("SOFTPROMPT_ADDR", format!("127.0.0.1:{port}"))
+            .env("SOFTPROMPT_ADDR", "127.0.0.1:0")
             .env("SOFTPROMPT_SYNC_INTERVAL_MS", "200")
             .env("SOFTPROMPT_BATCH_WAIT_MS", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn softprompt serve");
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("[serve] {line}");
-            }
-        });
-        let base = format!("http://127.0.0.1:{port}");
-        let (client, url) = (http(), format!("{base}/ready"));
-        eventually("serve is ready", Duration::from_secs(120), || {
-            let req = client.get(&url).send();
-            async move { req.await.is_ok_and(|r| r.status() == 200) }
-        })
-        .await;
+            .stderr(Stdio::piped());
+        let (child, base, _logs) = spawn_tagged(cmd, "serve");
+        wait_ready(&http(), &base).await;
         Server { child, base }
     }
 }

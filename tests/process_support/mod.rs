@@ -33,23 +33,29 @@ pub fn serve_command(dir: &Path) -> Command {
 }
 
 /// Spawns the server and returns it with its base URL, read from the
-/// "listening on" log line; the rest of stderr keeps draining to a channel.
-pub fn spawn(mut cmd: Command) -> (Child, String, mpsc::Receiver<String>) {
+/// "listening on" log line; the rest of stderr keeps draining to a channel
+/// (and to this process's stderr, each line tagged `[server]`).
+pub fn spawn(cmd: Command) -> (Child, String, mpsc::Receiver<String>) {
+    spawn_tagged(cmd, "server")
+}
+
+/// [`spawn`], tagging the server's log lines `[tag]` (several servers).
+pub fn spawn_tagged(mut cmd: Command, tag: &str) -> (Child, String, mpsc::Receiver<String>) {
     let mut child = cmd.spawn().expect("spawn softprompt serve");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let echo = tag.to_string();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
+            eprintln!("[{echo}] {line}");
+            // A receiver that is gone only stops the forwarding.
+            let _ = tx.send(line);
         }
     });
     let base = loop {
         let line = rx
             .recv_timeout(Duration::from_secs(120))
-            .expect("server logs its address");
+            .unwrap_or_else(|_| panic!("{tag} logs its address"));
         if let Some(at) = line.find("listening on http://") {
             let rest = &line[at + "listening on ".len()..];
             let end = rest
