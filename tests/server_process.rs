@@ -171,23 +171,12 @@ async fn shutdown_under_saturation_exits_within_the_bound_and_answers_what_waits
     let ask = |text: String| {
         let (http, base) = (http.clone(), base.clone());
         async move {
-            match http
+            let sent = http
                 .post(format!("{base}/v1/tasks/pt_random_2/classify"))
                 .json(&json!({ "inputs": text }))
                 .send()
-                .await
-            {
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    let kind = r
-                        .json::<Value>()
-                        .await
-                        .ok()
-                        .and_then(|v| v["error_type"].as_str().map(String::from));
-                    format!("{status} {}", kind.unwrap_or_default())
-                }
-                Err(e) => format!("cut off: {e}"),
-            }
+                .await;
+            outcome(sent).await
         }
     };
     let queued: Vec<_> = (0..64)
@@ -365,19 +354,12 @@ async fn a_flood_of_long_inputs_gets_429_not_503_timeouts() {
     for _ in 0..64 {
         let (http, base, long) = (http.clone(), base.clone(), long.clone());
         clients.push(tokio::spawn(async move {
-            let r = http
+            let sent = http
                 .post(format!("{base}/v1/tasks/pt_random_2/classify"))
                 .json(&json!({"inputs": long, "parameters": {"truncate": true}}))
                 .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            let kind = r
-                .json::<Value>()
-                .await
-                .ok()
-                .and_then(|v| v["error_type"].as_str().map(String::from));
-            format!("{status} {}", kind.unwrap_or_default())
+                .await;
+            outcome(sent).await
         }));
     }
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();

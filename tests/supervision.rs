@@ -13,6 +13,37 @@ use server_support::*;
 
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Waits for `/ready` to say `failed` (it does within a second or two of
+/// the death; 5 s is a hang guard), then checks the reason, the component
+/// gauge, and that the server stops with the reason as its error.
+async fn assert_failed_and_stops(s: Running, component: &str, reason: &str) {
+    let mut ready = Value::Null;
+    for _ in 0..100 {
+        let resp = s.get("/ready").await;
+        let status = resp.status();
+        ready = resp.json().await.unwrap();
+        if ready["status"] == "failed" {
+            assert_eq!(status, 503);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready["status"], "failed", "{ready}");
+    assert!(
+        ready["reason"].as_str().unwrap().contains(reason),
+        "{ready}"
+    );
+    let metrics = s.get("/metrics").await.text().await.unwrap();
+    let gauge = format!("softprompt_component_up{{component=\"{component}\"}} 0");
+    assert!(metrics.contains(&gauge), "{metrics}");
+    let err = s
+        .server
+        .wait()
+        .await
+        .expect_err("a failed server stops with an error");
+    assert!(err.to_string().contains(reason), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_inference_thread_fails_readiness_and_stops_the_server() {
     let _turn = TURN.lock().await;
@@ -29,31 +60,7 @@ async fn a_dead_inference_thread_fails_readiness_and_stops_the_server() {
     // The second batch kills the thread; the request is answered, not hung.
     let resp = s.classify("pt_random_2", &json!({"inputs": "ok"})).await;
     assert_eq!(resp.status(), 503);
-    let ready = s.get("/ready").await;
-    assert_eq!(ready.status(), 503);
-    let body: Value = ready.json().await.unwrap();
-    assert_eq!(body["status"], "failed", "{body}");
-    assert!(
-        body["reason"]
-            .as_str()
-            .unwrap()
-            .contains("inference thread panicked"),
-        "{body}"
-    );
-    let metrics = s.get("/metrics").await.text().await.unwrap();
-    assert!(
-        metrics.contains("softprompt_component_up{component=\"inference\"} 0"),
-        "{metrics}"
-    );
-    let err = s
-        .server
-        .wait()
-        .await
-        .expect_err("a failed server stops with an error");
-    assert!(
-        err.to_string().contains("inference thread panicked"),
-        "{err}"
-    );
+    assert_failed_and_stops(s, "inference", "inference thread panicked").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,31 +70,5 @@ async fn a_dead_store_poller_fails_readiness_and_stops_the_server() {
     let mut f = flags(store.path());
     f.extend(["--faults", "poller-panic", "--sync-interval-ms", "100"].map(String::from));
     let s = start(&f).await;
-    let mut body = Value::Null;
-    for _ in 0..100 {
-        body = s.get("/ready").await.json().await.unwrap();
-        if body["status"] == "failed" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(body["status"], "failed", "{body}");
-    assert!(
-        body["reason"]
-            .as_str()
-            .unwrap()
-            .contains("store poller panicked"),
-        "{body}"
-    );
-    let metrics = s.get("/metrics").await.text().await.unwrap();
-    assert!(
-        metrics.contains("softprompt_component_up{component=\"store_poller\"} 0"),
-        "{metrics}"
-    );
-    let err = s
-        .server
-        .wait()
-        .await
-        .expect_err("a failed server stops with an error");
-    assert!(err.to_string().contains("store poller"), "{err}");
+    assert_failed_and_stops(s, "store_poller", "store poller panicked").await;
 }

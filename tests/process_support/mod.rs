@@ -97,3 +97,20 @@ pub fn sigterm(child: &Child) {
         .unwrap();
     assert!(ok.success());
 }
+
+/// `"STATUS ERROR_TYPE"` of an answer (`"200 "` for a success), or
+/// `"cut off: …"` when the request got no answer at all.
+pub async fn outcome(sent: reqwest::Result<reqwest::Response>) -> String {
+    match sent {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let kind = r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|v| v["error_type"].as_str().map(String::from));
+            format!("{status} {}", kind.unwrap_or_default())
+        }
+        Err(e) => format!("cut off: {e}"),
+    }
+}
