@@ -63,14 +63,7 @@ async fn main() {
         })
     };
     loop {
-        let metrics = http
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&http, &base).await;
         if metrics
             .lines()
             .any(|l| l == "softprompt_admitted_tokens 64")
@@ -123,14 +116,7 @@ async fn main() {
     let server_cpu = cpu_seconds(child.id()) - cpu_before;
     latencies.sort();
     let q = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&http, &base).await;
     println!("server-side classify latency histogram (seconds, cumulative):");
     for l in metrics.lines().filter(|l| {
         l.starts_with("softprompt_http_request_duration_seconds_bucket") && l.contains("classify")
@@ -185,4 +171,10 @@ fn cpu_seconds(pid: u32) -> f64 {
     };
     // utime and stime are fields 14 and 15 of the line: 0-based 11 and 12 after the ")".
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The server's Prometheus exposition.
+async fn metrics_text(http: &reqwest::Client, base: &str) -> String {
+    let resp = http.get(format!("{base}/metrics")).send().await.unwrap();
+    resp.text().await.unwrap()
 }

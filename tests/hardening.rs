@@ -134,19 +134,25 @@ async fn idle_and_slow_connections_past_the_bound_are_closed_and_clients_still_s
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_body_gets_408_and_the_request_timeout_covers_the_body() {
-    let store = store_with(&["pt_random_2"]);
-    let mut f = flags(store.path());
-    f.extend(["--body-timeout-ms", "600", "--request-timeout-ms", "30000"].map(String::from));
-    let s = start(&f).await;
+/// Sends a classify header announcing 50 bytes of body, then 5 of them and
+/// nothing more; returns whatever the server answers (10 s hang guard).
+async fn body_that_never_ends(s: &Running) -> String {
     let mut c = TcpStream::connect(s.server.addr()).await.unwrap();
     c.write_all(b"POST /v1/tasks/pt_random_2/classify HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 50\r\n\r\n{\"inp")
         .await
         .unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_gets_408_and_the_request_timeout_covers_the_body() {
+    let store = store_with(&["pt_random_2"]);
+    let mut f = flags(store.path());
+    f.extend(["--body-timeout-ms", "600", "--request-timeout-ms", "30000"].map(String::from));
+    let s = start(&f).await;
+    let answer = body_that_never_ends(&s).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
         answer.contains(r#""error_type":"body_timeout""#),
@@ -158,13 +164,7 @@ async fn a_slow_body_gets_408_and_the_request_timeout_covers_the_body() {
     let mut f = flags(store.path());
     f.extend(["--body-timeout-ms", "30000", "--request-timeout-ms", "600"].map(String::from));
     let s = start(&f).await;
-    let mut c = TcpStream::connect(s.server.addr()).await.unwrap();
-    c.write_all(b"POST /v1/tasks/pt_random_2/classify HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 50\r\n\r\n{\"inp")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = body_that_never_ends(&s).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains(r#""error_type":"timeout""#), "{answer}");
 }
