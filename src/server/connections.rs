@@ -375,7 +375,13 @@ impl Connection {
                     }
                 }
                 changed = self.shed.changed() => {
-                    if changed.is_ok() && state.idle_for().is_some_and(|d| d >= SHED_MIN_IDLE) {
+                    // The accept loop is gone (it dropped the sender): the
+                    // server has stopped; without this the branch would be
+                    // ready forever and spin.
+                    if changed.is_err() {
+                        return;
+                    }
+                    if state.idle_for().is_some_and(|d| d >= SHED_MIN_IDLE) {
                         metrics::counter!(super::metrics::CONNECTIONS_CLOSED, "reason" => "shed").increment(1);
                         return;
                     }
