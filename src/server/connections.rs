@@ -230,7 +230,7 @@ impl AsyncWrite for Tracked {
 }
 
 /// Serves `app` on `listener` until `stop` resolves; then stops accepting,
-/// lets each connection finish its response ([`Stop::Graceful`]) and
+/// lets each connection finish its response (`Stop::Graceful`) and
 /// closes what is left after [`CLOSE_GRACE`]. Returns once every
 /// connection is closed (or dropped).
 pub async fn serve(

@@ -1,0 +1,269 @@
+//! The frozen BERT/RoBERTa encoder, written so that every row of a batch can
+//! carry its own key/value prefix in every layer.
+//!
+//! The forward takes already-assembled input embeddings (see
+//! `engine::assemble`): shallow prompts live in the embeddings. Two layer
+//! stacks compute the same function, each in its own file, behind the one
+//! choice [`Encoder::fused`] makes from the [`OpsMode`]:
+//! - `fused.rs`, [`Encoder::encode_cpu`]: serving on the CPU (fused kernels
+//!   on plain buffers, each row's deep prompt read in place);
+//! - `ops.rs`, [`Encoder::encode`]: candle's ops, for training (it has a
+//!   backward) and for other devices, with deep prompts gathered into one
+//!   padded tensor that each layer slices.
+//!
+//! This file holds what both share: the weights, the layer norm, the
+//! pooler. A GPU-specific stack would be a third file beside them.
+
+use candle_core::{D, DType, Device, Tensor};
+
+use super::ModelError;
+use super::config::ModelConfig;
+use super::weights::Weights;
+
+mod fused;
+mod ops;
+
+pub use fused::{RowSpan, Source};
+pub use ops::Packing;
+
+/// Which kernels to use. Serving on the CPU uses our fused kernels
+/// ([`Encoder::encode_cpu`]) and on other devices candle's fused layer norm
+/// and softmax; training needs composed versions because the fused ones have
+/// no backward (their gradients silently come back as `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsMode {
+    /// Serving: fused kernels on the CPU, candle's ops elsewhere.
+    Serve,
+    /// Serving through candle's ops on every device: the forward a GPU
+    /// runs, forced on the CPU so that CI tests it (`serve --kernels candle`).
+    ServeOps,
+    /// Training: composed ops with a backward.
+    Train,
+}
+
+/// A dense layer stored as `[out, in]`, as in the checkpoint.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    /// `x @ W^T + b` over the last dimension of a 2-D input.
+    ///
+    /// When `x` is part of a backward graph but the weight is frozen (not a
+    /// variable nor derived from one), the product goes through
+    /// [`FrozenWeight`] so that backward computes only `∂x` and not the
+    /// weight gradient nobody reads (about a third of a training step).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.track_op() && !self.weight.track_op() && x.device().is_cpu() {
+            let y = x.detach().matmul(&self.weight.t()?)?;
+            return x
+                .apply_op2(&y, FrozenWeight(self.weight.clone()))?
+                .broadcast_add(&self.bias);
+        }
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+
+    fn load(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Self, ModelError> {
+        Ok(Linear {
+            weight: w.get(&format!("{name}.weight"), &[out, inp])?,
+            bias: w.get(&format!("{name}.bias"), &[out])?,
+        })
+    }
+}
+
+/// `x @ W^T` for a frozen `W`: the forward passes through the product
+/// computed outside the graph (second argument); the backward returns only
+/// `∂x = g W`. CPU only (the caller checks).
+struct FrozenWeight(Tensor);
+
+impl candle_core::CustomOp2 for FrozenWeight {
+    fn name(&self) -> &'static str {
+        "frozen-weight-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &candle_core::CpuStorage,
+        _xl: &candle_core::Layout,
+        y: &candle_core::CpuStorage,
+        yl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        match yl.contiguous_offsets() {
+            Some((0, n)) if n == yl.shape().elem_count() => Ok((y.clone(), yl.shape().clone())),
+            _ => candle_core::bail!(
+                "frozen-weight-matmul: the product must be a fresh contiguous tensor"
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.0)?), None))
+    }
+}
+
+/// Layer norm parameters.
+#[derive(Clone)]
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn load(w: &Weights, name: &str, hidden: usize, eps: f64) -> Result<Self, ModelError> {
+        // Old TF-converted checkpoints call them gamma/beta.
+        let (weight, bias) = match w.get_opt(&format!("{name}.weight"), &[hidden])? {
+            Some(weight) => (weight, w.get(&format!("{name}.bias"), &[hidden])?),
+            None => (
+                w.get(&format!("{name}.gamma"), &[hidden])?,
+                w.get(&format!("{name}.beta"), &[hidden])?,
+            ),
+        };
+        Ok(Norm { weight, bias, eps })
+    }
+
+    fn forward(&self, x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
+        match mode {
+            OpsMode::Serve | OpsMode::ServeOps => {
+                candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+            }
+            OpsMode::Train => {
+                let mean = x.mean_keepdim(D::Minus1)?;
+                let centered = x.broadcast_sub(&mean)?;
+                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+                normed
+                    .broadcast_mul(&self.weight)?
+                    .broadcast_add(&self.bias)
+            }
+        }
+    }
+}
+
+struct Layer {
+    /// Query, key and value fused into one `[3*hidden, hidden]` matmul.
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: Norm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: Norm,
+}
+
+/// The frozen encoder: embeddings, transformer layers and (when the
+/// checkpoint has one) the BERT pooler.
+pub struct Encoder {
+    pub config: ModelConfig,
+    device: Device,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embed_norm: Norm,
+    layers: Vec<Layer>,
+    pooler: Option<Linear>,
+}
+
+impl Encoder {
+    /// Builds the encoder from a checkpoint's tensors.
+    pub fn new(config: ModelConfig, w: &Weights, device: &Device) -> Result<Self, ModelError> {
+        let h = config.hidden_size;
+        let i = config.intermediate_size;
+        let eps = config.layer_norm_eps;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            let q = Linear::load(w, &format!("{p}.attention.self.query"), h, h)?;
+            let k = Linear::load(w, &format!("{p}.attention.self.key"), h, h)?;
+            let v = Linear::load(w, &format!("{p}.attention.self.value"), h, h)?;
+            let cat = |a: [&Tensor; 3]| Tensor::cat(&a, 0).map_err(ModelError::from);
+            let qkv = Linear {
+                weight: cat([&q.weight, &k.weight, &v.weight])?,
+                bias: cat([&q.bias, &k.bias, &v.bias])?,
+            };
+            let attn_out = Linear::load(w, &format!("{p}.attention.output.dense"), h, h)?;
+            let attn_norm = Norm::load(w, &format!("{p}.attention.output.LayerNorm"), h, eps)?;
+            let output = Linear::load(w, &format!("{p}.output.dense"), h, i)?;
+            let out_norm = Norm::load(w, &format!("{p}.output.LayerNorm"), h, eps)?;
+            layers.push(Layer {
+                qkv,
+                attn_out,
+                attn_norm,
+                intermediate: Linear::load(w, &format!("{p}.intermediate.dense"), i, h)?,
+                output,
+                out_norm,
+            });
+        }
+        let pooler = match w.get_opt("pooler.dense.weight", &[h, h])? {
+            Some(weight) => Some(Linear {
+                weight,
+                bias: w.get("pooler.dense.bias", &[h])?,
+            }),
+            None => None,
+        };
+        Ok(Encoder {
+            word_embeddings: w.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            position_embeddings: w.get(
+                "embeddings.position_embeddings.weight",
+                &[config.max_position_embeddings, h],
+            )?,
+            token_type_embeddings: w.get(
+                "embeddings.token_type_embeddings.weight",
+                &[config.type_vocab_size, h],
+            )?,
+            embed_norm: Norm::load(w, "embeddings.LayerNorm", h, eps)?,
+            layers,
+            pooler,
+            device: device.clone(),
+            config,
+        })
+    }
+
+    /// The device every tensor of this encoder lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The word embedding matrix `[vocab, hidden]` (prompt init from text or
+    /// vocabulary samples, and the model fingerprint).
+    pub fn word_embeddings(&self) -> &Tensor {
+        &self.word_embeddings
+    }
+
+    /// Whether the checkpoint carries a BERT pooler.
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    /// Whether [`Encoder::encode_cpu`] serves this mode on this device.
+    pub fn fused(&self, mode: OpsMode) -> bool {
+        mode == OpsMode::Serve
+            && self.device.is_cpu()
+            && self
+                .config
+                .hidden_size
+                .is_multiple_of(self.config.num_attention_heads)
+    }
+
+    /// BERT pooler (`tanh(W h + b)`) over given vectors `[N, hidden]`.
+    pub fn pool(&self, first: &Tensor) -> Result<Tensor, ModelError> {
+        let p = self.pooler.as_ref().ok_or_else(|| {
+            ModelError::Missing(
+                "tensor \"pooler.dense.weight\": this task pools through the BERT pooler but the checkpoint has none".into(),
+            )
+        })?;
+        Ok(p.forward(first)?.tanh()?)
+    }
+
+    /// Zero tensor helper on this encoder's device.
+    pub fn zeros(&self, shape: &[usize]) -> candle_core::Result<Tensor> {
+        Tensor::zeros(shape, DType::F32, &self.device)
+    }
+}
