@@ -1191,28 +1191,22 @@ mod tests {
         }
     }
 
-    /// Rows that overlap would be written by two threads at once: refused.
-    #[test]
-    #[should_panic(expected = "attention: rows must be sorted by start and disjoint")]
-    fn attention_refuses_overlapping_rows() {
+    /// Runs attention over a batch of `n` tokens (2 heads of 4) with rows
+    /// `(start, len)` and no deep prompts: for the row checks below.
+    fn attention_over(n: usize, spans: &[(usize, usize)]) {
         let (heads, d) = (2, 4);
         let h = heads * d;
-        let n = 6;
         let mut out = vec![0f32; n * h];
         let qkv = vec![0.5f32; n * 3 * h];
         let bias = vec![0f32; 3 * h];
-        let rows = [
-            AttnRow {
-                start: 0,
-                len: 4,
+        let rows: Vec<AttnRow> = spans
+            .iter()
+            .map(|&(start, len)| AttnRow {
+                start,
+                len,
                 prefix: &[],
-            },
-            AttnRow {
-                start: 3,
-                len: 3,
-                prefix: &[],
-            },
-        ];
+            })
+            .collect();
         let dims = AttnDims {
             hidden: h,
             heads,
@@ -1223,36 +1217,18 @@ mod tests {
         attention(&mut out, &qkv, &bias, &rows, dims);
     }
 
+    /// Rows that overlap would be written by two threads at once: refused.
+    #[test]
+    #[should_panic(expected = "attention: rows must be sorted by start and disjoint")]
+    fn attention_refuses_overlapping_rows() {
+        attention_over(6, &[(0, 4), (3, 3)]);
+    }
+
     /// Rows out of order are refused too (the check compares neighbours).
     #[test]
     #[should_panic(expected = "attention: rows must be sorted by start and disjoint")]
     fn attention_refuses_unsorted_rows() {
-        let (heads, d) = (2, 4);
-        let h = heads * d;
-        let n = 6;
-        let mut out = vec![0f32; n * h];
-        let qkv = vec![0.5f32; n * 3 * h];
-        let bias = vec![0f32; 3 * h];
-        let rows = [
-            AttnRow {
-                start: 3,
-                len: 3,
-                prefix: &[],
-            },
-            AttnRow {
-                start: 0,
-                len: 3,
-                prefix: &[],
-            },
-        ];
-        let dims = AttnDims {
-            hidden: h,
-            heads,
-            layers: 1,
-            layer: 0,
-            scale: 0.5,
-        };
-        attention(&mut out, &qkv, &bias, &rows, dims);
+        attention_over(6, &[(3, 3), (0, 3)]);
     }
 
     /// A row whose end overflows `usize` is outside the batch, not a wrap
@@ -1260,22 +1236,6 @@ mod tests {
     #[test]
     #[should_panic(expected = "attention: row outside the batch")]
     fn attention_refuses_rows_past_the_batch() {
-        let h = 8;
-        let mut out = vec![0f32; 2 * h];
-        let qkv = vec![0f32; 2 * 3 * h];
-        let bias = vec![0f32; 3 * h];
-        let rows = [AttnRow {
-            start: usize::MAX,
-            len: 2,
-            prefix: &[],
-        }];
-        let dims = AttnDims {
-            hidden: h,
-            heads: 2,
-            layers: 1,
-            layer: 0,
-            scale: 0.5,
-        };
-        attention(&mut out, &qkv, &bias, &rows, dims);
+        attention_over(2, &[(usize::MAX, 2)]);
     }
 }
