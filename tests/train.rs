@@ -164,13 +164,17 @@ fn assert_train_equals_serve(
         }
         out
     };
-    // The three forwards: fused CPU kernels (serving on the CPU), candle's
-    // ops (serving on a GPU), composed ops with a backward (training).
-    let (serve, ops, tr) = (
+    // The four forwards: fused CPU kernels (serving on the CPU), candle's
+    // ops (serving on a GPU), the fused training op (training on the CPU),
+    // composed ops with a backward (training elsewhere).
+    let (serve, ops, tr, tr_ops) = (
         collect(OpsMode::Serve),
         collect(OpsMode::ServeOps),
         collect(OpsMode::Train),
+        collect(OpsMode::TrainOps),
     );
+    let d = max_abs_diff(&tr_ops, &tr);
+    assert!(d <= 1e-5, "fused training op vs composed ops: max |Δ| {d}");
     let d = max_abs_diff(&serve, &tr);
     assert!(d <= 1e-5, "train vs fused serve forward: max |Δ| {d}");
     let d = max_abs_diff(&ops, &tr);
@@ -181,6 +185,96 @@ fn assert_train_equals_serve(
         serve.iter().flatten().any(|v| v.abs() > 1e-3),
         "logits are not trivially zero"
     );
+}
+
+/// The fused training op's backward (hand-written) against candle's
+/// autograd over the composed-op graph: every parameter's gradient, for
+/// every method, on a batch of rows of different lengths.
+fn assert_fused_gradients_match_composed(model: &std::sync::Arc<Model>, specs: Vec<(&str, Spec)>) {
+    let engine = Engine::new(model.clone());
+    let texts = [
+        "this is every low cl",
+        "to do",
+        "at every co to this do at this and every other one",
+        "do",
+    ];
+    let samples: Vec<Sample> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Sample {
+            input: model.tokenizer.encode(t, None, 40, true).unwrap(),
+            label: i % 3,
+        })
+        .collect();
+    let refs: Vec<&Sample> = samples.iter().collect();
+    for (name, s) in specs {
+        let p = Params::init(s, model, &PromptInit::Random, 9).unwrap();
+        // A head with some weight, so that gradients reach the prompt.
+        let mut values = p.values().unwrap();
+        let hw = values["head.weight"].dims().to_vec();
+        values.insert(
+            "head.weight".into(),
+            Tensor::randn(0f32, 1.0, hw, &Device::Cpu).unwrap(),
+        );
+        p.set_values(&values).unwrap();
+        let grads = |mode| {
+            let loss =
+                train::batch_loss_in(&engine, &p.task_model().unwrap(), &refs, mode).unwrap();
+            (loss.to_scalar::<f32>().unwrap(), loss.backward().unwrap())
+        };
+        let (l_fused, g_fused) = grads(OpsMode::Train);
+        let (l_ops, g_ops) = grads(OpsMode::TrainOps);
+        assert!(
+            (l_fused - l_ops).abs() <= 1e-5,
+            "{name}: loss {l_fused} vs {l_ops}"
+        );
+        for (vname, var) in p.named() {
+            let get = |g: &candle_core::backprop::GradStore| -> Vec<f32> {
+                g.get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient for {vname}"))
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (a, b) = (get(&g_fused), get(&g_ops));
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 1e-8, "{name}: {vname}: zero reference gradient");
+            let worst = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                worst <= 1e-4 * scale,
+                "{name}: {vname}: fused vs composed gradient max |Δ| {worst} (largest {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_training_gradients_equal_the_composed_op_graph() {
+    assert_fused_gradients_match_composed(&tiny(), all_specs());
+}
+
+#[test]
+fn fused_training_gradients_equal_the_composed_op_graph_on_the_default_model() {
+    let model = load_model(&default_model_dir());
+    let specs = vec![
+        (
+            "prompt-tuning",
+            spec(Method::PromptTuning, Reparam::None, 10, None, Pooling::Mean),
+        ),
+        (
+            "p-tuning mlp",
+            spec(Method::PTuning, Reparam::Mlp, 10, None, Pooling::Mean),
+        ),
+        (
+            "p-tuning-v2 mlp",
+            spec(Method::PTuningV2, Reparam::Mlp, 10, None, Pooling::Mean),
+        ),
+    ];
+    assert_fused_gradients_match_composed(&model, specs);
 }
 
 #[test]

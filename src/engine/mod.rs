@@ -9,7 +9,7 @@ pub mod template;
 use candle_core::{D, Tensor};
 use std::sync::Arc;
 
-use crate::model::encoder::{Packing, RowSpan};
+use crate::model::encoder::{Packing, RowSpan, TrainRow};
 use crate::model::{Encoded, Encoder, Model, ModelError, OpsMode};
 use crate::profile::time;
 pub use task_model::{Head, Pooling, ShallowPrompt, TaskModel};
@@ -137,6 +137,8 @@ impl Engine {
                 })
                 .collect();
             enc.encode_cpu(x, &spans)?
+        } else if mode == OpsMode::Train && enc.fused_train() {
+            self.encode_train(rows, &a)?
         } else {
             let inputs = a
                 .inputs
@@ -154,6 +156,55 @@ impl Engine {
             enc.encode(&x, &pack, &a.mask, a.prefix.as_ref(), mode)?
         };
         time("heads", || self.heads(rows, &a, &hidden))
+    }
+
+    /// The CPU training forward ([`Encoder::encode_train`]) of an assembled
+    /// batch: the batch's distinct deep prompts are stacked into one table
+    /// (so that the backward reaches each), and every row points at its
+    /// task's part.
+    fn encode_train(
+        &self,
+        rows: &[Row<'_>],
+        a: &assemble::Assembled,
+    ) -> Result<Tensor, EngineError> {
+        let enc: &Encoder = &self.model.encoder;
+        let inputs = a
+            .inputs
+            .as_ref()
+            .expect("assembled for the candle-ops forward");
+        let mut parts = Vec::new();
+        let mut deep_start = vec![0usize; rows.len()];
+        let mut at = 0;
+        for (first, members) in &a.groups {
+            let task = rows[*first].task;
+            for &r in members {
+                deep_start[r as usize] = at;
+            }
+            if let Some(d) = &task.deep {
+                parts.push(d.clone());
+                at += task.deep_len();
+            }
+        }
+        let deep = if parts.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&parts, 0)?)
+        };
+        let train_rows: Vec<TrainRow> = a
+            .spans
+            .iter()
+            .zip(rows)
+            .zip(deep_start)
+            .map(|((&(start, len), row), deep_start)| TrainRow {
+                start,
+                len,
+                deep_start,
+                deep_len: row.task.deep_len(),
+            })
+            .collect();
+        Ok(time("train.encoder", || {
+            enc.encode_train(inputs, &a.types, &a.positions, &train_rows, deep.as_ref())
+        })?)
     }
 
     /// Pooling and each task's head over the encoder's packed output.

@@ -9,8 +9,9 @@
 //! the baseline target, and with AVX2+FMA enabled, picked at run time (the
 //! binary still runs on any x86-64 or other architecture).
 //!
-//! They have no backward: training uses candle's composed ops
-//! (`OpsMode::Train`), and other devices use candle's ops as well.
+//! Training uses them too, through [`train`]: forward variants that keep
+//! what the backward needs, and hand-written backward passes. Other
+//! devices use candle's ops.
 
 // The one module of the crate allowed unsafe code (Cargo.toml denies it
 // elsewhere): the AVX2 intrinsics and calls into their target-feature
@@ -513,7 +514,24 @@ pub fn matmul_wt(out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
         k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),
         "matmul: inner dimensions disagree"
     );
-    let (m, n) = (x.len() / k, w.len() / k);
+    matmul(out, x, w, k, w.len() / k, true);
+}
+
+/// `out[m, n] ← g[m, k] · w[k, n]` for a weight stored `[out, in]` (k =
+/// out, n = in): the backward of [`matmul_wt`] with respect to its input
+/// (training), split over threads the same way.
+pub fn matmul_w(out: &mut [f32], g: &[f32], w: &[f32], k: usize) {
+    assert!(
+        k > 0 && g.len().is_multiple_of(k) && w.len().is_multiple_of(k),
+        "matmul: inner dimensions disagree"
+    );
+    matmul(out, g, w, k, w.len() / k, false);
+}
+
+/// `out[m, n] ← x[m, k] · B` with `B[k, n]` = `w[n, k]ᵀ` (`transposed`) or
+/// `w[k, n]`.
+fn matmul(out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize, transposed: bool) {
+    let m = x.len() / k;
     assert_eq!(out.len(), m * n, "matmul: output size");
     if m == 0 || n == 0 {
         return;
@@ -541,6 +559,12 @@ pub fn matmul_wt(out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
         };
         at(j)..at(j + 1)
     };
+    // Strides of B and where column j of B starts in w.
+    let (b_cs, b_rs, col_at) = if transposed {
+        (k as isize, 1, k)
+    } else {
+        (1, n as isize, 1)
+    };
     let dst = SharedOut(out.as_mut_ptr());
     let run = |item: usize| {
         let rows = block(m, pm, item / pn, 1);
@@ -548,9 +572,10 @@ pub fn matmul_wt(out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
         if rows.is_empty() || cols.is_empty() {
             return;
         }
-        // SAFETY: x holds m·k values, w n·k and out m·n (checked above);
-        // this call reads rows `rows` of x and `cols` of w and writes only
-        // the (rows × cols) block of out, which no other item writes.
+        // SAFETY: x holds m·k values, w n·k and out m·n (checked by the
+        // callers and above); this call reads rows `rows` of x and columns
+        // `cols` of B (inside w for either layout) and writes only the
+        // (rows × cols) block of out, which no other item writes.
         unsafe {
             gemm::gemm(
                 rows.len(),
@@ -563,9 +588,9 @@ pub fn matmul_wt(out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
                 x.as_ptr().add(rows.start * k),
                 1,
                 k as isize,
-                w.as_ptr().add(cols.start * k),
-                k as isize,
-                1,
+                w.as_ptr().add(cols.start * col_at),
+                b_cs,
+                b_rs,
                 0.0,
                 1.0,
                 false,
@@ -865,6 +890,8 @@ fn attend_impl<F: Arith>(
         }
     }
 }
+
+pub mod train;
 
 #[cfg(test)]
 mod tests {

@@ -489,6 +489,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         "val_examples": val_s.len(),
         "val_accuracy": outcome.best_val_accuracy,
         "train_seconds": (outcome.seconds * 10.0).round() / 10.0,
+        "seconds_per_step": (outcome.step_seconds / outcome.steps_run.max(1) as f64 * 1e4).round() / 1e4,
         "max_tokens": budget,
         "batch_size": args.batch_size,
         "lr": args.lr,
@@ -529,9 +530,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let task = Task::new(meta, folded)?;
     let summary = format!(
-        "{} steps in {:.0}s, best validation accuracy {}",
+        "{} steps in {:.0}s ({:.3}s per step), best validation accuracy {}",
         outcome.steps,
         outcome.seconds,
+        outcome.step_seconds / outcome.steps_run.max(1) as f64,
         outcome
             .best_val_accuracy
             .map_or("n/a".into(), |a| format!("{a:.4}"))

@@ -2,11 +2,12 @@
 //!
 //! The base model's weights are plain tensors and never change; the prompt,
 //! its optional reparameterization encoder and the head are
-//! [`candle_core::Var`]s (see [`params`]). A step runs the same batched
-//! forward the server uses ([`Engine::forward`] in [`OpsMode::Train`], which
-//! composes layer norm and softmax so that they have a backward), takes the
-//! cross-entropy, and updates the variables with AdamW ([`optim`]) under a
-//! linear warm-up / linear decay schedule. Validation runs through
+//! [`candle_core::Var`]s (see [`params`]). A step runs the batched forward
+//! ([`Engine::forward`] in [`OpsMode::Train`]: on the CPU the fused layer
+//! stack as one op with a hand-written backward, see
+//! `model::encoder::train`), takes the cross-entropy, and updates the
+//! variables with AdamW ([`optim`]) under a linear warm-up / linear decay
+//! schedule. Validation runs through
 //! [`Engine::classify`] on the folded task, exactly what serving computes.
 //!
 //! Checkpoints (one safetensors file, replaced atomically) hold the current
@@ -125,6 +126,12 @@ pub struct Outcome {
     pub evals: Vec<EvalPoint>,
     /// Wall-clock seconds of this invocation (a resumed run counts its own).
     pub seconds: f64,
+    /// Seconds of this invocation spent in optimizer steps (prompt encoder,
+    /// forward, backward, update), without validation and checkpoints: what
+    /// `bench/train.sh` compares per step with PEFT.
+    pub step_seconds: f64,
+    /// Steps this invocation ran (a resumed run counts its own).
+    pub steps_run: usize,
     /// Stopped by the stop flag (Ctrl-C); a checkpoint was written.
     pub interrupted: bool,
     /// Stopped by `patience`.
@@ -309,6 +316,17 @@ pub fn batch_loss(
     task: &TaskModel,
     samples: &[&Sample],
 ) -> anyhow::Result<Tensor> {
+    batch_loss_in(engine, task, samples, OpsMode::Train)
+}
+
+/// [`batch_loss`] through the forward of `mode`: [`OpsMode::TrainOps`] is
+/// the composed-op reference of the fused training op.
+pub fn batch_loss_in(
+    engine: &Engine,
+    task: &TaskModel,
+    samples: &[&Sample],
+    mode: OpsMode,
+) -> anyhow::Result<Tensor> {
     let rows: Vec<Row> = samples
         .iter()
         .map(|s| Row {
@@ -316,7 +334,7 @@ pub fn batch_loss(
             task,
         })
         .collect();
-    let groups = engine.forward(&rows, OpsMode::Train)?;
+    let groups = engine.forward(&rows, mode)?;
     anyhow::ensure!(groups.len() == 1, "a training batch holds one task");
     let g = &groups[0];
     let labels: Vec<u32> = g
@@ -425,6 +443,7 @@ pub fn train(
     let mut early = false;
     let mut batches: Vec<Vec<usize>> = Vec::new();
     let mut batches_epoch = usize::MAX;
+    let (mut step_seconds, mut steps_run) = (0.0, 0usize);
 
     let checkpoint = |st: &CheckpointState,
                       best: &HashMap<String, Tensor>,
@@ -456,6 +475,7 @@ pub fn train(
             .map(|&i| &train[i])
             .collect();
         let f = lr_factor(st.step, total, warmup);
+        let step_start = Instant::now();
         let task = time("train.prompt_encoder", || params.task_model())?;
         let loss = time("train.forward", || batch_loss(engine, &task, &batch))?;
         let grads = time("train.backward", || loss.backward())?;
@@ -463,6 +483,8 @@ pub fn train(
             opt.step(&grads, &[cfg.lr * f, cfg.head_lr * f])
         })?;
         let l = loss.to_scalar::<f32>()? as f64;
+        step_seconds += step_start.elapsed().as_secs_f64();
+        steps_run += 1;
         anyhow::ensure!(
             l.is_finite(),
             "step {}: loss is {l}; lower --lr",
@@ -540,6 +562,8 @@ pub fn train(
         best_val_accuracy: st.best_val_accuracy,
         evals: st.evals,
         seconds: started.elapsed().as_secs_f64(),
+        step_seconds,
+        steps_run,
         interrupted,
         early_stopped: early,
     })

@@ -177,13 +177,14 @@ def train(args):
     model.eval()
     correct = 0
     with torch.no_grad():
-        for i in range(0, len(te), 64):
+        for i in range(0, 0 if args.no_test else len(te), 64):
             rows = te[i:i + 64]
             logits = model(**batch(rows)).logits
             correct += sum(int(p) == lid[r["label"]] for p, r in zip(logits.argmax(-1), rows))
     res = {"data": args.data, "method": args.method, "reparam": args.reparam, "init": args.init, "mean_pooling": args.mean_pooling,
            "steps": total, "batch_size": args.batch_size, "lr": args.lr, "virtual_tokens": n,
-           "max_tokens": args.max_tokens, "test_accuracy": correct / len(te), "train_seconds": round(train_s, 1),
+           "max_tokens": args.max_tokens, "test_accuracy": None if args.no_test else correct / len(te),
+           "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(total, 1), 4),
            "threads": args.threads}
     print(json.dumps(res))
 
@@ -209,6 +210,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=20, help="print the training loss every N steps")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--no-test", action="store_true", help="skip the test-set evaluation (bench/train.sh times steps only)")
     args = ap.parse_args()
     if args.fixtures:
         fixtures()

@@ -55,7 +55,7 @@ fn distinct<'t>(
 }
 
 /// The f32 values of a contiguous CPU tensor behind its storage guard.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(super) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("fused forward: expected a contiguous tensor")
     };

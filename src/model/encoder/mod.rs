@@ -7,9 +7,11 @@
 //! choice [`Encoder::fused`] makes from the [`OpsMode`]:
 //! - `fused.rs`, [`Encoder::encode_cpu`]: serving on the CPU (fused kernels
 //!   on plain buffers, each row's deep prompt read in place);
-//! - `ops.rs`, [`Encoder::encode`]: candle's ops, for training (it has a
-//!   backward) and for other devices, with deep prompts gathered into one
-//!   padded tensor that each layer slices.
+//! - `ops.rs`, [`Encoder::encode`]: candle's ops, for other devices (and
+//!   training there: composed ops have a backward), with deep prompts
+//!   gathered into one padded tensor that each layer slices;
+//! - `train.rs`, [`Encoder::encode_train`]: training on the CPU, the fused
+//!   stack as one autograd op with a hand-written backward.
 //!
 //! This file holds what both share: the weights, the layer norm, the
 //! pooler. A GPU-specific stack would be a third file beside them.
@@ -22,14 +24,18 @@ use super::weights::Weights;
 
 mod fused;
 mod ops;
+mod train;
 
 pub use fused::{RowSpan, Source};
 pub use ops::Packing;
+pub use train::TrainRow;
 
 /// Which kernels to use. Serving on the CPU uses our fused kernels
 /// ([`Encoder::encode_cpu`]) and on other devices candle's fused layer norm
-/// and softmax; training needs composed versions because the fused ones have
-/// no backward (their gradients silently come back as `None`).
+/// and softmax. Training on the CPU uses the fused training kernels with
+/// hand-written backward passes ([`Encoder::encode_train`]); elsewhere it
+/// needs candle's composed ops, because candle's fused layer norm and
+/// softmax have no backward (their gradients silently come back as `None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpsMode {
     /// Serving: fused kernels on the CPU, candle's ops elsewhere.
@@ -37,8 +43,11 @@ pub enum OpsMode {
     /// Serving through candle's ops on every device: the forward a GPU
     /// runs, forced on the CPU so that CI tests it (`serve --kernels candle`).
     ServeOps,
-    /// Training: composed ops with a backward.
+    /// Training: the fused training op on the CPU, composed ops elsewhere.
     Train,
+    /// Training through candle's composed ops on every device: the
+    /// reference the fused training op is tested against.
+    TrainOps,
 }
 
 /// A dense layer stored as `[out, in]`, as in the checkpoint.
@@ -135,7 +144,7 @@ impl Norm {
             OpsMode::Serve | OpsMode::ServeOps => {
                 candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
             }
-            OpsMode::Train => {
+            OpsMode::Train | OpsMode::TrainOps => {
                 let mean = x.mean_keepdim(D::Minus1)?;
                 let centered = x.broadcast_sub(&mean)?;
                 let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -148,6 +157,7 @@ impl Norm {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     /// Query, key and value fused into one `[3*hidden, hidden]` matmul.
     qkv: Linear,

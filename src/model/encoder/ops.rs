@@ -2,7 +2,8 @@
 //! candle's tensor ops over a padded `[B, S]` grid, with deep prompts
 //! gathered into one padded tensor that each layer slices. What other
 //! devices run when serving (and the CPU with `--kernels candle`), and what
-//! training runs (`OpsMode::Train`: composed ops that have a backward).
+//! training runs there (composed ops that have a backward; on the CPU with
+//! `OpsMode::TrainOps`, the reference of the fused training op).
 
 use candle_core::{D, Tensor};
 
@@ -22,7 +23,7 @@ pub struct Packing<'a> {
 fn softmax_last(x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
     match mode {
         OpsMode::Serve | OpsMode::ServeOps => candle_nn::ops::softmax_last_dim(x),
-        OpsMode::Train => candle_nn::ops::softmax(x, D::Minus1),
+        OpsMode::Train | OpsMode::TrainOps => candle_nn::ops::softmax(x, D::Minus1),
     }
 }
 
