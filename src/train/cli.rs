@@ -224,6 +224,12 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Which training forward: auto (on the CPU our fused kernels with
+    /// hand-written backward passes; elsewhere candle's composed ops) or
+    /// candle (candle's composed ops everywhere: the slower reference,
+    /// what training ran before the fused backward existed).
+    #[arg(long, value_enum, default_value_t = crate::engine::Kernels::Auto)]
+    pub kernels: crate::engine::Kernels,
     /// Name recorded as the task's data source (default: the training file name).
     #[arg(long)]
     pub data_name: Option<String>,
@@ -469,6 +475,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         pause_at: args.pause_at_step,
         progress: !args.quiet,
         eval_batch: 64,
+        forward: match args.kernels {
+            crate::engine::Kernels::Auto => crate::model::OpsMode::Train,
+            crate::engine::Kernels::Candle => crate::model::OpsMode::TrainOps,
+        },
     };
     let outcome = super::train(&engine, &params, &train_s, &val_s, &cfg, &stop)?;
     let ckpt_path = cfg.checkpoint.as_ref().expect("set above");

@@ -75,6 +75,10 @@ pub struct TrainConfig {
     pub progress: bool,
     /// Rows per validation batch.
     pub eval_batch: usize,
+    /// The training forward: [`OpsMode::Train`] (fused on the CPU) or
+    /// [`OpsMode::TrainOps`] (candle's composed ops, `train --kernels
+    /// candle`).
+    pub forward: OpsMode,
 }
 
 impl Default for TrainConfig {
@@ -95,6 +99,7 @@ impl Default for TrainConfig {
             pause_at: None,
             progress: true,
             eval_batch: 64,
+            forward: OpsMode::Train,
         }
     }
 }
@@ -477,7 +482,9 @@ pub fn train(
         let f = lr_factor(st.step, total, warmup);
         let step_start = Instant::now();
         let task = time("train.prompt_encoder", || params.task_model())?;
-        let loss = time("train.forward", || batch_loss(engine, &task, &batch))?;
+        let loss = time("train.forward", || {
+            batch_loss_in(engine, &task, &batch, cfg.forward)
+        })?;
         let grads = time("train.backward", || loss.backward())?;
         time("train.optimizer", || {
             opt.step(&grads, &[cfg.lr * f, cfg.head_lr * f])
