@@ -12,11 +12,16 @@
 //! the request list (`requests.jsonl`: text, task, token ids) and
 //! `workload.json` (what was built, with which seeds).
 //!
-//! `run` times one round of three measurements and writes
+//! `run` times one round of four measurements and writes
 //! `rust_round{R}.json`: (a) the engine on mixed-task batches, (b) the same
-//! engine on one-task batches, and the f32 matmul rate at the model's shapes
-//! from which the roofline (d) follows. The tasks are read back from the
-//! exported PEFT directories, so both sides run the very same adapter files.
+//! engine on one-task batches, the f32 matmul rate at the model's shapes
+//! from which the roofline (d) follows, and (a0) the engine on the plain
+//! encoder: the same requests with no prompt at all, every row of a task
+//! with neither a shallow nor a deep prompt and the first task's pooling and
+//! head, one batch per window, rows in arrival order -- the like-for-like
+//! counterpart of ONNX Runtime's (e) and (f) (`bench/ort_workload.py`). The
+//! tasks are read back from the exported PEFT directories, so both sides run
+//! the very same adapter files.
 //!
 //! Arrival, identical for (a), (b) and (c): requests arrive in file order;
 //! the batcher takes windows of `window` consecutive requests (64 = the
@@ -87,11 +92,11 @@ enum Cmd {
         #[arg(long, default_values = ["data/sentiment/test.jsonl", "data/sentiment/train.jsonl"])]
         data: Vec<PathBuf>,
     },
-    /// Time one round of (a), (b) and the matmul rate; write rust_round{R}.json.
+    /// Time one round of (a), (b), the matmul rate and (a0); write rust_round{R}.json.
     Run {
         #[arg(long)]
         round: usize,
-        /// Windows run untimed through (a) and (b) first.
+        /// Windows run untimed through each path first.
         #[arg(long, default_value_t = 4)]
         warmup: usize,
     },
@@ -330,6 +335,32 @@ fn run(model: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
         softprompt::profile::print();
     }
 
+    // (a0): the plain encoder, no prompt, the first task's pooling and head
+    // (so its logits can be checked against ONNX Runtime's pooler output
+    // through the same head). Run after (a) and (b), which stay as they were.
+    let plain_task = workload["tasks"][0]["id"]
+        .as_str()
+        .context("task id")?
+        .to_string();
+    let plain = {
+        let t = &tasks[index[&plain_task]];
+        TaskModel {
+            shallow: None,
+            deep: None,
+            head: t.head.clone(),
+            pooling: t.pooling,
+        }
+    };
+    plain_pass(&engine, &plain, warm)?;
+    softprompt::profile::take();
+    let t = Instant::now();
+    let (logits_a0, batches_a0) = plain_pass(&engine, &plain, &windows)?;
+    let secs_a0 = t.elapsed().as_secs_f64();
+    if profiling {
+        println!("(a0) plain encoder, per op:");
+        softprompt::profile::print();
+    }
+
     let max_ab = logits_a
         .iter()
         .flatten()
@@ -341,10 +372,12 @@ fn run(model: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
         "round {round}: (a) mixed {:.0} text tokens/s ({secs_a:.2} s, {batches_a} batches); \
          (b) per task {:.0} text tokens/s ({secs_b:.2} s, {batches_b} batches); \
          matmul {matmul:.1} GFLOP/s at {matmul_rows} rows -> roofline {:.0} text tokens/s; \
+         (a0) plain encoder {:.0} text tokens/s ({secs_a0:.2} s, {batches_a0} batches); \
          max |a-b| {max_ab:.2e}; {threads} threads",
         text_tokens as f64 / secs_a,
         text_tokens as f64 / secs_b,
         text_tokens as f64 / (flops / (matmul * 1e9)),
+        text_tokens as f64 / secs_a0,
     );
     let result = json!({
         "round": round,
@@ -363,6 +396,10 @@ fn run(model: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
         "batches_b": batches_b,
         "logits_a": logits_a,
         "logits_b": logits_b,
+        "secs_a0": secs_a0,
+        "batches_a0": batches_a0,
+        "plain_head_task": plain_task,
+        "logits_a0": logits_a0,
     });
     std::fs::write(
         out.join(format!("rust_round{round}.json")),
@@ -384,6 +421,27 @@ fn mixed(
             .map(|r| Row {
                 input: &r.input,
                 task: &tasks[r.task],
+            })
+            .collect();
+        logits.extend(engine.classify(&rows)?);
+    }
+    Ok((logits, windows.len()))
+}
+
+/// (a0): each window as one batch of plain rows (every row `plain`, a task
+/// without prompts), rows in arrival order.
+fn plain_pass(
+    engine: &Engine,
+    plain: &TaskModel,
+    windows: &[&[Request]],
+) -> Result<(Vec<Vec<f32>>, usize)> {
+    let mut logits = Vec::new();
+    for w in windows {
+        let rows: Vec<Row> = w
+            .iter()
+            .map(|r| Row {
+                input: &r.input,
+                task: plain,
             })
             .collect();
         logits.extend(engine.classify(&rows)?);
