@@ -220,6 +220,48 @@ impl From<&LoadedTask> for TaskInfo {
     }
 }
 
+/// One task of the listing (`GET /v1/tasks`): every task in the store, and
+/// whether this replica holds it resident. The version, kind and labels are
+/// known for resident tasks only (a cold task is not read for a listing).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskEntry {
+    /// Task id, as in the URL.
+    pub id: String,
+    /// Whether this replica holds the task in memory now (a request for a
+    /// task that is not resident loads it first).
+    pub resident: bool,
+    /// Content hash (resident tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `shallow`, `deep`, `hybrid` or `none` (resident tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Label names in head order (resident tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+}
+
+impl From<&LoadedTask> for TaskEntry {
+    fn from(t: &LoadedTask) -> Self {
+        TaskEntry {
+            id: t.id.clone(),
+            resident: true,
+            version: Some(t.version.clone()),
+            kind: Some(kind_name(t)),
+            labels: Some(t.meta.labels.clone()),
+        }
+    }
+}
+
+/// Query of `GET /v1/tasks`: one page of the catalog, by id.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Most tasks in the answer (default 1000, at most 10000).
+    pub limit: Option<usize>,
+    /// Only ids after this one (the last id of the previous page).
+    pub after: Option<String>,
+}
+
 fn kind_name(t: &LoadedTask) -> String {
     serde_json::to_value(t.kind)
         .ok()

@@ -95,10 +95,8 @@ async fn run(
     let (inputs, params) = input::parse(&body, state.args.max_inputs)?;
     drop(body);
     // The version resolved here scores every input of the request.
-    let task = core
-        .registry
-        .get(id)
-        .ok_or_else(|| ApiError::TaskNotFound(id.to_string()))?;
+    // Resident, or loaded from the store now (under --task-memory).
+    let task = core.loader.resolve(id).await?;
     let budget = task.model.text_budget(core.model.config());
     // Admission before any tokenizing: a full server refuses here.
     let prompt = task.model.shallow_len() + task.model.deep_len();

@@ -40,6 +40,28 @@ pub struct ServeArgs {
     /// /ready reports it.
     #[arg(long, env = "SOFTPROMPT_SYNC_INTERVAL_MS", default_value_t = 2_000)]
     pub sync_interval_ms: u64,
+    /// Most bytes of task tensors kept resident (e.g. 512M, 4G, 1073741824):
+    /// past it the least recently used unpinned tasks are evicted, and a
+    /// request for a task in the store that is not resident loads it first
+    /// (so a cold task is slower, never 404). "auto" (the default): a
+    /// quarter of the memory this process may use (its cgroup limit, else
+    /// the machine's), so a store that fits is held whole as before;
+    /// "unlimited": no bound.
+    #[arg(
+        long,
+        env = "SOFTPROMPT_TASK_MEMORY",
+        default_value = "auto",
+        value_name = "BYTES|auto|unlimited"
+    )]
+    pub task_memory: TaskMemory,
+    /// Tasks never evicted (comma-separated ids); loaded at start.
+    #[arg(long, env = "SOFTPROMPT_PIN", value_delimiter = ',')]
+    pub pin: Vec<String>,
+    /// Most different cold tasks loaded from the store at once; requests for
+    /// further cold tasks get 429 `loads_busy` (requests for a task already
+    /// loading wait for that load).
+    #[arg(long, env = "SOFTPROMPT_MAX_CONCURRENT_LOADS", default_value_t = 16)]
+    pub max_concurrent_loads: usize,
     /// Device of the model: cpu, cuda, cuda:N, metal, metal:N, or auto (the
     /// first CUDA GPU if this build has CUDA support and one is present).
     /// CUDA and Metal need a binary built with `--features cuda` / `metal`.
@@ -332,5 +354,104 @@ mod tests {
         assert_eq!(a.conn_config(Some(1024)).max_connections, 1024 - 128);
         assert_eq!(a.conn_config(Some(1 << 20)).max_connections, 5000);
         assert_eq!(a.conn_config(None).max_connections, 5000);
+    }
+}
+
+/// The `--task-memory` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskMemory {
+    /// A quarter of the memory available to the process.
+    Auto,
+    /// No bound.
+    Unlimited,
+    /// This many bytes.
+    Bytes(u64),
+}
+
+impl std::str::FromStr for TaskMemory {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        match t.to_ascii_lowercase().as_str() {
+            "auto" => return Ok(TaskMemory::Auto),
+            "unlimited" | "none" => return Ok(TaskMemory::Unlimited),
+            _ => {}
+        }
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown unit {other:?}; expected bytes with an optional K, M, G or T (powers of 1024), auto or unlimited"
+                ));
+            }
+        };
+        let n: u64 = digits.parse().map_err(|_| {
+            format!("{s:?}: expected a number of bytes (e.g. 512M, 4G), auto or unlimited")
+        })?;
+        n.checked_mul(1u64 << shift)
+            .map(TaskMemory::Bytes)
+            .ok_or_else(|| format!("{s:?}: too large"))
+    }
+}
+
+impl TaskMemory {
+    /// The byte bound in force (`None`: unbounded), given the memory this
+    /// process may use.
+    pub fn budget(self, available: Option<u64>) -> Option<u64> {
+        match self {
+            TaskMemory::Auto => available.map(|a| a / 4),
+            TaskMemory::Unlimited => None,
+            TaskMemory::Bytes(b) => Some(b),
+        }
+    }
+}
+
+/// The memory this process may use: its cgroup's limit (cgroup v2
+/// `memory.max`, or v1 `memory.limit_in_bytes`) when one is set, else the
+/// machine's `MemTotal`. `None` when neither can be read.
+pub fn available_memory() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        // v1 reports "no limit" as a huge number.
+        .filter(|&b| b < 1 << 60);
+    let total = read("/proc/meminfo").and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    match (cgroup, total) {
+        (Some(c), Some(t)) => Some(c.min(t)),
+        (c, t) => c.or(t),
+    }
+}
+
+#[cfg(test)]
+mod task_memory_tests {
+    use super::TaskMemory;
+
+    #[test]
+    fn task_memory_parses_sizes_and_words() {
+        let ok = |s: &str| s.parse::<TaskMemory>().unwrap();
+        assert_eq!(ok("auto"), TaskMemory::Auto);
+        assert_eq!(ok("Unlimited"), TaskMemory::Unlimited);
+        assert_eq!(ok("1048576"), TaskMemory::Bytes(1 << 20));
+        assert_eq!(ok("512M"), TaskMemory::Bytes(512 << 20));
+        assert_eq!(ok("4GiB"), TaskMemory::Bytes(4 << 30));
+        assert_eq!(ok("2 kb"), TaskMemory::Bytes(2048));
+        for bad in ["", "-1", "1.5G", "12Q", "G", "99999999999T"] {
+            assert!(bad.parse::<TaskMemory>().is_err(), "{bad}");
+        }
+        assert_eq!(TaskMemory::Auto.budget(Some(8 << 30)), Some(2 << 30));
+        assert_eq!(TaskMemory::Unlimited.budget(Some(8 << 30)), None);
     }
 }

@@ -28,6 +28,8 @@ pub enum ApiError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Load(#[from] super::loader::LoadError),
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
@@ -94,6 +96,15 @@ impl ApiError {
                     (S::INTERNAL_SERVER_ERROR, "store")
                 }
             },
+            ApiError::Load(e) => {
+                use super::loader::LoadError as L;
+                match e {
+                    L::NotFound(_) => (S::NOT_FOUND, "not_found"),
+                    L::StoreUnavailable { .. } => (S::SERVICE_UNAVAILABLE, "store_unavailable"),
+                    L::Unloadable { .. } => (S::SERVICE_UNAVAILABLE, "task_unloadable"),
+                    L::Busy(_) => (S::TOO_MANY_REQUESTS, "loads_busy"),
+                }
+            }
             ApiError::BodyTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Body(_) => (S::BAD_REQUEST, "malformed_body"),
             ApiError::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "body_timeout"),

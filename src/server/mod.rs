@@ -16,6 +16,7 @@ pub mod extract;
 pub mod health;
 pub mod input;
 pub mod lifecycle;
+pub mod loader;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
@@ -234,7 +235,18 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
         })?;
     let model = Arc::new(model);
     tracing::info!(model = %model.name, "model loaded");
-    let registry = Arc::new(Registry::new(model.clone(), Limits::default()));
+    let budget = args.task_memory.budget(config::available_memory());
+    tracing::info!(
+        task_memory = budget.map_or("unlimited".to_string(), |b| format!("{b} bytes")),
+        pinned = args.pin.len(),
+        "task cache"
+    );
+    let registry = Arc::new(Registry::with_budget(
+        model.clone(),
+        Limits::default(),
+        budget,
+        args.pin.clone(),
+    ));
     let sync = Arc::new(StoreSync::new(
         store.clone(),
         registry.clone(),
@@ -267,10 +279,12 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
         batch_config,
     )
     .map_err(StartError::Thread)?;
+    let loader = Arc::new(loader::Loader::new(sync.clone(), args.max_concurrent_loads));
     Ok(Core {
         model,
         registry,
         sync,
+        loader,
         batcher,
     })
 }

@@ -33,6 +33,7 @@ use super::{admin, api, classify, health, tasks};
         api::LabelScore,
         api::ClassifyResponse,
         api::TaskInfo,
+        api::TaskEntry,
         api::TaskDetails,
         api::UploadResponse,
         api::ErrorResponse,

@@ -23,6 +23,9 @@ pub struct Core {
     /// Admin writes go through it: store first, then publish, serialized
     /// with each other and with the poller (see [`StoreSync`]).
     pub sync: Arc<StoreSync>,
+    /// Resolves a request's task: resident, or loaded from the store on
+    /// its first request (see [`super::loader`]).
+    pub loader: Arc<super::loader::Loader>,
     /// The queue in front of the inference thread.
     pub batcher: Batcher,
 }

@@ -18,6 +18,12 @@
 //! - A store that cannot be reached changes nothing served: the replica
 //!   keeps serving what it has, reports it in `/ready` and `/metrics`, and
 //!   catches up on the first round that succeeds.
+//! - Under a memory bound (`--task-memory`) the registry is a cache: a
+//!   round reloads changed tasks that are resident, loads pinned ones, and
+//!   loads new ones ahead of their first request only while they fit
+//!   without evicting anything (at most [`PREFETCH_PER_ROUND`] a round).
+//!   The rest load on their first request (`super::loader`). Without a
+//!   bound every task is loaded, as before.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -46,6 +52,10 @@ pub const STORE_CHANGES: &str = "softprompt_store_changes_total";
 /// Tasks downloaded at once in one round: enough to hide an object store's
 /// latency, few enough not to flood a small machine.
 const PARALLEL_LOADS: usize = 4;
+
+/// Under a memory bound, new tasks loaded ahead of their first request in
+/// one round at most, so that a round over a large store stays short.
+pub const PREFETCH_PER_ROUND: usize = 256;
 
 /// What a replica knows about its store, for `/ready` and `/metrics`.
 /// Exists before the store is first read, so start-up problems show too.
@@ -230,6 +240,9 @@ pub struct StoreSync {
     registry: Arc<Registry>,
     health: Arc<StoreHealth>,
     book: tokio::sync::Mutex<Book>,
+    /// The last listing of the store, sorted by id (the catalog that
+    /// `GET /v1/tasks` pages through).
+    catalog: Mutex<Arc<Vec<crate::store::StoreEntry>>>,
 }
 
 impl StoreSync {
@@ -244,7 +257,96 @@ impl StoreSync {
             registry,
             health,
             book: tokio::sync::Mutex::new(Book::default()),
+            catalog: Mutex::new(Arc::new(Vec::new())),
         }
+    }
+
+    /// The registry this syncer keeps current.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The store's tasks as last listed, sorted by id.
+    pub fn catalog(&self) -> Arc<Vec<crate::store::StoreEntry>> {
+        self.catalog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Ids whose stored version does not load (and were never loaded).
+    pub async fn failing(&self) -> std::collections::HashSet<String> {
+        self.book
+            .lock()
+            .await
+            .seen
+            .iter()
+            .filter(|(_, s)| s.failed)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Records an admin write or delete in the catalog, so that listings
+    /// show it before the next round lists the store.
+    fn catalog_set(&self, id: &str, token: Option<&str>) {
+        let mut c = self.catalog.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = (**c).clone();
+        match (v.binary_search_by(|e| e.id.as_str().cmp(id)), token) {
+            (Ok(i), Some(t)) => v[i].token = t.to_string(),
+            (Err(i), Some(t)) => v.insert(
+                i,
+                crate::store::StoreEntry {
+                    id: id.to_string(),
+                    token: t.to_string(),
+                },
+            ),
+            (Ok(i), None) => {
+                v.remove(i);
+            }
+            (Err(_), None) => return,
+        }
+        *c = Arc::new(v);
+    }
+
+    /// Counts admin writes so far: a load that started before a write to
+    /// its id must not publish over it ([`StoreSync::publish_loaded`]).
+    pub async fn epoch(&self) -> u64 {
+        self.book.lock().await.epoch
+    }
+
+    /// Publishes a task loaded on its first request, unless an admin write
+    /// to its id came after `epoch` (then the write's outcome stands) or a
+    /// version is already resident (the poller or an upload got there
+    /// first). Returns what is served now.
+    pub async fn publish_loaded(
+        &self,
+        task: Arc<LoadedTask>,
+        epoch: u64,
+    ) -> Option<Arc<LoadedTask>> {
+        let mut book = self.book.lock().await;
+        if book.touched.get(&task.id).is_some_and(|&e| e > epoch) {
+            return self.registry.get(&task.id);
+        }
+        if let Some(current) = self.registry.get(&task.id) {
+            return Some(current);
+        }
+        self.registry.publish(task.clone());
+        let token = self
+            .catalog()
+            .binary_search_by(|e| e.id.as_str().cmp(&task.id))
+            .ok()
+            .map(|i| self.catalog()[i].token.clone());
+        if let Some(token) = token {
+            book.seen.insert(
+                task.id.clone(),
+                Seen {
+                    token,
+                    failed: false,
+                },
+            );
+        }
+        metrics::gauge!(TASKS).set(self.registry.len() as f64);
+        Some(task)
     }
 
     /// The store.
@@ -264,6 +366,7 @@ impl StoreSync {
         let mut book = self.book.lock().await;
         book.touch(id);
         let token = self.store.put(id, task).await?;
+        self.catalog_set(id, Some(&token));
         let previous = self.registry.publish(loaded);
         book.seen.insert(
             id.to_string(),
@@ -282,6 +385,7 @@ impl StoreSync {
         let mut book = self.book.lock().await;
         book.touch(id);
         let stored = self.store.delete(id).await?;
+        self.catalog_set(id, None);
         let served = self.registry.remove(id).is_some();
         book.seen.remove(id);
         metrics::gauge!(TASKS).set(self.registry.len() as f64);
@@ -318,9 +422,21 @@ impl StoreSync {
             .collect();
         gone.sort();
         gone.dedup();
+        // Changed tasks to load: every one without a memory bound; under
+        // one, those resident or pinned, and new ones while they fit.
+        let bounded = self.registry.budget().is_some();
+        let mut prefetch = 0usize;
         let changed: Vec<(String, String)> = listing
             .iter()
             .filter(|e| known.get(&e.id) != Some(&e.token))
+            .filter(|e| {
+                if !bounded || self.registry.get(&e.id).is_some() || self.registry.is_pinned(&e.id)
+                {
+                    return true;
+                }
+                prefetch += 1;
+                prefetch <= PREFETCH_PER_ROUND && self.registry.fits(0)
+            })
             .map(|e| (e.id.clone(), e.token.clone()))
             .collect();
 
@@ -343,6 +459,12 @@ impl StoreSync {
             match outcome {
                 Fetched::Ready(task) => {
                     let version = task.version.clone();
+                    // A new task loaded ahead of its first request must not
+                    // push a used one out: skip it if it does not fit.
+                    let resident = self.registry.get(&id).is_some() || self.registry.is_pinned(&id);
+                    if !resident && !self.registry.fits(task.bytes) {
+                        continue;
+                    }
                     match self.registry.publish(task) {
                         Some(old) => {
                             tracing::info!(task = %id, from = %old.version, to = %version, "task replaced from the store");
@@ -407,6 +529,7 @@ impl StoreSync {
         book.touched.retain(|_, e| *e > epoch);
         let failing = book.failing();
         drop(book);
+        *self.catalog.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(listing);
 
         metrics::gauge!(TASKS).set(self.registry.len() as f64);
         for (change, n) in [
