@@ -38,9 +38,9 @@ pub const TASK_VERSION_HEADER: &str = "x-task-version";
         (status = 408, description = "The body did not arrive within --body-timeout-ms", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
         (status = 422, description = "Invalid input or parameter: empty text, too long without truncate, too many inputs, more tokens than the server ever admits", body = ErrorResponse),
-        (status = 429, description = "Server busy (admitted tokens at their bound); retry after the Retry-After header", body = ErrorResponse),
+        (status = 429, description = "Server busy (admitted tokens at their bound, or too many cold tasks loading: loads_busy); retry after the Retry-After header", body = ErrorResponse),
         (status = 500, description = "Inference failed", body = ErrorResponse),
-        (status = 503, description = "Not ready, shutting down, or timed out", body = ErrorResponse),
+        (status = 503, description = "Not ready, shutting down, timed out, or the task is not resident and cannot be loaded (store_unavailable, task_unloadable)", body = ErrorResponse),
     )
 )]
 pub async fn classify(
