@@ -154,6 +154,20 @@ fn tiny() -> Arc<Model> {
     Arc::new(Model::load(&tiny_model_dir(), &Device::Cpu).unwrap())
 }
 
+/// A registry over `store` with room for one task (a one-byte budget:
+/// every load evicts the task loaded before), and its syncer.
+fn one_task_cache(store: Arc<dyn PromptStore>) -> (Arc<Registry>, Arc<StoreSync>) {
+    let registry = Arc::new(Registry::with_budget(
+        tiny(),
+        Limits::default(),
+        Some(1),
+        Vec::new(),
+    ));
+    let health = Arc::new(StoreHealth::new(store.location()));
+    let sync = Arc::new(StoreSync::new(store, registry.clone(), health));
+    (registry, sync)
+}
+
 fn fixture(name: &str) -> Task {
     peft::read_dir(&adapter_dir(name), None).unwrap()
 }
@@ -167,18 +181,7 @@ async fn with_the_store_down_resident_tasks_serve_cold_ones_get_503_and_nothing_
     for id in ["a", "b"] {
         store.put(id, &fixture("pt_text_3")).await.unwrap();
     }
-    // Room for one task.
-    let registry = Arc::new(Registry::with_budget(
-        tiny(),
-        Limits::default(),
-        Some(1),
-        Vec::new(),
-    ));
-    let sync = Arc::new(StoreSync::new(
-        store.clone(),
-        registry.clone(),
-        Arc::new(StoreHealth::new(store.location())),
-    ));
+    let (registry, sync) = one_task_cache(store.clone());
     sync.round(false).await.unwrap();
     let loader = Loader::new(sync.clone(), 4);
     loader.resolve("a").await.unwrap();
@@ -265,17 +268,7 @@ async fn a_flood_of_distinct_cold_tasks_is_refused_beyond_the_load_bound() {
         running: AtomicUsize::new(0),
         most: AtomicUsize::new(0),
     });
-    let registry = Arc::new(Registry::with_budget(
-        tiny(),
-        Limits::default(),
-        Some(1),
-        Vec::new(),
-    ));
-    let sync = Arc::new(StoreSync::new(
-        slow.clone(),
-        registry.clone(),
-        Arc::new(StoreHealth::new(slow.location())),
-    ));
+    let (registry, sync) = one_task_cache(slow.clone());
     let loader = Arc::new(Loader::new(sync, 3));
     let results = futures_util::future::join_all((0..24).map(|i| {
         let loader = loader.clone();

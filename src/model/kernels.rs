@@ -361,14 +361,14 @@ pub struct NormParams<'a> {
     pub eps: f32,
 }
 
-/// Layer norm of one row in place (two-pass variance, as candle and
-/// PyTorch compute it).
+/// Mean and 1/σ of one row (two-pass variance, as candle and PyTorch
+/// compute it).
 #[inline(always)]
-fn layer_norm_row<F: Arith>(o: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
-    let n = o.len();
-    let mean = lane_sum(o) / n as f32;
+fn mean_inv_std<F: Arith>(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len();
+    let mean = lane_sum(x) / n as f32;
     let mut acc = [0f32; LANES];
-    let mut chunks = o.chunks_exact(LANES);
+    let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
             let d = v - mean;
@@ -379,7 +379,13 @@ fn layer_norm_row<F: Arith>(o: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32
     for &v in chunks.remainder() {
         var += (v - mean) * (v - mean);
     }
-    let inv = 1.0 / (var / n as f32 + eps).sqrt();
+    (mean, 1.0 / (var / n as f32 + eps).sqrt())
+}
+
+/// Layer norm of one row in place.
+#[inline(always)]
+fn layer_norm_row<F: Arith>(o: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let (mean, inv) = mean_inv_std::<F>(o, eps);
     for ((o, &g), &b) in o.iter_mut().zip(gamma).zip(beta) {
         *o = F::fma((*o - mean) * inv, g, b);
     }

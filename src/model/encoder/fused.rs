@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
-use super::Encoder;
+use super::{Encoder, LayerData};
 use crate::model::kernels;
 
 /// One row of a batch for [`Encoder::encode_cpu`]: its packed tokens and
@@ -190,26 +190,7 @@ impl Encoder {
         }
 
         // Every weight of every layer, read in place for this call.
-        let weights: Vec<&Tensor> = self
-            .layers
-            .iter()
-            .flat_map(|l| {
-                [
-                    &l.qkv.weight,
-                    &l.qkv.bias,
-                    &l.attn_out.weight,
-                    &l.attn_out.bias,
-                    &l.attn_norm.weight,
-                    &l.attn_norm.bias,
-                    &l.intermediate.weight,
-                    &l.intermediate.bias,
-                    &l.output.weight,
-                    &l.output.bias,
-                    &l.out_norm.weight,
-                    &l.out_norm.bias,
-                ]
-            })
-            .collect();
+        let weights: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.tensors()).collect();
         let guards: Vec<_> = weights.iter().map(|t| t.storage_and_layout()).collect();
         let w: Vec<&[f32]> = guards
             .iter()
@@ -224,7 +205,7 @@ impl Encoder {
         let mut mid = vec![0f32; n * inter];
         let scale = 1.0 / (c.head_dim() as f32).sqrt();
         for (l, w) in w.chunks_exact(12).enumerate() {
-            let [
+            let LayerData {
                 qkv_w,
                 qkv_b,
                 ao_w,
@@ -237,7 +218,7 @@ impl Encoder {
                 out_b,
                 on_g,
                 on_b,
-            ]: [&[f32]; 12] = w.try_into().expect("12 tensors per layer");
+            } = LayerData::new(w);
             time("qkv.matmul", || kernels::matmul_wt(&mut qkv, &x, qkv_w, h));
             let dims = kernels::AttnDims {
                 hidden: h,

@@ -168,6 +168,78 @@ struct Layer {
     out_norm: Norm,
 }
 
+impl Layer {
+    /// The layer's tensors in the order [`LayerData::new`] reads them.
+    fn tensors(&self) -> [&Tensor; 12] {
+        [
+            &self.qkv.weight,
+            &self.qkv.bias,
+            &self.attn_out.weight,
+            &self.attn_out.bias,
+            &self.attn_norm.weight,
+            &self.attn_norm.bias,
+            &self.intermediate.weight,
+            &self.intermediate.bias,
+            &self.output.weight,
+            &self.output.bias,
+            &self.out_norm.weight,
+            &self.out_norm.bias,
+        ]
+    }
+}
+
+/// One layer's weights as plain slices read in place (the fused serving
+/// and training stacks), named as in [`Layer`]: `w` weight, `b` bias, `g`
+/// norm gain.
+struct LayerData<'a> {
+    qkv_w: &'a [f32],
+    qkv_b: &'a [f32],
+    ao_w: &'a [f32],
+    ao_b: &'a [f32],
+    an_g: &'a [f32],
+    an_b: &'a [f32],
+    in_w: &'a [f32],
+    in_b: &'a [f32],
+    out_w: &'a [f32],
+    out_b: &'a [f32],
+    on_g: &'a [f32],
+    on_b: &'a [f32],
+}
+
+impl<'a> LayerData<'a> {
+    /// From the slices of [`Layer::tensors`], in its order.
+    fn new(w: &[&'a [f32]]) -> Self {
+        let [
+            qkv_w,
+            qkv_b,
+            ao_w,
+            ao_b,
+            an_g,
+            an_b,
+            in_w,
+            in_b,
+            out_w,
+            out_b,
+            on_g,
+            on_b,
+        ]: [&[f32]; 12] = w.try_into().expect("12 tensors per layer");
+        LayerData {
+            qkv_w,
+            qkv_b,
+            ao_w,
+            ao_b,
+            an_g,
+            an_b,
+            in_w,
+            in_b,
+            out_w,
+            out_b,
+            on_g,
+            on_b,
+        }
+    }
+}
+
 /// The frozen encoder: embeddings, transformer layers and (when the
 /// checkpoint has one) the BERT pooler.
 pub struct Encoder {

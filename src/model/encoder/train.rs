@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::fused::cpu_f32;
-use super::{Encoder, Layer, Norm};
+use super::{Encoder, Layer, LayerData, Norm};
 use crate::model::kernels::{self, AttnDims, AttnRow, NormParams, train as tk};
 
 /// Activation buffers reused from one training step to the next.
@@ -179,23 +179,6 @@ impl EncoderOp {
             .collect()
     }
 
-    fn layer_tensors(l: &Layer) -> [&Tensor; 12] {
-        [
-            &l.qkv.weight,
-            &l.qkv.bias,
-            &l.attn_out.weight,
-            &l.attn_out.bias,
-            &l.attn_norm.weight,
-            &l.attn_norm.bias,
-            &l.intermediate.weight,
-            &l.intermediate.bias,
-            &l.output.weight,
-            &l.output.bias,
-            &l.out_norm.weight,
-            &l.out_norm.bias,
-        ]
-    }
-
     /// Embeddings and every layer, keeping what the backward needs.
     fn forward(&self, x: &[f32], deep: &[f32]) -> candle_core::Result<(Vec<f32>, Saved)> {
         use crate::profile::time;
@@ -244,8 +227,8 @@ impl EncoderOp {
         };
         for (l, layer) in self.layers.iter().enumerate() {
             let eps = layer.attn_norm.eps as f32;
-            let s = with_f32!(Self::layer_tensors(layer), |w| {
-                let [
+            let s = with_f32!(layer.tensors(), |w| {
+                let LayerData {
                     qkv_w,
                     qkv_b,
                     ao_w,
@@ -258,7 +241,7 @@ impl EncoderOp {
                     out_b,
                     on_g,
                     on_b,
-                ]: [&[f32]; 12] = w.try_into().expect("12 tensors per layer");
+                } = LayerData::new(&w);
                 let inter = in_b.len();
                 let mut qkv = pool::take(n * 3 * h);
                 time("train.qkv.matmul", || {
@@ -345,9 +328,16 @@ impl EncoderOp {
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let s = &saved.layers[l];
             let last = l == 0 && !want_x;
-            let (gx, dz1) = with_f32!(Self::layer_tensors(layer), |w| {
-                let [qkv_w, _, ao_w, _, an_g, _, in_w, _, out_w, _, on_g, _]: [&[f32]; 12] =
-                    w.try_into().expect("12 tensors per layer");
+            let (gx, dz1) = with_f32!(layer.tensors(), |w| {
+                let LayerData {
+                    qkv_w,
+                    ao_w,
+                    an_g,
+                    in_w,
+                    out_w,
+                    on_g,
+                    ..
+                } = LayerData::new(&w);
                 let inter = s.pre.len() / n;
                 let mut dz2 = pool::take(n * h);
                 time("train.bwd.norm", || {

@@ -18,7 +18,7 @@ use std::cell::RefCell;
 
 use super::{
     Arith, AttnDims, AttnRow, CHUNK_ROWS, Fused, LANES, NormParams, Plain, SharedOut, erf, exp,
-    has_avx2_fma, lane_sum, softmax_row,
+    has_avx2_fma, mean_inv_std, softmax_row,
 };
 
 /// Layer norm of one row whose input `z` is in `n`: leaves the normalized
@@ -31,21 +31,7 @@ fn norm_saving_row<F: Arith>(
     beta: &[f32],
     eps: f32,
 ) -> f32 {
-    let h = n.len();
-    let mean = lane_sum(n) / h as f32;
-    let mut acc = [0f32; LANES];
-    let mut chunks = n.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            let d = v - mean;
-            *a = F::fma(d, d, *a);
-        }
-    }
-    let mut var = acc.iter().sum::<f32>();
-    for &v in chunks.remainder() {
-        var += (v - mean) * (v - mean);
-    }
-    let inv = 1.0 / (var / h as f32 + eps).sqrt();
+    let (mean, inv) = mean_inv_std::<F>(n, eps);
     for (((v, o), &g), &b) in n.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
         *v = (*v - mean) * inv;
         *o = F::fma(*v, g, b);
