@@ -190,11 +190,30 @@ fn k8s_job_manifests() -> Vec<PathBuf> {
     files
 }
 
+/// deploy/k8s/affinity/*.yaml: the task-affinity overlay's own manifests.
+fn k8s_affinity_manifests() -> Vec<PathBuf> {
+    let files = vec![root().join("deploy/k8s/affinity/ingress.yaml")];
+    let overlay = read("deploy/k8s/affinity/kustomization.yaml");
+    for needed in [
+        "- ../",
+        "- ingress.yaml",
+        "SOFTPROMPT_PREFETCH",
+        "SOFTPROMPT_TASK_MEMORY",
+    ] {
+        assert!(
+            overlay.contains(needed),
+            "affinity overlay lacks {needed:?}"
+        );
+    }
+    files
+}
+
 #[test]
 fn k8s_manifests_validate_strictly() {
     let validate = tool("kubernetes-validate");
     let mut files = k8s_manifests();
     files.extend(k8s_job_manifests());
+    files.extend(k8s_affinity_manifests());
     // The bundled newest schema, and an older release still in support.
     for version in [None, Some("1.30.0")] {
         let mut cmd = Command::new(&validate);
@@ -302,6 +321,7 @@ fn deployment_variables_are_ones_the_server_reads() {
         "deploy/k8s/configmap.yaml",
         "deploy/k8s/deployment.yaml",
         "deploy/README.md",
+        "deploy/k8s/affinity/kustomization.yaml",
     ];
     let mut checked = 0;
     for f in files {

@@ -4,7 +4,9 @@
 //! interval, and so do a replace and a delete; a killed replica comes back
 //! with every task; a replica stopped under load costs no failed request;
 //! a store outage leaves the replicas serving and reporting it, and they
-//! catch up when it ends.
+//! catch up when it ends. Behind deploy/nginx-affinity.conf (routing by task
+//! id) with `--prefetch false`, each replica holds only its share of the
+//! tasks, and a stopped replica still costs no request.
 //!
 //! Needs moto_server (scripts/test_deps.sh installs it into .venv-test) and
 //! nginx (Debian package); scripts/test.sh sets SOFTPROMPT_TEST_BIN.
@@ -68,15 +70,25 @@ struct Replica {
     name: String,
     port: u16,
     store_endpoint: String,
+    /// Variables on top of the test's defaults.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Replica {
     fn new(name: &str, store_endpoint: &str) -> Replica {
+        Self::with_env(name, store_endpoint, &[])
+    }
+
+    fn with_env(name: &str, store_endpoint: &str, env: &[(&str, &str)]) -> Replica {
         let mut r = Replica {
             name: name.into(),
             port: free_port(),
             store_endpoint: store_endpoint.into(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         r.spawn();
@@ -110,7 +122,8 @@ impl Replica {
             .env("SOFTPROMPT_ADMIN_TOKEN", TOKEN)
             .env("SOFTPROMPT_SYNC_INTERVAL_MS", SYNC.as_millis().to_string())
             .env("SOFTPROMPT_BATCH_WAIT_MS", "1")
-            .env("SOFTPROMPT_SHUTDOWN_TIMEOUT_MS", "5000");
+            .env("SOFTPROMPT_SHUTDOWN_TIMEOUT_MS", "5000")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut child = cmd.spawn().expect("spawn softprompt serve");
         let stderr = child.stderr.take().unwrap();
         let name = self.name.clone();
@@ -179,6 +192,11 @@ struct Nginx {
 
 impl Nginx {
     async fn start(upstreams: &[u16]) -> Nginx {
+        Self::start_with("deploy/nginx.conf", upstreams).await
+    }
+
+    /// nginx with the shipped config `conf` (relative to the repository).
+    async fn start_with(conf_file: &str, upstreams: &[u16]) -> Nginx {
         let bin = tool(
             "nginx",
             &["/usr/sbin"],
@@ -187,7 +205,7 @@ impl Nginx {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, nginx_conf(dir.path(), port, upstreams)).unwrap();
+        std::fs::write(&conf, nginx_conf(conf_file, dir.path(), port, upstreams)).unwrap();
         let mut globals = format!(
             "daemon off; pid {0}/nginx.pid; error_log {0}/error.log warn;",
             dir.path().display()
@@ -262,20 +280,21 @@ impl Drop for Nginx {
     }
 }
 
-/// deploy/nginx.conf made runnable here: loopback upstreams (keeping the
-/// shipped server parameters), a free listen port, the access log and the
-/// temp paths in `dir`.
-fn nginx_conf(dir: &Path, port: u16, upstreams: &[u16]) -> String {
-    let path = root().join("deploy/nginx.conf");
+/// A shipped nginx config (`deploy/nginx.conf`, `deploy/nginx-affinity.conf`)
+/// made runnable here: loopback upstreams (keeping the shipped server
+/// parameters), a free listen port, the access log and the temp paths in
+/// `dir`.
+fn nginx_conf(conf_file: &str, dir: &Path, port: u16, upstreams: &[u16]) -> String {
+    let path = root().join(conf_file);
     let shipped = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "{}: {e}: the multi-replica test runs the shipped nginx config",
+            "{}: {e}: the multi-replica tests run the shipped nginx configs",
             path.display()
         )
     });
     let (begin, end) = ("# upstream-servers:begin", "# upstream-servers:end");
     let (Some(b), Some(e)) = (shipped.find(begin), shipped.find(end)) else {
-        panic!("deploy/nginx.conf lacks the marker lines {begin:?} and {end:?}");
+        panic!("{conf_file} lacks the marker lines {begin:?} and {end:?}");
     };
     let block = &shipped[b + begin.len()..e];
     let params: Vec<&str> = block
@@ -297,7 +316,7 @@ fn nginx_conf(dir: &Path, port: u16, upstreams: &[u16]) -> String {
         &shipped[e..]
     );
     let listens = conf.lines().filter(|l| l.trim() == "listen 8080;").count();
-    assert_eq!(listens, 1, "deploy/nginx.conf: one `listen 8080;` line");
+    assert_eq!(listens, 1, "{conf_file}: one `listen 8080;` line");
     let d = dir.display();
     let mut out = String::new();
     for line in conf.lines() {
@@ -397,17 +416,35 @@ struct Load {
 
 impl Load {
     fn start(http: &reqwest::Client, lb: &str, task: &str) -> Load {
+        Self::over(http, lb, &[task])
+    }
+
+    /// Clients cycling through `tasks`, each from its own starting point.
+    fn over(http: &reqwest::Client, lb: &str, tasks: &[&str]) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let urls: Arc<Vec<String>> = Arc::new(
+            tasks
+                .iter()
+                .map(|t| format!("{lb}/v1/tasks/{t}/classify"))
+                .collect(),
+        );
         let clients = (0..4)
-            .map(|_| {
-                let (http, stop, ok, failed) =
-                    (http.clone(), stop.clone(), ok.clone(), failed.clone());
-                let url = format!("{lb}/v1/tasks/{task}/classify");
+            .map(|c| {
+                let (http, stop, ok, failed, urls) = (
+                    http.clone(),
+                    stop.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    urls.clone(),
+                );
                 tokio::spawn(async move {
+                    let mut i = c * 7;
                     while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let url = &urls[i % urls.len()];
                         let resp = http
-                            .post(&url)
+                            .post(url)
                             .json(&json!({"inputs": ["under load", "still answered"]}))
                             .send()
                             .await;
@@ -819,4 +856,120 @@ async fn a_replica_waits_for_an_unreachable_store_at_start() {
     if let Some(mut c) = replica.stop() {
         reap(&mut c, Duration::from_secs(20));
     }
+}
+
+/// Task-affinity routing (deploy/nginx-affinity.conf) over replicas that
+/// load tasks only on request: each requested task is resident on exactly
+/// one replica, each replica holds about a third of them, and a replica
+/// stopped under load costs no request (its tasks move to the next replica
+/// on the ring and load there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_routing_keeps_each_task_on_one_replica_and_survives_a_stopped_one() {
+    let moto = Moto::start().await;
+    moto.create_bucket(BUCKET).await;
+    let s3 = store(&moto.endpoint(), BUCKET, PREFIX);
+    let t = task("pt_text_3");
+    let ids: Vec<String> = (0..60).map(|i| format!("tenant-{i:02}")).collect();
+    for id in &ids {
+        s3.put(id, &t).await.unwrap();
+    }
+    let env = [
+        ("SOFTPROMPT_PREFETCH", "false"),
+        ("SOFTPROMPT_TASK_MEMORY", "64M"),
+    ];
+    let mut replicas: Vec<Replica> = (1..=3)
+        .map(|i| Replica::with_env(&format!("affinity-{i}"), &moto.endpoint(), &env))
+        .collect();
+    for r in &mut replicas {
+        r.ready().await;
+    }
+    let nginx = Nginx::start_with(
+        "deploy/nginx-affinity.conf",
+        &replicas.iter().map(|r| r.port).collect::<Vec<_>>(),
+    )
+    .await;
+    let (lb, http) = (nginx.base(), http());
+    let resident = |base: String| {
+        let http = http.clone();
+        async move {
+            let list: Value = http
+                .get(format!("{base}/v1/tasks"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            list.as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["resident"] == json!(true))
+                .map(|e| e["id"].as_str().unwrap().to_string())
+                .collect::<Vec<String>>()
+        }
+    };
+    for r in &replicas {
+        assert!(resident(r.base()).await.is_empty(), "nothing loaded ahead");
+    }
+
+    for _ in 0..2 {
+        for id in &ids {
+            let resp = classify(&http, &lb, id).await;
+            assert_eq!(resp.status(), 200, "{id}");
+        }
+    }
+    let mut holders = std::collections::HashMap::<String, usize>::new();
+    let mut shares = Vec::new();
+    for r in &replicas {
+        let held = resident(r.base()).await;
+        shares.push(held.len());
+        for id in held {
+            *holders.entry(id).or_default() += 1;
+        }
+    }
+    eprintln!("[test] resident tasks per replica: {shares:?}");
+    assert_eq!(
+        holders.len(),
+        ids.len(),
+        "every requested task is resident somewhere"
+    );
+    assert!(
+        holders.values().all(|&n| n == 1),
+        "each task on one replica only: {holders:?}"
+    );
+    // 60 keys on a ring where each replica owns about a third: 20 ± 4
+    // each; the bound is over 3 standard deviations wide.
+    assert!(
+        shares.iter().all(|&n| (8..=34).contains(&n)),
+        "about a third each: {shares:?}"
+    );
+
+    // A replica stopped under load: its tasks move to the others.
+    let names: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let load = Load::over(&http, &lb, &names);
+    load.reaches(30).await;
+    let mut stopped = replicas[0].stop().expect("running");
+    tokio::task::spawn_blocking(move || reap(&mut stopped, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    load.reaches(load.answered() + 60).await;
+    let (ok_n, failed_n) = load.finish().await;
+    eprintln!("[test] affinity, SIGTERM under load: {ok_n} answered, {failed_n} failed");
+    assert_eq!(
+        failed_n,
+        0,
+        "requests failed while a replica drained\n{}",
+        nginx.access_log()
+    );
+    for id in &ids {
+        assert_eq!(classify(&http, &lb, id).await.status(), 200, "{id}");
+    }
+    let rest: usize = {
+        let mut n = 0;
+        for r in &replicas[1..] {
+            n += resident(r.base()).await.len();
+        }
+        n
+    };
+    assert_eq!(rest, ids.len(), "the two left hold every task once");
 }

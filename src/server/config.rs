@@ -54,6 +54,14 @@ pub struct ServeArgs {
         value_name = "BYTES|auto|unlimited"
     )]
     pub task_memory: TaskMemory,
+    /// Load tasks from the store ahead of their first request while they
+    /// fit in --task-memory (true, the default: a store that fits is held
+    /// whole). false: only pinned tasks are loaded ahead; every other task
+    /// loads on its first request, so that behind a balancer that routes
+    /// by task id (deploy/nginx-affinity.conf) each replica holds only the
+    /// tasks routed to it.
+    #[arg(long, env = "SOFTPROMPT_PREFETCH", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub prefetch: bool,
     /// Tasks never evicted (comma-separated ids); loaded at start.
     #[arg(long, env = "SOFTPROMPT_PIN", value_delimiter = ',')]
     pub pin: Vec<String>,

@@ -247,11 +247,10 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
         budget,
         args.pin.clone(),
     ));
-    let sync = Arc::new(StoreSync::new(
-        store.clone(),
-        registry.clone(),
-        state.store_health.clone(),
-    ));
+    let sync = Arc::new(
+        StoreSync::new(store.clone(), registry.clone(), state.store_health.clone())
+            .with_prefetch(args.prefetch),
+    );
     let mut retry = START_RETRY_MIN;
     let report = loop {
         match sync.round(args.strict).await {

@@ -243,6 +243,8 @@ pub struct StoreSync {
     /// The last listing of the store, sorted by id (the catalog that
     /// `GET /v1/tasks` pages through).
     catalog: Mutex<Arc<Vec<crate::store::StoreEntry>>>,
+    /// Whether rounds load new tasks ahead of their first request.
+    prefetch: bool,
 }
 
 impl StoreSync {
@@ -258,7 +260,15 @@ impl StoreSync {
             health,
             book: tokio::sync::Mutex::new(Book::default()),
             catalog: Mutex::new(Arc::new(Vec::new())),
+            prefetch: true,
         }
+    }
+
+    /// With `false`, rounds load only resident and pinned tasks; the rest
+    /// load on their first request (`serve --prefetch false`).
+    pub fn with_prefetch(mut self, prefetch: bool) -> Self {
+        self.prefetch = prefetch;
+        self
     }
 
     /// The registry this syncer keeps current.
@@ -422,9 +432,10 @@ impl StoreSync {
             .collect();
         gone.sort();
         gone.dedup();
-        // Changed tasks to load: every one without a memory bound; under
-        // one, those resident or pinned, and new ones while they fit.
-        let bounded = self.registry.budget().is_some();
+        // Changed tasks to load: every one without a memory bound (unless
+        // prefetching is off); under one, those resident or pinned, and new
+        // ones while they fit.
+        let bounded = self.registry.budget().is_some() || !self.prefetch;
         let mut prefetch = 0usize;
         let changed: Vec<(String, String)> = listing
             .iter()
@@ -435,7 +446,7 @@ impl StoreSync {
                     return true;
                 }
                 prefetch += 1;
-                prefetch <= PREFETCH_PER_ROUND && self.registry.fits(0)
+                self.prefetch && prefetch <= PREFETCH_PER_ROUND && self.registry.fits(0)
             })
             .map(|e| (e.id.clone(), e.token.clone()))
             .collect();
