@@ -506,8 +506,13 @@ impl Load {
     }
 }
 
+/// The two many-process tests take turns: each runs three replicas, nginx
+/// and moto with timing bounds sized for a 2-core machine to itself.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_behind_nginx_share_one_store() {
+    let _turn = HEAVY.lock().await;
     let started = Instant::now();
     let moto = Moto::start().await;
     moto.create_bucket(BUCKET).await;
@@ -865,6 +870,7 @@ async fn a_replica_waits_for_an_unreachable_store_at_start() {
 /// on the ring and load there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn affinity_routing_keeps_each_task_on_one_replica_and_survives_a_stopped_one() {
+    let _turn = HEAVY.lock().await;
     let moto = Moto::start().await;
     moto.create_bucket(BUCKET).await;
     let s3 = store(&moto.endpoint(), BUCKET, PREFIX);
