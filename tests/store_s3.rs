@@ -153,7 +153,12 @@ async fn peft_adapter_directories_load_and_an_upload_replaces_them() {
             .await
             .unwrap()
     };
-    let keys: Vec<String> = left.iter().map(|m| m.location.to_string()).collect();
+    // One version of the task (the journal's records aside).
+    let keys: Vec<String> = left
+        .iter()
+        .map(|m| m.location.to_string())
+        .filter(|k| !k.starts_with("p/_changes/"))
+        .collect();
     assert_eq!(keys, ["p/lstm.safetensors"]);
 
     // Delete removes the adapter directory too.

@@ -291,3 +291,105 @@ async fn a_flood_of_distinct_cold_tasks_is_refused_beyond_the_load_bound() {
     let first_busy = results.iter().position(|r| r.is_err()).unwrap();
     assert!(loader.resolve(&format!("t{first_busy}")).await.is_ok());
 }
+
+/// A directory store that counts full listings.
+struct CountingStore {
+    inner: DirStore,
+    lists: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl PromptStore for CountingStore {
+    async fn list(&self) -> Result<Vec<StoreEntry>, StoreError> {
+        self.lists.fetch_add(1, Ordering::SeqCst);
+        self.inner.list().await
+    }
+    async fn load(&self, id: &str) -> Result<Task, StoreError> {
+        self.inner.load(id).await
+    }
+    async fn put(&self, id: &str, task: &Task) -> Result<String, StoreError> {
+        self.inner.put(id, task).await
+    }
+    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn changes_after(
+        &self,
+        after: &str,
+    ) -> Result<Option<Vec<softprompt::store::Change>>, StoreError> {
+        self.inner.changes_after(after).await
+    }
+    async fn prune_changes(&self, before: &str) -> Result<(), StoreError> {
+        self.inner.prune_changes(before).await
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
+
+/// Replicas of a large store (here: the policy says every store is large)
+/// keep current through the change journal without listing the store:
+/// a replace, a delete and an add made through another replica are each
+/// applied by the next round, with no LIST; a file copied in by hand
+/// (no journal record) waits for the next full listing, as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_follow_the_change_journal_without_listing_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = DirStore::open(dir.path()).unwrap();
+    seed.put("x", &fixture("pt_text_3")).await.unwrap();
+    seed.put("y", &fixture("prefix_2")).await.unwrap();
+    let counting = Arc::new(CountingStore {
+        inner: DirStore::open(dir.path()).unwrap(),
+        lists: AtomicUsize::new(0),
+    });
+    let model = tiny();
+    let replica = |store: Arc<dyn PromptStore>| {
+        let registry = Arc::new(Registry::new(model.clone(), Limits::default()));
+        let health = Arc::new(StoreHealth::new(store.location()));
+        let sync = StoreSync::new(store, registry.clone(), health)
+            .with_listing_policy(0, Duration::from_secs(3600));
+        (registry, sync)
+    };
+    let (reg_b, b) = replica(counting.clone());
+    let (_, a) = replica(Arc::new(DirStore::open(dir.path()).unwrap()));
+    a.round(false).await.unwrap();
+    // B's first round lists the store (start-up).
+    assert_eq!(b.round(false).await.unwrap().added, ["x", "y"]);
+    assert_eq!(counting.lists.load(Ordering::SeqCst), 1);
+    assert!(b.round(false).await.unwrap().is_empty(), "nothing changed");
+
+    let model_ref = reg_b.model().clone();
+    let prepare = |id: &str, t: &Task| {
+        Registry::new(model_ref.clone(), Limits::default())
+            .prepare(id, t)
+            .unwrap()
+    };
+    let new_x = fixture("ptune_mlp_2");
+    a.put("x", &new_x, prepare("x", &new_x)).await.unwrap();
+    assert_eq!(b.round(false).await.unwrap().replaced, ["x"]);
+    assert_eq!(reg_b.get("x").unwrap().version, new_x.version);
+
+    a.delete("y").await.unwrap();
+    assert_eq!(b.round(false).await.unwrap().removed, ["y"]);
+
+    let z = fixture("prefix_proj_3");
+    a.put("z", &z, prepare("z", &z)).await.unwrap();
+    assert_eq!(b.round(false).await.unwrap().added, ["z"]);
+    assert_eq!(
+        counting.lists.load(Ordering::SeqCst),
+        1,
+        "journal rounds do not list the store"
+    );
+    let ids: Vec<String> = b.catalog().iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, ["x", "z"], "the catalog follows the journal");
+
+    // By hand, bypassing the journal: not seen until a full listing.
+    std::fs::copy(
+        dir.path().join("z.safetensors"),
+        dir.path().join("w.safetensors"),
+    )
+    .unwrap();
+    assert!(b.round(false).await.unwrap().is_empty());
+    let (_, c) = replica(counting.clone());
+    assert_eq!(c.round(false).await.unwrap().added, ["w", "x", "z"]);
+}

@@ -1,10 +1,22 @@
 //! Keeps this replica's registry converged on the prompt store, which
 //! replicas behind one load balancer share.
 //!
-//! - Every `--sync-interval-ms` the store is listed; a task whose version
-//!   token differs from the one last acted on is downloaded and, if its
-//!   content differs from what is served, validated and published; a task
-//!   gone from the store stops being served.
+//! - Every `--sync-interval-ms` a round finds what changed. A full round
+//!   lists the store; a task whose version token differs from the one last
+//!   acted on is downloaded and, if its content differs from what is
+//!   served, validated and published; a task gone from the store stops
+//!   being served. A store of [`FULL_LISTING_BELOW`] tasks or more is not
+//!   listed every round: `put` and `delete` append a record to the store's
+//!   change journal (`<prefix>/_changes/<ms>-<rand>-<p|d>-<id>`) before
+//!   they change anything, and a journal round reads only the records after
+//!   its cursor (S3: one LIST with StartAfter; minus a [`SKEW_WINDOW_MS`]
+//!   window for writers whose clocks lag), reloading the resident tasks
+//!   they name and removing deleted ones. A full round still runs at start,
+//!   every [`FULL_LISTING_EVERY`], and after a long outage; it prunes
+//!   records older than [`JOURNAL_RETENTION`]. Staleness: a change through
+//!   softprompt (upload, delete, `train --output`) reaches every replica
+//!   holding the task within one interval; a file copied into the store by
+//!   hand, within [`FULL_LISTING_EVERY`] (one interval for small stores).
 //! - A task whose new version does not load is logged once per version and
 //!   counted (`softprompt_store_tasks_failing`); the last good version, if
 //!   any, keeps being served. The store is the truth, but a broken upload
@@ -33,7 +45,7 @@ use tokio::task::JoinSet;
 
 use super::metrics::TASKS;
 use crate::registry::{LoadedTask, Registry};
-use crate::store::{PromptStore, StoreError};
+use crate::store::{Change, PromptStore, StoreError};
 use crate::task::Task;
 
 /// Gauge: 1 when the last attempt to read the store succeeded, else 0.
@@ -56,6 +68,21 @@ const PARALLEL_LOADS: usize = 4;
 /// Under a memory bound, new tasks loaded ahead of their first request in
 /// one round at most, so that a round over a large store stays short.
 pub const PREFETCH_PER_ROUND: usize = 256;
+
+/// Stores with fewer tasks are listed in full every round (a LIST of up to
+/// 10 pages): files dropped in by hand show within the interval.
+pub const FULL_LISTING_BELOW: usize = 10_000;
+/// Larger stores: a full listing at least this often (it catches writes
+/// that bypassed the journal and refreshes the catalog); the journal in
+/// between.
+pub const FULL_LISTING_EVERY: Duration = Duration::from_secs(300);
+/// Journal records with a stamp up to this much older than the newest
+/// applied one are still read: a writer whose clock is behind by less than
+/// this is not missed.
+pub const SKEW_WINDOW_MS: u128 = 30_000;
+/// Journal records older than this are pruned by full rounds; a replica
+/// that could not read the store for half of it lists the store in full.
+pub const JOURNAL_RETENTION: Duration = Duration::from_secs(3600);
 
 /// What a replica knows about its store, for `/ready` and `/metrics`.
 /// Exists before the store is first read, so start-up problems show too.
@@ -245,6 +272,24 @@ pub struct StoreSync {
     catalog: Mutex<Arc<Vec<crate::store::StoreEntry>>>,
     /// Whether rounds load new tasks ahead of their first request.
     prefetch: bool,
+    /// Where this replica is in the store's change journal.
+    journal: tokio::sync::Mutex<JournalCursor>,
+    /// Full rounds every round while the store has fewer tasks than this.
+    full_below: usize,
+    /// Otherwise, a full round at least this often.
+    full_every: Duration,
+}
+
+/// What a replica has read of the store's change journal.
+#[derive(Default)]
+struct JournalCursor {
+    /// Newest record stamp applied (ms since 1970).
+    cursor_ms: u128,
+    /// Keys applied within the skew window below the cursor (records with
+    /// older stamps can still arrive late; these must not apply twice).
+    seen: std::collections::BTreeSet<String>,
+    last_full: Option<Instant>,
+    last_ok: Option<Instant>,
 }
 
 impl StoreSync {
@@ -261,7 +306,20 @@ impl StoreSync {
             book: tokio::sync::Mutex::new(Book::default()),
             catalog: Mutex::new(Arc::new(Vec::new())),
             prefetch: true,
+            journal: tokio::sync::Mutex::new(JournalCursor::default()),
+            full_below: FULL_LISTING_BELOW,
+            full_every: FULL_LISTING_EVERY,
         }
+    }
+
+    /// Full rounds every round while the store holds fewer than
+    /// `full_below` tasks, else journal rounds with a full one at least
+    /// every `full_every` (defaults [`FULL_LISTING_BELOW`],
+    /// [`FULL_LISTING_EVERY`]).
+    pub fn with_listing_policy(mut self, full_below: usize, full_every: Duration) -> Self {
+        self.full_below = full_below;
+        self.full_every = full_every;
+        self
     }
 
     /// With `false`, rounds load only resident and pinned tasks; the rest
@@ -402,10 +460,107 @@ impl StoreSync {
         Ok((stored, served))
     }
 
-    /// One pass: list the store, load what changed, apply. With `strict`,
-    /// the first task that does not load fails the round before anything
-    /// is applied (start-up with `--strict`).
+    /// One pass: find what changed in the store, load it, apply. With
+    /// `strict`, the first task that does not load fails the round before
+    /// anything is applied (start-up with `--strict`).
+    ///
+    /// A full round lists the store; a journal round reads only the change
+    /// records written since the last round (see the module documentation
+    /// for when each runs).
     pub async fn round(&self, strict: bool) -> Result<RoundReport, RoundError> {
+        let mut j = self.journal.lock().await;
+        let floor = Change::floor(j.cursor_ms.saturating_sub(SKEW_WINDOW_MS));
+        let changes = match self.store.changes_after(&floor).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.health.failed(&e);
+                return Err(RoundError::Unavailable(e));
+            }
+        };
+        let Some(changes) = changes else {
+            // A store without a journal: list it every time.
+            return self.full_round(strict).await;
+        };
+        let fresh: Vec<Change> = changes
+            .into_iter()
+            .filter(|c| !j.seen.contains(&c.key))
+            .collect();
+        let full = j.last_full.is_none_or(|t| t.elapsed() >= self.full_every)
+            || j.last_ok
+                .is_none_or(|t| t.elapsed() >= JOURNAL_RETENTION / 2)
+            || self.catalog().len() < self.full_below;
+        let result = if full {
+            self.full_round(strict).await
+        } else {
+            self.journal_round(&fresh).await
+        };
+        if result.is_ok() {
+            // The records are applied (or included in the listing): remember
+            // them, and forget those older than the window.
+            for c in &fresh {
+                j.cursor_ms = j.cursor_ms.max(c.millis());
+                j.seen.insert(c.key.clone());
+            }
+            let floor = Change::floor(j.cursor_ms.saturating_sub(SKEW_WINDOW_MS));
+            j.seen = j.seen.split_off(&floor);
+            j.last_ok = Some(Instant::now());
+            if full {
+                j.last_full = Some(Instant::now());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                let old = Change::floor(now.saturating_sub(JOURNAL_RETENTION.as_millis()));
+                if let Err(e) = self.store.prune_changes(&old).await {
+                    tracing::debug!(error = %e, "pruning the store's change journal");
+                }
+            }
+        }
+        result
+    }
+
+    /// Applies the journal's records: resident and pinned tasks that
+    /// changed are reloaded (or removed when deleted), new ones are loaded
+    /// ahead only as a full round would; the catalog follows every record.
+    async fn journal_round(&self, fresh: &[Change]) -> Result<RoundReport, RoundError> {
+        let started = Instant::now();
+        let epoch = self.book.lock().await.epoch;
+        // The last record of each id decides.
+        let mut last: HashMap<&str, &Change> = HashMap::new();
+        for c in fresh {
+            last.insert(c.id.as_str(), c);
+        }
+        let mut gone = Vec::new();
+        let mut changed = Vec::new();
+        for (id, c) in last {
+            self.catalog_set(id, (!c.deleted).then_some(""));
+            let resident = self.registry.get(id).is_some() || self.registry.is_pinned(id);
+            if c.deleted {
+                gone.push(id.to_string());
+            } else if resident || (self.prefetch && self.registry.fits(0)) {
+                // The token is unknown without a listing: "" until the next
+                // full round records the real one (one more download then,
+                // which finds the same version and changes nothing).
+                changed.push((id.to_string(), String::new()));
+            }
+        }
+        let mut fetched = self
+            .fetch_all(changed, false)
+            .await
+            .map_err(RoundError::Strict)?;
+        fetched.retain(|(id, _, f)| {
+            let keep = !matches!(f, Fetched::Gone);
+            if !keep {
+                gone.push(id.clone());
+            }
+            keep
+        });
+        gone.sort();
+        gone.dedup();
+        self.apply(epoch, fetched, gone, started, None).await
+    }
+
+    /// A full round: list the store, load what changed, apply.
+    async fn full_round(&self, strict: bool) -> Result<RoundReport, RoundError> {
         let started = Instant::now();
         let (epoch, known) = {
             let book = self.book.lock().await;
@@ -455,7 +610,20 @@ impl StoreSync {
             Ok(f) => f,
             Err(e) => return Err(RoundError::Strict(e)),
         };
+        self.apply(epoch, fetched, gone, started, Some(listing))
+            .await
+    }
 
+    /// Publishes what a round loaded, removes what is gone, records tokens,
+    /// failures and metrics; `listing` (full rounds) becomes the catalog.
+    async fn apply(
+        &self,
+        epoch: u64,
+        fetched: Vec<(String, String, Fetched)>,
+        gone: Vec<String>,
+        started: Instant,
+        listing: Option<Vec<crate::store::StoreEntry>>,
+    ) -> Result<RoundReport, RoundError> {
         let mut report = RoundReport::default();
         let mut unavailable = None;
         let mut book = self.book.lock().await;
@@ -540,7 +708,9 @@ impl StoreSync {
         book.touched.retain(|_, e| *e > epoch);
         let failing = book.failing();
         drop(book);
-        *self.catalog.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(listing);
+        if let Some(listing) = listing {
+            *self.catalog.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(listing);
+        }
 
         metrics::gauge!(TASKS).set(self.registry.len() as f64);
         for (change, n) in [

@@ -129,8 +129,55 @@ impl DirStore {
         }
     }
 
+    /// Appends a journal record (an empty file named by its key), durably,
+    /// before the change it announces.
+    fn journal_sync(&self, change: &super::Change) -> Result<(), StoreError> {
+        let dir = self.root.join(super::JOURNAL_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let path = dir.join(&change.key);
+        std::fs::File::create(&path).map_err(|e| io(&path, e))?;
+        sync_dir(&dir)
+    }
+
+    fn changes_after_sync(&self, after: &str) -> Result<Vec<super::Change>, StoreError> {
+        let dir = self.root.join(super::JOURNAL_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(&dir, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let name = entry.map_err(|e| io(&dir, e))?.file_name();
+            if let Some(c) = name.to_str().and_then(super::Change::parse)
+                && c.key.as_str() > after
+            {
+                out.push(c);
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn prune_changes_sync(&self, before: &str) -> Result<(), StoreError> {
+        let dir = self.root.join(super::JOURNAL_DIR);
+        for c in self.changes_after_sync("")? {
+            if c.key.as_str() >= before {
+                break;
+            }
+            let path = dir.join(&c.key);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path, e)),
+            }
+        }
+        Ok(())
+    }
+
     fn put_sync(&self, id: &str, task: &Task) -> Result<String, StoreError> {
         validate_id(id)?;
+        self.journal_sync(&super::Change::new(id, false))?;
         let bytes = native::to_bytes(task).map_err(|source| StoreError::Task {
             id: id.to_string(),
             source,
@@ -152,6 +199,7 @@ impl DirStore {
 
     fn delete_sync(&self, id: &str) -> Result<bool, StoreError> {
         validate_id(id)?;
+        self.journal_sync(&super::Change::new(id, true))?;
         let mut found = false;
         // The adapter directory first: while the native file exists it
         // shadows the directory, so no reader ever sees the directory alone.
@@ -250,6 +298,15 @@ impl PromptStore for DirStore {
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.blocking(move |s| s.delete_sync(&id)).await
+    }
+    async fn changes_after(&self, after: &str) -> Result<Option<Vec<super::Change>>, StoreError> {
+        let after = after.to_string();
+        self.blocking(move |s| s.changes_after_sync(&after).map(Some))
+            .await
+    }
+    async fn prune_changes(&self, before: &str) -> Result<(), StoreError> {
+        let before = before.to_string();
+        self.blocking(move |s| s.prune_changes_sync(&before)).await
     }
     fn location(&self) -> String {
         self.root.display().to_string()

@@ -70,6 +70,74 @@ pub struct StoreEntry {
     pub token: String,
 }
 
+/// One record of a store's change journal: a `put` or `delete` of `id`,
+/// written before the change itself, so that replicas find what changed
+/// without listing every task (see `server::sync`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// `<ms since 1970, 13 digits>-<8 hex random>-<p|d>-<id>`: sorts by the
+    /// writer's clock; unique.
+    pub key: String,
+    /// The task changed.
+    pub id: String,
+    /// True for a delete, false for a put.
+    pub deleted: bool,
+}
+
+/// Name of the journal folder (not a valid task id, so listings skip it).
+pub const JOURNAL_DIR: &str = "_changes";
+
+impl Change {
+    /// A new record for `id`, stamped with this machine's clock.
+    pub fn new(id: &str, deleted: bool) -> Change {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let key = format!(
+            "{ms:013}-{:08x}-{}-{id}",
+            rand::random::<u32>(),
+            if deleted { 'd' } else { 'p' }
+        );
+        Change {
+            key,
+            id: id.to_string(),
+            deleted,
+        }
+    }
+
+    /// Parses a journal object's name; `None` for anything else.
+    pub fn parse(key: &str) -> Option<Change> {
+        let mut parts = key.splitn(4, '-');
+        let (ms, rand, op, id) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let ok = ms.len() == 13
+            && ms.bytes().all(|b| b.is_ascii_digit())
+            && rand.len() == 8
+            && rand.bytes().all(|b| b.is_ascii_hexdigit())
+            && crate::registry::validate_id(id).is_ok();
+        let deleted = match op {
+            "p" => false,
+            "d" => true,
+            _ => return None,
+        };
+        ok.then(|| Change {
+            key: key.to_string(),
+            id: id.to_string(),
+            deleted,
+        })
+    }
+
+    /// The smallest key stamped at or after `ms`: a cursor for
+    /// [`PromptStore::changes_after`].
+    pub fn floor(ms: u128) -> String {
+        format!("{ms:013}")
+    }
+
+    /// The writer's clock of this record, in ms since 1970.
+    pub fn millis(&self) -> u128 {
+        self.key[..13].parse().unwrap_or(0)
+    }
+}
+
 /// Where tasks live durably. Writes are all-or-nothing: after `put`
 /// returns, the task survives a crash; a crash during `put` leaves the old
 /// version (or nothing), never a file that loads half.
@@ -86,6 +154,16 @@ pub trait PromptStore: Send + Sync + 'static {
     async fn put(&self, id: &str, task: &Task) -> Result<String, StoreError>;
     /// Removes a task; `false` when it was not there.
     async fn delete(&self, id: &str) -> Result<bool, StoreError>;
+    /// Journal records whose key sorts after `after`, oldest first;
+    /// `None` when this store keeps no journal (then replicas list it).
+    /// `put` and `delete` append a record before they change anything.
+    async fn changes_after(&self, _after: &str) -> Result<Option<Vec<Change>>, StoreError> {
+        Ok(None)
+    }
+    /// Removes journal records whose key sorts before `before`.
+    async fn prune_changes(&self, _before: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Human-readable location for logs and errors.
     fn location(&self) -> String;
 }

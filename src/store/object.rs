@@ -301,6 +301,7 @@ impl PromptStore for ObjectPromptStore {
 
     async fn put(&self, id: &str, task: &Task) -> Result<String, StoreError> {
         validate_id(id)?;
+        self.journal(&super::Change::new(id, false)).await?;
         let bytes = {
             let task = task.clone();
             off_thread(id, move || native::to_bytes(&task)).await?
@@ -331,6 +332,7 @@ impl PromptStore for ObjectPromptStore {
 
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {
         validate_id(id)?;
+        self.journal(&super::Change::new(id, true)).await?;
         let key = self.native_key(id);
         let native = match self.store.head(&key).await {
             Ok(_) => true,
@@ -346,7 +348,55 @@ impl PromptStore for ObjectPromptStore {
         Ok(native || adapter)
     }
 
+    async fn changes_after(&self, after: &str) -> Result<Option<Vec<super::Change>>, StoreError> {
+        let dir = self.journal_dir();
+        // S3's StartAfter: one request per 1,000 records, none for the rest
+        // of the store.
+        let offset = dir.clone().join(after);
+        let objects: Vec<ObjectMeta> = self
+            .store
+            .list_with_offset(Some(&dir), &offset)
+            .try_collect()
+            .await
+            .map_err(|e| self.remote(format!("list {dir} after {after}"), e))?;
+        let mut out: Vec<super::Change> = objects
+            .iter()
+            .filter_map(|m| m.location.filename().and_then(super::Change::parse))
+            .filter(|c| c.key.as_str() > after)
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(Some(out))
+    }
+
+    async fn prune_changes(&self, before: &str) -> Result<(), StoreError> {
+        let dir = self.journal_dir();
+        for c in self.changes_after("").await?.unwrap_or_default() {
+            if c.key.as_str() >= before {
+                break;
+            }
+            self.delete_key(&dir.clone().join(c.key.as_str())).await?;
+        }
+        Ok(())
+    }
+
     fn location(&self) -> String {
         self.location.clone()
+    }
+}
+
+impl ObjectPromptStore {
+    fn journal_dir(&self) -> Path {
+        self.prefix.clone().join(super::JOURNAL_DIR)
+    }
+
+    /// Appends a journal record (an empty object named by its key) before
+    /// the change it announces.
+    async fn journal(&self, change: &super::Change) -> Result<(), StoreError> {
+        let key = self.journal_dir().join(change.key.as_str());
+        self.store
+            .put(&key, Vec::new().into())
+            .await
+            .map_err(|e| self.remote(format!("put {key}"), e))?;
+        Ok(())
     }
 }
