@@ -290,6 +290,7 @@ struct JournalCursor {
     seen: std::collections::BTreeSet<String>,
     last_full: Option<Instant>,
     last_ok: Option<Instant>,
+    last_prune: Option<Instant>,
 }
 
 impl StoreSync {
@@ -506,6 +507,14 @@ impl StoreSync {
             j.last_ok = Some(Instant::now());
             if full {
                 j.last_full = Some(Instant::now());
+            }
+            // Pruning lists the whole journal: not more often than a full
+            // listing of a large store.
+            if full
+                && j.last_prune
+                    .is_none_or(|t| t.elapsed() >= FULL_LISTING_EVERY)
+            {
+                j.last_prune = Some(Instant::now());
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis());
