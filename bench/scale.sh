@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Tenancy at scale (issue 14): many tasks in a local directory store, Zipf
+# traffic, a task cache of a fraction of the task bytes.
+#
+# Usage: bench/scale.sh            (env below; defaults in brackets)
+#   SHALLOW [100000]  shallow tasks (prompts/sentiment.safetensors: 10 virtual tokens)
+#   DEEP [1000]       deep tasks (prompts/topic.safetensors: 10-token prefix in 6 layers)
+#   BUDGET [0.05]     --task-memory as a fraction of the tasks' bytes
+#   REQUESTS [5000]   classify requests (one input each), Zipf(ZIPF [1.1]) over all tasks
+#   THREADS [16]      client threads
+#   STORE [/tmp/softprompt-scale]  where the store is made (hard links: little disk)
+#
+# Three measurements on the release binary:
+#   1. start-up: `serve` with the budget, time until /ready 200, its RSS;
+#   2. cached: the traffic against it: requests/s, latency, hit ratio, cold
+#      loads (mean, and the histogram bucket holding p50/p99), evictions, RSS;
+#   3. all resident: a second server with no bound and no prefetch, the same
+#      traffic once to load every requested task, then again: requests/s.
+# Prints one JSON line per measurement and the ratio cached / all resident.
+# Needs the reference venv's numpy (.venv, tests/reference/requirements.txt).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SHALLOW=${SHALLOW:-100000}
+DEEP=${DEEP:-1000}
+BUDGET=${BUDGET:-0.05}
+REQUESTS=${REQUESTS:-5000}
+THREADS=${THREADS:-16}
+ZIPF=${ZIPF:-1.1}
+STORE=${STORE:-/tmp/softprompt-scale}
+PY=${PY:-.venv/bin/python}
+BIN=target/release/softprompt
+cargo build --release --quiet
+"$PY" -c "import numpy" || { echo "error: $PY needs numpy (the reference venv)" >&2; exit 1; }
+
+# The store: ids t0000000.. (shallow first, then deep), hard links to the two
+# shipped task files (a file may have at most ~65,000 links: a fresh copy
+# every 50,000). Remade when the counts differ.
+want=$((SHALLOW + DEEP))
+if [[ ! -f $STORE/.made ]] || [[ $(cat "$STORE/.made") != "$SHALLOW $DEEP" ]]; then
+    rm -rf "$STORE" && mkdir -p "$STORE"
+    "$PY" - "$STORE" "$SHALLOW" "$DEEP" <<'EOF'
+import os, shutil, sys
+store, shallow, deep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+base = None
+for i in range(shallow + deep):
+    src = "prompts/sentiment.safetensors" if i < shallow else "prompts/topic.safetensors"
+    p = f"{store}/t{i:07d}.safetensors"
+    if i in (0, shallow) or (i - (0 if i < shallow else shallow)) % 50000 == 0:
+        shutil.copy(src, p)
+        base = p
+    else:
+        os.link(base, p)
+EOF
+    echo "$SHALLOW $DEEP" > "$STORE/.made"
+fi
+# Tensor bytes per task as the server counts them (prompt + head, f32).
+bytes=$((SHALLOW * (10 * 384 + 2 * 384 + 2) * 4 + DEEP * (10 * 6 * 2 * 384 + 5 * 384 + 5) * 4))
+budget=$("$PY" -c "print(int($bytes * $BUDGET))")
+echo "# bench/scale.sh $(date -u +%FT%TZ): $SHALLOW shallow + $DEEP deep tasks ($want), task bytes $bytes, budget $budget ($BUDGET);" \
+     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; $REQUESTS requests, Zipf $ZIPF, $THREADS client threads"
+
+serve() { # port, extra flags...
+    local port=$1; shift
+    "$BIN" serve --prompts "$STORE" --addr "127.0.0.1:$port" --log-format text "$@" > "/tmp/softprompt-scale-$port.log" 2>&1 &
+    echo $!
+}
+ready() { # pid port -> ms
+    local s e; s=$(date +%s%N)
+    until curl -sf "127.0.0.1:$2/ready" >/dev/null; do
+        kill -0 "$1" 2>/dev/null || { echo "error: serve exited; see /tmp/softprompt-scale-$2.log" >&2; exit 1; }
+        sleep 0.05
+    done
+    e=$(date +%s%N); echo $(((e - s) / 1000000))
+}
+rss_mb() { awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$1/status"; }
+load() { "$PY" bench/scale_load.py --port "$1" --tasks "$want" --requests "$REQUESTS" --threads "$THREADS" --zipf "$ZIPF"; }
+
+pid=$(serve 18090 --task-memory "$budget")
+trap 'kill $pid ${pid2:-} 2>/dev/null || true' EXIT
+ms=$(ready "$pid" 18090)
+echo "{\"startup\": {\"ready_ms\": $ms, \"rss_mb\": $(rss_mb "$pid")}}"
+cached=$(load 18090)
+echo "{\"cached\": $cached, \"rss_mb\": $(rss_mb "$pid"), \"budget_mb\": $((budget / 1048576))}"
+kill "$pid"; wait "$pid" 2>/dev/null || true
+
+pid2=$(serve 18091 --task-memory unlimited --prefetch false)
+ready "$pid2" 18091 >/dev/null
+load 18091 >/dev/null
+warm=$(load 18091)
+echo "{\"all_resident\": $warm, \"rss_mb\": $(rss_mb "$pid2")}"
+"$PY" -c "
+import json, sys
+c, w = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f'cached / all resident: {c[\"requests_per_s\"] / w[\"requests_per_s\"]:.3f} (target >= 0.9); hit ratio {c[\"hit_ratio\"]}')
+" "$cached" "$warm"
