@@ -8,7 +8,9 @@
 //! once and is remembered for a short while, so that a missing or broken
 //! task, or a store outage, is not hammered in a tight loop:
 //!
-//! - not in the store: 404, remembered [`NOT_FOUND_BACKOFF`];
+//! - not in the store: 404, remembered [`NOT_FOUND_BACKOFF`] or until the
+//!   store's catalog (the poller's listing or journal, or an upload here)
+//!   shows the task;
 //! - store unreachable: 503 `store_unavailable` (resident tasks keep
 //!   serving, nothing is evicted for a load that did not happen),
 //!   remembered [`UNAVAILABLE_BACKOFF`];
@@ -144,6 +146,19 @@ impl Loader {
     fn recent_failure(&self, id: &str) -> Option<LoadError> {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         match failures.get(id) {
+            // Remembered as missing, but the store has it now (a round or an
+            // upload put it in the catalog): a task in the store is never
+            // answered 404, so ask the store again.
+            Some((_, LoadError::NotFound(_)))
+                if self
+                    .sync
+                    .catalog()
+                    .binary_search_by(|e| e.id.as_str().cmp(id))
+                    .is_ok() =>
+            {
+                failures.remove(id);
+                None
+            }
             Some((until, e)) if Instant::now() < *until => Some(e.clone()),
             Some(_) => {
                 failures.remove(id);
