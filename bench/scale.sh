@@ -9,6 +9,9 @@
 #   REQUESTS [5000]   classify requests (one input each), Zipf(ZIPF [1.1]) over all tasks
 #   THREADS [16]      client threads
 #   STORE [/tmp/softprompt-scale]  where the store is made (hard links: little disk)
+#   S3 [0]            1: the same tasks in a local S3 server instead (moto_server from
+#                     .venv-test, scripts/test_deps.sh); moto keeps every object in memory,
+#                     so keep SHALLOW to ~100,000 there
 #
 # Three measurements on the release binary:
 #   1. start-up: `serve` with the budget, time until /ready 200, its RSS;
@@ -53,6 +56,34 @@ for i in range(shallow + deep):
 EOF
     echo "$SHALLOW $DEEP" > "$STORE/.made"
 fi
+prompts_flag=("--prompts" "$STORE")
+if [[ ${S3:-0} == 1 ]]; then
+    VT=.venv-test/bin
+    [[ -x $VT/moto_server && -x $VT/python ]] || { echo "error: run scripts/test_deps.sh (moto_server, boto3)" >&2; exit 1; }
+    port=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    "$VT/moto_server" -H 127.0.0.1 -p "$port" > /tmp/softprompt-scale-moto.log 2>&1 &
+    moto=$!
+    until curl -s "127.0.0.1:$port" >/dev/null; do sleep 0.2; done
+    export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true \
+        AWS_ENDPOINT_URL="http://127.0.0.1:$port" NO_PROXY=127.0.0.1,localhost
+    s=$(date +%s)
+    "$VT/python" - "$STORE" "$want" "$port" <<'EOF2'
+import boto3, sys
+from concurrent.futures import ThreadPoolExecutor
+store, n, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+s3.create_bucket(Bucket="scale")
+def put(i):
+    with open(f"{store}/t{i:07d}.safetensors", "rb") as f:
+        data = f.read()
+    s3.put_object(Bucket="scale", Key=f"tasks/t{i:07d}.safetensors", Body=data)
+with ThreadPoolExecutor(16) as ex:
+    list(ex.map(put, range(n)))
+EOF2
+    echo "# S3: $want objects put into moto in $(( $(date +%s) - s )) s"
+    prompts_flag=("--prompts" "s3://scale/tasks")
+fi
 # Tensor bytes per task as the server counts them (prompt + head, f32).
 bytes=$((SHALLOW * (10 * 384 + 2 * 384 + 2) * 4 + DEEP * (10 * 6 * 2 * 384 + 5 * 384 + 5) * 4))
 budget=$("$PY" -c "print(int($bytes * $BUDGET))")
@@ -61,7 +92,7 @@ echo "# bench/scale.sh $(date -u +%FT%TZ): $SHALLOW shallow + $DEEP deep tasks (
 
 serve() { # port, extra flags...
     local port=$1; shift
-    "$BIN" serve --prompts "$STORE" --addr "127.0.0.1:$port" --log-format text "$@" > "/tmp/softprompt-scale-$port.log" 2>&1 &
+    "$BIN" serve "${prompts_flag[@]}" --addr "127.0.0.1:$port" --log-format text "$@" > "/tmp/softprompt-scale-$port.log" 2>&1 &
     echo $!
 }
 ready() { # pid port -> ms
@@ -76,7 +107,7 @@ rss_mb() { awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$1/status"; }
 load() { "$PY" bench/scale_load.py --port "$1" --tasks "$want" --requests "$REQUESTS" --threads "$THREADS" --zipf "$ZIPF"; }
 
 pid=$(serve 18090 --task-memory "$budget")
-trap 'kill $pid ${pid2:-} 2>/dev/null || true' EXIT
+trap 'kill $pid ${pid2:-} ${moto:-} 2>/dev/null || true' EXIT
 ms=$(ready "$pid" 18090)
 echo "{\"startup\": {\"ready_ms\": $ms, \"rss_mb\": $(rss_mb "$pid")}}"
 cached=$(load 18090)
