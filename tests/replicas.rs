@@ -493,6 +493,19 @@ impl Load {
         .await;
     }
 
+    /// Stops the clients and checks that none of their requests failed
+    /// (`what` names the event they ran through, for the message).
+    async fn finish_without_failures(self, what: &str, nginx: &Nginx) {
+        let (ok_n, failed_n) = self.finish().await;
+        eprintln!("[test] {what}: {ok_n} answered, {failed_n} failed");
+        assert_eq!(
+            failed_n,
+            0,
+            "requests failed: {what}\n{}",
+            nginx.access_log()
+        );
+    }
+
     /// Stops the clients; returns (answered, failed).
     async fn finish(self) -> (usize, usize) {
         self.stop.store(true, Ordering::Relaxed);
@@ -643,14 +656,8 @@ async fn replicas_behind_nginx_share_one_store() {
         "the stopped replica exits 0 after draining: {stopped:?}"
     );
     load.reaches(load.answered() + 20).await;
-    let (ok_n, failed_n) = load.finish().await;
-    eprintln!("[test] SIGTERM under load: {ok_n} answered, {failed_n} failed");
-    assert_eq!(
-        failed_n,
-        0,
-        "requests failed while a replica drained\n{}",
-        nginx.access_log()
-    );
+    load.finish_without_failures("SIGTERM under load", &nginx)
+        .await;
     replicas[1].spawn();
     replicas[1].ready().await;
 
@@ -658,14 +665,8 @@ async fn replicas_behind_nginx_share_one_store() {
     load.reaches(20).await;
     replicas[2].kill();
     load.reaches(load.answered() + 20).await;
-    let (ok_n, failed_n) = load.finish().await;
-    eprintln!("[test] SIGKILL under load: {ok_n} answered, {failed_n} failed");
-    assert_eq!(
-        failed_n,
-        0,
-        "requests failed when a replica died\n{}",
-        nginx.access_log()
-    );
+    load.finish_without_failures("SIGKILL under load", &nginx)
+        .await;
     replicas[2].spawn();
     replicas[2].ready().await;
 
@@ -959,14 +960,8 @@ async fn affinity_routing_keeps_each_task_on_one_replica_and_survives_a_stopped_
         .await
         .unwrap();
     load.reaches(load.answered() + 60).await;
-    let (ok_n, failed_n) = load.finish().await;
-    eprintln!("[test] affinity, SIGTERM under load: {ok_n} answered, {failed_n} failed");
-    assert_eq!(
-        failed_n,
-        0,
-        "requests failed while a replica drained\n{}",
-        nginx.access_log()
-    );
+    load.finish_without_failures("affinity, SIGTERM under load", &nginx)
+        .await;
     for id in &ids {
         assert_eq!(classify(&http, &lb, id).await.status(), 200, "{id}");
     }
