@@ -516,28 +516,24 @@ impl SharedOut {
 /// on more than two threads, where gemm's threading did as well, does gemm
 /// split the work itself.
 pub fn matmul_wt(out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
-    assert!(
-        k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),
-        "matmul: inner dimensions disagree"
-    );
-    matmul(out, x, w, k, w.len() / k, true);
+    matmul(out, x, w, k, true);
 }
 
 /// `out[m, n] ← g[m, k] · w[k, n]` for a weight stored `[out, in]` (k =
 /// out, n = in): the backward of [`matmul_wt`] with respect to its input
 /// (training), split over threads the same way.
 pub fn matmul_w(out: &mut [f32], g: &[f32], w: &[f32], k: usize) {
-    assert!(
-        k > 0 && g.len().is_multiple_of(k) && w.len().is_multiple_of(k),
-        "matmul: inner dimensions disagree"
-    );
-    matmul(out, g, w, k, w.len() / k, false);
+    matmul(out, g, w, k, false);
 }
 
 /// `out[m, n] ← x[m, k] · B` with `B[k, n]` = `w[n, k]ᵀ` (`transposed`) or
 /// `w[k, n]`.
-fn matmul(out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize, transposed: bool) {
-    let m = x.len() / k;
+fn matmul(out: &mut [f32], x: &[f32], w: &[f32], k: usize, transposed: bool) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),
+        "matmul: inner dimensions disagree"
+    );
+    let (m, n) = (x.len() / k, w.len() / k);
     assert_eq!(out.len(), m * n, "matmul: output size");
     if m == 0 || n == 0 {
         return;
@@ -578,8 +574,7 @@ fn matmul(out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize, transposed:
         if rows.is_empty() || cols.is_empty() {
             return;
         }
-        // SAFETY: x holds m·k values, w n·k and out m·n (checked by the
-        // callers and above); this call reads rows `rows` of x and columns
+        // SAFETY: x holds m·k values, w n·k and out m·n (checked above); this call reads rows `rows` of x and columns
         // `cols` of B (inside w for either layout) and writes only the
         // (rows × cols) block of out, which no other item writes.
         unsafe {

@@ -149,13 +149,7 @@ impl Loader {
             // Remembered as missing, but the store has it now (a round or an
             // upload put it in the catalog): a task in the store is never
             // answered 404, so ask the store again.
-            Some((_, LoadError::NotFound(_)))
-                if self
-                    .sync
-                    .catalog()
-                    .binary_search_by(|e| e.id.as_str().cmp(id))
-                    .is_ok() =>
-            {
+            Some((_, LoadError::NotFound(_))) if self.sync.catalog_token(id).is_some() => {
                 failures.remove(id);
                 None
             }

@@ -343,6 +343,13 @@ impl StoreSync {
             .clone()
     }
 
+    /// The version token of `id` in the catalog, if it is there.
+    pub fn catalog_token(&self, id: &str) -> Option<String> {
+        let catalog = self.catalog();
+        let i = catalog.binary_search_by(|e| e.id.as_str().cmp(id)).ok()?;
+        Some(catalog[i].token.clone())
+    }
+
     /// Ids whose stored version does not load (and were never loaded).
     pub async fn failing(&self) -> std::collections::HashSet<String> {
         self.book
@@ -400,12 +407,7 @@ impl StoreSync {
             return Some(current);
         }
         self.registry.publish(task.clone());
-        let token = self
-            .catalog()
-            .binary_search_by(|e| e.id.as_str().cmp(&task.id))
-            .ok()
-            .map(|i| self.catalog()[i].token.clone());
-        if let Some(token) = token {
+        if let Some(token) = self.catalog_token(&task.id) {
             book.seen.insert(
                 task.id.clone(),
                 Seen {
@@ -515,10 +517,8 @@ impl StoreSync {
                     .is_none_or(|t| t.elapsed() >= FULL_LISTING_EVERY)
             {
                 j.last_prune = Some(Instant::now());
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis());
-                let old = Change::floor(now.saturating_sub(JOURNAL_RETENTION.as_millis()));
+                let old =
+                    Change::floor(Change::now_ms().saturating_sub(JOURNAL_RETENTION.as_millis()));
                 if let Err(e) = self.store.prune_changes(&old).await {
                     tracing::debug!(error = %e, "pruning the store's change journal");
                 }

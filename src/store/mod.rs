@@ -88,11 +88,16 @@ pub struct Change {
 pub const JOURNAL_DIR: &str = "_changes";
 
 impl Change {
+    /// This machine's clock in ms since 1970: what records are stamped with.
+    pub fn now_ms() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    }
+
     /// A new record for `id`, stamped with this machine's clock.
     pub fn new(id: &str, deleted: bool) -> Change {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+        let ms = Self::now_ms();
         let key = format!(
             "{ms:013}-{:08x}-{}-{id}",
             rand::random::<u32>(),

@@ -54,8 +54,16 @@ fn distinct<'t>(
     Ok((owned, index))
 }
 
+/// The f32 values behind each storage guard (see [`cpu_f32`]), in order:
+/// the guards live in the caller, so that the slices can borrow from them.
+pub(super) fn cpu_slices<'a, G: std::ops::Deref<Target = Storage>>(
+    guards: &'a [(G, &Layout)],
+) -> candle_core::Result<Vec<&'a [f32]>> {
+    guards.iter().map(|(s, l)| cpu_f32(s, l)).collect()
+}
+
 /// The f32 values of a contiguous CPU tensor behind its storage guard.
-pub(super) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("fused forward: expected a contiguous tensor")
     };
@@ -95,10 +103,7 @@ impl Encoder {
             .chain(&tables)
             .map(|t| t.storage_and_layout())
             .collect();
-        let data: Vec<&[f32]> = guards
-            .iter()
-            .map(|(s, l)| cpu_f32(s, l))
-            .collect::<candle_core::Result<_>>()?;
+        let data = cpu_slices(&guards)?;
         let (words, type_emb, pos_emb, gamma, beta) = (data[0], data[1], data[2], data[3], data[4]);
         fn row<'a>(
             table: &'a [f32],
@@ -160,10 +165,7 @@ impl Encoder {
         }
         let (deep, deep_of_row) = distinct(rows.iter().map(|r| r.deep))?;
         let deep_guards: Vec<_> = deep.iter().map(|t| t.storage_and_layout()).collect();
-        let deep_data: Vec<&[f32]> = deep_guards
-            .iter()
-            .map(|(s, l)| cpu_f32(s, l))
-            .collect::<candle_core::Result<_>>()?;
+        let deep_data = cpu_slices(&deep_guards)?;
         let width = c.num_hidden_layers * 2 * h;
         let attn_rows: Vec<kernels::AttnRow> = rows
             .iter()
@@ -192,10 +194,7 @@ impl Encoder {
         // Every weight of every layer, read in place for this call.
         let weights: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.tensors()).collect();
         let guards: Vec<_> = weights.iter().map(|t| t.storage_and_layout()).collect();
-        let w: Vec<&[f32]> = guards
-            .iter()
-            .map(|(s, l)| cpu_f32(s, l))
-            .collect::<candle_core::Result<_>>()?;
+        let w = cpu_slices(&guards)?;
 
         let mut x = x;
         let mut qkv = vec![0f32; n * 3 * h];

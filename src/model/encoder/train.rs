@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use super::fused::cpu_f32;
+use super::fused::cpu_slices;
 use super::{Encoder, Layer, LayerData, Norm};
 use crate::model::kernels::{self, AttnDims, AttnRow, NormParams, train as tk};
 
@@ -138,10 +138,7 @@ struct EncoderOp {
 macro_rules! with_f32 {
     ($tensors:expr, |$data:ident| $body:expr) => {{
         let guards: Vec<_> = $tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let $data: Vec<&[f32]> = guards
-            .iter()
-            .map(|(s, l)| cpu_f32(s, l))
-            .collect::<candle_core::Result<_>>()?;
+        let $data = cpu_slices(&guards)?;
         $body
     }};
 }
@@ -418,9 +415,9 @@ impl EncoderOp {
     }
 }
 
-fn contiguous_f32(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(v[a..b].to_vec()),
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("training forward: expected contiguous f32 CPU tensors"),
     }
 }
@@ -439,7 +436,7 @@ impl CustomOp2 for EncoderOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(x, xl)?;
         let deep = contiguous_f32(deep, dl)?;
-        let (y, saved) = self.forward(&x, &deep)?;
+        let (y, saved) = self.forward(x, deep)?;
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }

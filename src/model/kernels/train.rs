@@ -18,7 +18,7 @@ use std::cell::RefCell;
 
 use super::{
     Arith, AttnDims, AttnRow, CHUNK_ROWS, Fused, LANES, NormParams, Plain, SharedOut, erf, exp,
-    has_avx2_fma, mean_inv_std, softmax_row,
+    gelu, has_avx2_fma, mean_inv_std, softmax_row,
 };
 
 /// Layer norm of one row whose input `z` is in `n`: leaves the normalized
@@ -218,7 +218,7 @@ fn bias_gelu_saving_impl<F: Arith>(x: &mut [f32], pre: &mut [f32], bias: &[f32])
     {
         for ((v, p), &b) in row.iter_mut().zip(pre.iter_mut()).zip(bias) {
             *p = *v + b;
-            *v = 0.5 * *p * (1.0 + erf::<F>(*p * std::f32::consts::FRAC_1_SQRT_2));
+            *v = gelu::<F>(*p);
         }
     }
 }
@@ -275,11 +275,10 @@ dispatch! {
     fn softmax_rows(x: &mut [f32], width: usize) => softmax_rows_impl;
 }
 
-/// `dst[m, n] ← (dst +) scale · A · B` on contiguous buffers, with `A[m, k]`
-/// stored as is or (`at`) as its transpose `[k, m]`, and `B[k, n]` likewise
-/// (`bt`: stored `[n, k]`). One single-threaded gemm call: the attention
-/// work items are already one per thread.
-#[allow(clippy::too_many_arguments)]
+/// `dst[m, n] ← scale · A · B` on contiguous buffers, with `A[m, k]` stored
+/// as is or (`at`) as its transpose `[k, m]`, and `B[k, n]` likewise (`bt`:
+/// stored `[n, k]`). One single-threaded gemm call: the attention work
+/// items are already one per thread.
 fn gemm_small(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
@@ -287,7 +286,6 @@ fn gemm_small(
     at: bool,
     b: &[f32],
     bt: bool,
-    accumulate: bool,
     scale: f32,
 ) {
     assert!(
@@ -298,9 +296,7 @@ fn gemm_small(
         return;
     }
     if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
+        dst[..m * n].fill(0.0);
         return;
     }
     let (a_cs, a_rs) = if at { (m, 1) } else { (1, k) };
@@ -318,7 +314,7 @@ fn gemm_small(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            accumulate,
+            false,
             a.as_ptr(),
             a_cs as isize,
             a_rs as isize,
@@ -473,9 +469,9 @@ pub fn attention_saving(
                 let (v, rest) = rest.split_at_mut(t * d);
                 let (sc, ctx) = rest.split_at_mut(s * t);
                 gather_head((q, k, v), qkv, row, head, dims);
-                gemm_small(sc, (s, t, d), q, false, k, true, false, 1.0);
+                gemm_small(sc, (s, t, d), q, false, k, true, 1.0);
                 softmax_rows(sc, t);
-                gemm_small(ctx, (s, d, t), sc, false, v, false, false, 1.0);
+                gemm_small(ctx, (s, d, t), sc, false, v, false, 1.0);
                 let at = offsets[r] + head * s * t;
                 // SAFETY: this item's probabilities fill [at, at + s·t) of
                 // probs, inside the row's [offsets[r], offsets[r + 1]) (its
@@ -579,7 +575,7 @@ pub fn attention_backward(
                 }
                 let pr = &probs[offsets[r] + head * s * t..][..s * t];
                 // dP = dctx · vᵀ, then dS = P ∘ (dP − rowsum(dP ∘ P)).
-                gemm_small(ds, (s, t, d), dc, false, v, true, false, 1.0);
+                gemm_small(ds, (s, t, d), dc, false, v, true, 1.0);
                 for (g, pp) in ds.chunks_exact_mut(t).zip(pr.chunks_exact(t)) {
                     let dot: f32 = g.iter().zip(pp).map(|(a, b)| a * b).sum();
                     for (g, &pp) in g.iter_mut().zip(pp) {
@@ -588,9 +584,9 @@ pub fn attention_backward(
                 }
                 // dv = Pᵀ · dctx; dq = dS · k (times the scale the forward
                 // applied to the queries); dk = dSᵀ · q (q already scaled).
-                gemm_small(dv, (t, d, s), pr, true, dc, false, false, 1.0);
-                gemm_small(dq, (s, d, t), ds, false, k, false, false, dims.scale);
-                gemm_small(dk, (t, d, s), ds, true, q, false, false, 1.0);
+                gemm_small(dv, (t, d, s), pr, true, dc, false, 1.0);
+                gemm_small(dq, (s, d, t), ds, false, k, false, dims.scale);
+                gemm_small(dk, (t, d, s), ds, true, q, false, 1.0);
                 let (dqkv, dpre) = (dqkv.ptr(), dpre.ptr());
                 for i in 0..s {
                     let at = (row.start + i) * 3 * h + head * d;
