@@ -405,3 +405,79 @@ async fn replicas_follow_the_change_journal_without_listing_the_store() {
     let (_, c) = replica(counting.clone());
     assert_eq!(sorted(c.round(false).await.unwrap().added), ["w", "x", "z"]);
 }
+
+/// A replica in front of a store too large to list within
+/// `--listing-wait-ms` (here: a listing made to take 8 s) is ready without
+/// it: its pinned task is resident, a cold task is served right, and the
+/// listing endpoint says `catalog_loading` (not a partial list) until the
+/// listing, continued in the background, ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_slow_to_list_does_not_hold_the_replica_out_of_service() {
+    let all: Vec<&str> = SHALLOW.iter().chain(DEEP).copied().collect();
+    let store = store_with(&all);
+    let mut f = flags(store.path());
+    f.extend(
+        [
+            "--task-memory",
+            "1",
+            "--pin",
+            "prefix_2",
+            "--listing-wait-ms",
+            "100",
+            "--faults",
+            "store-list-delay-ms=8000",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let s = start(&f).await;
+    // Ready once warmed up (a few ms), well before the listing ends.
+    let ready = loop {
+        let ready: Value = s.get("/ready").await.json().await.unwrap();
+        if ready["status"] != json!("warming_up") {
+            break ready;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(ready["ready"], json!(true), "{ready}");
+    assert_eq!(ready["store"]["listed_tasks"], Value::Null, "{ready}");
+    let ids = |s: &Running| -> Vec<String> {
+        let mut ids: Vec<String> = s
+            .server
+            .registry()
+            .list()
+            .iter()
+            .map(|t| t.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&s), ["prefix_2"], "the pin is loaded before ready");
+
+    let (status, kind, _) = error_of(s.get("/v1/tasks").await).await;
+    assert_eq!((status, kind.as_str()), (503, "catalog_loading"));
+    let input = In::text("this is every low cl");
+    let cold = "pt_text_3";
+    let resp = s.classify(cold, &json!({"inputs": input.json()})).await;
+    assert_eq!(resp.status(), 200);
+    let got: Value = resp.json().await.unwrap();
+    Reference::new().check(&fixture_task(cold), &input, &got[0], true);
+    assert_eq!(ids(&s), ["prefix_2", cold]);
+    let (status, kind, _) = error_of(s.classify("nope", &json!({"inputs": "x"})).await).await;
+    assert_eq!((status, kind.as_str()), (404, "not_found"));
+
+    // The listing ends in the background: the catalog is complete, and
+    // the task loaded meanwhile stays resident.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready: Value = s.get("/ready").await.json().await.unwrap();
+        if ready["store"]["listed_tasks"] == json!(all.len()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let list: Value = s.get("/v1/tasks").await.json().await.unwrap();
+    assert_eq!(list.as_array().unwrap().len(), all.len(), "{list}");
+    assert!(ids(&s).contains(&cold.to_string()));
+}

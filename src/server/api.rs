@@ -381,4 +381,9 @@ pub struct StoreStatus {
     /// Tasks whose newest stored version does not load (see the log); an
     /// older version of such a task, if there was one, is still served.
     pub failing_tasks: usize,
+    /// Tasks in the store's last full listing; null until the first ends.
+    /// Under a memory bound a replica may be ready before that (see
+    /// `serve --listing-wait-ms`): every task is served, but `GET /v1/tasks`
+    /// answers 503 `catalog_loading` until the listing is complete.
+    pub listed_tasks: Option<usize>,
 }

@@ -70,6 +70,17 @@ pub struct ServeArgs {
     /// loading wait for that load).
     #[arg(long, env = "SOFTPROMPT_MAX_CONCURRENT_LOADS", default_value_t = 16)]
     pub max_concurrent_loads: usize,
+    /// Under a memory bound, how long start-up waits for the first full
+    /// listing of the store before the replica reports ready anyway (its
+    /// pinned tasks loaded, every other task loading on its first request,
+    /// the listing finishing in the background). A store that lists within
+    /// it starts exactly as without the wait; a store of a million objects
+    /// on S3 (a thousand LIST pages) does not hold the replica out of
+    /// service meanwhile. Not applied with --strict or without a bound
+    /// (--task-memory unlimited and --prefetch true), where every task must
+    /// be loaded before ready.
+    #[arg(long, env = "SOFTPROMPT_LISTING_WAIT_MS", default_value_t = 5_000)]
+    pub listing_wait_ms: u64,
     /// Device of the model: cpu, cuda, cuda:N, metal, metal:N, or auto (the
     /// first CUDA GPU if this build has CUDA support and one is present).
     /// CUDA and Metal need a binary built with `--features cuda` / `metal`.

@@ -48,6 +48,10 @@ pub enum ApiError {
     NotReady(&'static str),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error(
+        "this replica is still listing the prompt store (it started less than a listing ago); every task is served meanwhile, the listing of them is not"
+    )]
+    CatalogLoading,
     #[error("other uploads held every upload turn for {0} ms; retry later")]
     UploadsBusy(u64),
     #[error("request timed out after {0} ms")]
@@ -114,6 +118,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::NotReady(_) => (S::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down"),
+            ApiError::CatalogLoading => (S::SERVICE_UNAVAILABLE, "catalog_loading"),
             ApiError::UploadsBusy(_) => (S::SERVICE_UNAVAILABLE, "uploads_busy"),
             ApiError::Timeout(_) => (S::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Unauthorized => (S::UNAUTHORIZED, "unauthorized"),
@@ -140,12 +145,16 @@ fn registry_status(e: &RegistryError) -> (StatusCode, &'static str) {
 
 /// Seconds a client should wait before retrying a 429 or 503.
 const RETRY_AFTER_S: u64 = 1;
+/// ... a listing asked for while the store's first listing runs (seconds
+/// to minutes for a large object store).
+const CATALOG_RETRY_AFTER_S: u64 = 5;
 
 impl ApiError {
     /// The Retry-After of a 429 or 503.
     fn retry_after(&self) -> u64 {
         match self {
             ApiError::AuthBackoff { retry_after_s } => *retry_after_s,
+            ApiError::CatalogLoading => CATALOG_RETRY_AFTER_S,
             _ => RETRY_AFTER_S,
         }
     }

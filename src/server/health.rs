@@ -76,6 +76,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
                 last_sync_age_s: store.last_sync_age.map(|d| d.as_secs_f64()),
                 error: store.error,
                 failing_tasks: store.failing_tasks,
+                listed_tasks: store.listed_tasks,
             },
         }),
     )

@@ -160,6 +160,16 @@ impl Server {
             .batcher
     }
 
+    /// The tasks this replica serves from memory (what is resident).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self
+            .state
+            .core
+            .get()
+            .expect("set before start returns")
+            .registry
+    }
+
     /// Requests being handled now (probes included).
     pub fn in_flight(&self) -> usize {
         self.state.lifecycle.in_flight()
@@ -222,7 +232,13 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     let args = &state.args;
     // Opening parses the configuration only: a bad one fails before the
     // model loads; an unreachable store is found by the first read below.
-    let store = crate::store::open(&args.prompts)?;
+    let mut store = crate::store::open(&args.prompts)?;
+    if let Some(delay) = args.faults.store_list_delay {
+        store = Arc::new(crate::faults::SlowListing {
+            inner: store,
+            delay,
+        });
+    }
     let device = args.device.open()?;
     tracing::info!(device = %args.device, "model device");
     let dir = args.model.clone();
@@ -251,10 +267,68 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
         StoreSync::new(store.clone(), registry.clone(), state.store_health.clone())
             .with_prefetch(args.prefetch),
     );
+    // Under a memory bound a replica need not hold every task to serve
+    // them all: it waits for the first listing at most --listing-wait-ms,
+    // with its pinned tasks loaded first.
+    let bounded = budget.is_some() || !args.prefetch;
+    let listing_wait =
+        (bounded && !args.strict).then(|| Duration::from_millis(args.listing_wait_ms));
     let mut retry = START_RETRY_MIN;
-    let report = loop {
-        match sync.round(args.strict).await {
-            Ok(report) => break report,
+    loop {
+        let attempt = async {
+            if listing_wait.is_some() && !args.pin.is_empty() {
+                sync.load_ids(&args.pin).await?;
+            }
+            let mut round = tokio::spawn({
+                let (sync, strict) = (sync.clone(), args.strict);
+                async move { sync.round(strict).await }
+            });
+            let joined = match listing_wait {
+                None => (&mut round).await,
+                Some(wait) => match tokio::time::timeout(wait, &mut round).await {
+                    Ok(joined) => joined,
+                    Err(_) => {
+                        tracing::info!(store = %store.location(), waited_ms = wait.as_millis() as u64,
+                            pinned = args.pin.len(),
+                            "the store is still being listed; ready now, other tasks load on their first request");
+                        tokio::spawn(async move {
+                            match round.await {
+                                Ok(Ok(r)) => tracing::info!(
+                                    loaded = r.added.len(),
+                                    skipped = r.failed.len(),
+                                    "first listing of the store done"
+                                ),
+                                // Logged by StoreHealth; the poller retries.
+                                Ok(Err(_)) => {}
+                                Err(e) => tracing::error!(error = %e, "first listing of the store"),
+                            }
+                        });
+                        return Ok(None);
+                    }
+                },
+            };
+            match joined {
+                Ok(result) => result.map(Some),
+                // A bug, not a store problem: surface it.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(RoundError::Unavailable(StoreError::Io {
+                    location: "store sync".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })),
+            }
+        };
+        match attempt.await {
+            Ok(report) => {
+                if let Some(report) = report {
+                    tracing::info!(
+                        store = %store.location(),
+                        loaded = report.added.len(),
+                        skipped = report.failed.len(),
+                        "tasks loaded"
+                    );
+                }
+                break;
+            }
             Err(RoundError::Strict(e)) => return Err(StartError::Store(e)),
             Err(RoundError::Unavailable(e)) => {
                 tracing::warn!(store = %store.location(), error = %e, retry_in_ms = retry.as_millis() as u64,
@@ -266,13 +340,7 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
                 retry = (retry * 2).min(START_RETRY_MAX);
             }
         }
-    };
-    tracing::info!(
-        store = %store.location(),
-        loaded = report.added.len(),
-        skipped = report.failed.len(),
-        "tasks loaded"
-    );
+    }
     let batcher = Batcher::start(
         Engine::with_kernels(model.clone(), args.kernels),
         batch_config,

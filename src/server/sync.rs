@@ -35,7 +35,10 @@
 //!   loads new ones ahead of their first request only while they fit
 //!   without evicting anything (at most [`PREFETCH_PER_ROUND`] a round).
 //!   The rest load on their first request (`super::loader`). Without a
-//!   bound every task is loaded, as before.
+//!   bound every task is loaded, as before. Under a bound, start-up waits
+//!   for the first listing at most `serve --listing-wait-ms` (pinned tasks
+//!   are loaded first, by [`StoreSync::load_ids`]); the catalog is
+//!   incomplete until that listing ends ([`StoreHealth::is_listed`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -97,6 +100,8 @@ struct Health {
     last_ok: Option<Instant>,
     error: Option<String>,
     failing: usize,
+    /// Tasks in the store's last full listing; `None` before the first.
+    listed: Option<usize>,
 }
 
 /// A copy of [`StoreHealth`] at one instant.
@@ -113,6 +118,10 @@ pub struct HealthSnapshot {
     pub error: Option<String>,
     /// Tasks whose newest stored version does not load.
     pub failing_tasks: usize,
+    /// Tasks in the store's last full listing; `None` until the first one
+    /// ends (a large store under a memory bound is listed after the
+    /// replica is ready: `--listing-wait-ms`).
+    pub listed_tasks: Option<usize>,
 }
 
 impl StoreHealth {
@@ -137,6 +146,7 @@ impl StoreHealth {
             last_sync_age: h.last_ok.map(|t| t.elapsed()),
             error: h.error.clone(),
             failing_tasks: h.failing,
+            listed_tasks: h.listed,
         }
     }
 
@@ -151,6 +161,16 @@ impl StoreHealth {
         if let Some(t) = self.lock().last_ok {
             metrics::gauge!(STORE_SYNC_AGE).set(t.elapsed().as_secs_f64());
         }
+    }
+
+    /// True once the store has been listed in full: the catalog that
+    /// `GET /v1/tasks` pages through is complete.
+    pub fn is_listed(&self) -> bool {
+        self.lock().listed.is_some()
+    }
+
+    fn record_listing(&self, tasks: usize) {
+        self.lock().listed = Some(tasks);
     }
 
     fn succeeded(&self, at: Instant, failing: usize) {
@@ -463,6 +483,29 @@ impl StoreSync {
         Ok((stored, served))
     }
 
+    /// Loads `ids` (the pinned tasks, at start-up before the first listing
+    /// has ended) without listing the store. An id not in the store is
+    /// logged and skipped; an unreachable store is an error.
+    pub async fn load_ids(&self, ids: &[String]) -> Result<RoundReport, RoundError> {
+        let started = Instant::now();
+        let epoch = self.book.lock().await.epoch;
+        // The token is unknown without a listing: "" until the first full
+        // round records the real one (which then finds the same version).
+        let wanted = ids.iter().map(|id| (id.clone(), String::new())).collect();
+        let mut fetched = self
+            .fetch_all(wanted, false)
+            .await
+            .map_err(RoundError::Strict)?;
+        fetched.retain(|(id, _, f)| {
+            let found = !matches!(f, Fetched::Gone);
+            if !found {
+                tracing::warn!(task = %id, "a pinned task is not in the store");
+            }
+            found
+        });
+        self.apply(epoch, fetched, Vec::new(), started, None).await
+    }
+
     /// One pass: find what changed in the store, load it, apply. With
     /// `strict`, the first task that does not load fails the round before
     /// anything is applied (start-up with `--strict`).
@@ -580,6 +623,10 @@ impl StoreSync {
                 .collect();
             (book.epoch, known)
         };
+        // What is resident now: a task loaded on its first request while a
+        // long listing runs may be missing from a page listed before it was
+        // written, and must not be removed as gone.
+        let resident: Vec<String> = self.registry.list().iter().map(|t| t.id.clone()).collect();
         let listing = match self.store.list().await {
             Ok(l) => l,
             Err(e) => {
@@ -591,7 +638,7 @@ impl StoreSync {
         let mut gone: Vec<String> = known
             .keys()
             .cloned()
-            .chain(self.registry.list().iter().map(|t| t.id.clone()))
+            .chain(resident)
             .filter(|id| !listed.contains(id.as_str()))
             .collect();
         gone.sort();
@@ -718,6 +765,7 @@ impl StoreSync {
         let failing = book.failing();
         drop(book);
         if let Some(listing) = listing {
+            self.health.record_listing(listing.len());
             *self.catalog.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(listing);
         }
 

@@ -18,7 +18,8 @@ const MAX_LIMIT: usize = 10_000;
 /// The served tasks, sorted by id, a page at a time: every task resident on
 /// this replica and every other task of the store's last listing (except
 /// those whose stored version does not load). Resident ones carry their
-/// version, kind and labels.
+/// version, kind and labels. Complete once the replica has listed the
+/// store in full (`listed_tasks` in `/ready`).
 #[utoipa::path(
     get,
     path = "/v1/tasks",
@@ -26,7 +27,7 @@ const MAX_LIMIT: usize = 10_000;
     params(ListQuery),
     responses(
         (status = 200, description = "One page of tasks, sorted by id; ask for the next with after=<last id>", body = Vec<TaskEntry>),
-        (status = 503, description = "Not ready", body = ErrorResponse),
+        (status = 503, description = "Not ready, or catalog_loading: the replica started in front of a store too large to list within --listing-wait-ms and is still listing it (tasks are served meanwhile)", body = ErrorResponse),
     )
 )]
 pub async fn list_tasks(
@@ -34,6 +35,9 @@ pub async fn list_tasks(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<TaskEntry>>, ApiError> {
     let core = state.core()?;
+    if !state.store_health.is_listed() {
+        return Err(ApiError::CatalogLoading);
+    }
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let after = q.after.unwrap_or_default();
     let resident = core.registry.list();
