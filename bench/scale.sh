@@ -12,6 +12,7 @@
 #   S3 [0]            1: the same tasks in a local S3 server instead (moto_server from
 #                     .venv-test, scripts/test_deps.sh); moto keeps every object in memory,
 #                     so keep SHALLOW to ~100,000 there
+#   STORE_NICE [0]    S3=1: niceness of moto (19: it runs only on CPU the server leaves idle)
 #
 # Three measurements on the release binary:
 #   1. start-up: `serve` with the budget, time until /ready 200, its RSS;
@@ -61,7 +62,9 @@ if [[ ${S3:-0} == 1 ]]; then
     VT=.venv-test/bin
     [[ -x $VT/moto_server && -x $VT/python ]] || { echo "error: run scripts/test_deps.sh (moto_server, boto3)" >&2; exit 1; }
     port=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-    "$VT/moto_server" -H 127.0.0.1 -p "$port" > /tmp/softprompt-scale-moto.log 2>&1 &
+    # STORE_NICE: run moto at this niceness, so that the server's CPU is not
+    # taken by the store (as when the store runs elsewhere); cold loads wait.
+    nice -n "${STORE_NICE:-0}" "$VT/moto_server" -H 127.0.0.1 -p "$port" > /tmp/softprompt-scale-moto.log 2>&1 &
     moto=$!
     until curl -s "127.0.0.1:$port" >/dev/null; do sleep 0.2; done
     export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true \
@@ -104,21 +107,29 @@ ready() { # pid port -> ms
     e=$(date +%s%N); echo $(((e - s) / 1000000))
 }
 rss_mb() { awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$1/status"; }
+# CPU seconds a process has used (user + system; its threads included).
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# The store server's CPU seconds, when it runs here (moto: on the same cores).
+store_cpu() { if [[ -n ${moto:-} ]]; then cpu_s "$moto"; else echo 0; fi; }
 load() { "$PY" bench/scale_load.py --port "$1" --tasks "$want" --requests "$REQUESTS" --threads "$THREADS" --zipf "$ZIPF"; }
 
 pid=$(serve 18090 --task-memory "$budget")
 trap 'kill $pid ${pid2:-} ${moto:-} 2>/dev/null || true' EXIT
 ms=$(ready "$pid" 18090)
 echo "{\"startup\": {\"ready_ms\": $ms, \"rss_mb\": $(rss_mb "$pid")}}"
+c0=$(cpu_s "$pid"); m0=$(store_cpu)
 cached=$(load 18090)
-echo "{\"cached\": $cached, \"rss_mb\": $(rss_mb "$pid"), \"budget_mb\": $((budget / 1048576))}"
+c1=$(cpu_s "$pid"); m1=$(store_cpu)
+echo "{\"cached\": $cached, \"rss_mb\": $(rss_mb "$pid"), \"budget_mb\": $((budget / 1048576)), \"server_cpu_s\": $(awk "BEGIN {print $c1 - $c0}"), \"store_cpu_s\": $(awk "BEGIN {print $m1 - $m0}")}"
 kill "$pid"; wait "$pid" 2>/dev/null || true
 
 pid2=$(serve 18091 --task-memory unlimited --prefetch false)
 ready "$pid2" 18091 >/dev/null
 load 18091 >/dev/null
+c0=$(cpu_s "$pid2"); m0=$(store_cpu)
 warm=$(load 18091)
-echo "{\"all_resident\": $warm, \"rss_mb\": $(rss_mb "$pid2")}"
+c1=$(cpu_s "$pid2"); m1=$(store_cpu)
+echo "{\"all_resident\": $warm, \"rss_mb\": $(rss_mb "$pid2"), \"server_cpu_s\": $(awk "BEGIN {print $c1 - $c0}"), \"store_cpu_s\": $(awk "BEGIN {print $m1 - $m0}")}"
 "$PY" -c "
 import json, sys
 c, w = json.loads(sys.argv[1]), json.loads(sys.argv[2])

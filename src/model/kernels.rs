@@ -892,6 +892,7 @@ fn attend_impl<F: Arith>(
     }
 }
 
+pub mod int8;
 pub mod train;
 
 #[cfg(test)]

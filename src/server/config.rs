@@ -91,6 +91,13 @@ pub struct ServeArgs {
     /// on the CPU for testing it; slower there).
     #[arg(long, env = "SOFTPROMPT_KERNELS", value_enum, default_value_t = crate::engine::Kernels::Auto)]
     pub kernels: crate::engine::Kernels,
+    /// Precision of the linear layers: none (f32) or int8 (weights
+    /// quantized per output channel at load, activations per row as they
+    /// come; our VNNI / AVX2 kernels, chosen at run time). About 2× the
+    /// throughput of f32 on a CPU with VNNI, at a small accuracy cost
+    /// (BENCHMARKS.md). CPU and --kernels auto only.
+    #[arg(long, env = "SOFTPROMPT_QUANTIZE", value_enum, default_value_t = crate::model::Quantize::None)]
+    pub quantize: crate::model::Quantize,
     /// Address to listen on.
     #[arg(long, env = "SOFTPROMPT_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: String,

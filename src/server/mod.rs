@@ -242,15 +242,29 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     let device = args.device.open()?;
     tracing::info!(device = %args.device, "model device");
     let dir = args.model.clone();
-    let model = tokio::task::spawn_blocking(move || Model::load(&dir, &device))
-        .await
-        .map_err(|e| StartError::Join(e.to_string()))?
-        .map_err(|source| StartError::Model {
+    let quantize = args.quantize;
+    if quantize != crate::model::Quantize::None && args.kernels != crate::engine::Kernels::Auto {
+        return Err(StartError::Model {
             path: args.model.display().to_string(),
-            source,
-        })?;
+            source: crate::model::ModelError::Unsupported(
+                "--quantize int8 with --kernels candle: only the fused CPU forward serves int8"
+                    .into(),
+            ),
+        });
+    }
+    let model = tokio::task::spawn_blocking(move || {
+        let mut model = Model::load(&dir, &device)?;
+        model.encoder.quantize(quantize)?;
+        Ok(model)
+    })
+    .await
+    .map_err(|e| StartError::Join(e.to_string()))?
+    .map_err(|source| StartError::Model {
+        path: args.model.display().to_string(),
+        source,
+    })?;
     let model = Arc::new(model);
-    tracing::info!(model = %model.name, "model loaded");
+    tracing::info!(model = %model.name, quantize = ?model.encoder.quantization(), "model loaded");
     let budget = args.task_memory.budget(config::available_memory());
     tracing::info!(
         task_memory = budget.map_or("unlimited".to_string(), |b| format!("{b} bytes")),

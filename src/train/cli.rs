@@ -262,6 +262,10 @@ pub struct EvalArgs {
     /// Print the metrics as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Precision of the linear layers, as `serve --quantize`: evaluates
+    /// what an int8 server would answer.
+    #[arg(long, value_enum, default_value_t = crate::model::Quantize::None)]
+    pub quantize: crate::model::Quantize,
 }
 
 fn load_model(dir: &Path) -> anyhow::Result<Arc<Model>> {
@@ -596,7 +600,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// Scores a task on labeled data; returns the metrics (and prints them).
 pub fn evaluate(args: &EvalArgs) -> anyhow::Result<Metrics> {
-    let model = load_model(&args.model)?;
+    let mut model = Model::load(&args.model, &Device::Cpu)?;
+    model.encoder.quantize(args.quantize)?;
+    let model = Arc::new(model);
     let task = if args.task.is_dir() {
         crate::task::peft::read_dir(&args.task, args.labels.clone())?
     } else {

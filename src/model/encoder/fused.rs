@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 use super::{Encoder, LayerData};
 use crate::model::kernels;
+use crate::model::kernels::int8::QWeight;
 
 /// One row of a batch for [`Encoder::encode_cpu`]: its packed tokens and
 /// its deep prompt, if any.
@@ -203,7 +204,14 @@ impl Encoder {
         let mut x1 = vec![0f32; n * h];
         let mut mid = vec![0f32; n * inter];
         let scale = 1.0 / (c.head_dim() as f32).sqrt();
+        // The linear layers in f32 (gemm) or int8 (`--quantize int8`).
+        let linear = |out: &mut [f32], x: &[f32], w: &[f32], q: Option<&QWeight>, k: usize| match q
+        {
+            Some(q) => kernels::int8::qmatmul_wt(out, x, q),
+            None => kernels::matmul_wt(out, x, w, k),
+        };
         for (l, w) in w.chunks_exact(12).enumerate() {
+            let q = self.quantized.as_ref().map(|q| &q[l]);
             let LayerData {
                 qkv_w,
                 qkv_b,
@@ -218,7 +226,9 @@ impl Encoder {
                 on_g,
                 on_b,
             } = LayerData::new(w);
-            time("qkv.matmul", || kernels::matmul_wt(&mut qkv, &x, qkv_w, h));
+            time("qkv.matmul", || {
+                linear(&mut qkv, &x, qkv_w, q.map(|q| &q.qkv), h)
+            });
             let dims = kernels::AttnDims {
                 hidden: h,
                 heads: c.num_attention_heads,
@@ -230,7 +240,7 @@ impl Encoder {
                 kernels::attention(&mut ctx, &qkv, qkv_b, &attn_rows, dims)
             });
             time("attn_out.matmul", || {
-                kernels::matmul_wt(&mut proj, &ctx, ao_w, h)
+                linear(&mut proj, &ctx, ao_w, q.map(|q| &q.attn_out), h)
             });
             let norm = kernels::NormParams {
                 bias: ao_b,
@@ -242,11 +252,11 @@ impl Encoder {
                 kernels::residual_norm(&mut x1, &proj, &x, norm)
             });
             time("ffn.in.matmul", || {
-                kernels::matmul_wt(&mut mid, &x1, in_w, h)
+                linear(&mut mid, &x1, in_w, q.map(|q| &q.intermediate), h)
             });
             time("ffn.gelu", || kernels::bias_gelu(&mut mid, in_b));
             time("ffn.out.matmul", || {
-                kernels::matmul_wt(&mut proj, &mid, out_w, inter)
+                linear(&mut proj, &mid, out_w, q.map(|q| &q.output), inter)
             });
             let norm = kernels::NormParams {
                 bias: out_b,

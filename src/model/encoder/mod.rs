@@ -20,6 +20,7 @@ use candle_core::{D, DType, Device, Tensor};
 
 use super::ModelError;
 use super::config::ModelConfig;
+use super::kernels::int8::QWeight;
 use super::weights::Weights;
 
 mod fused;
@@ -240,6 +241,25 @@ impl<'a> LayerData<'a> {
     }
 }
 
+/// Linear-layer weights a precision other than f32 serves with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Quantize {
+    /// The checkpoint's f32 weights.
+    #[default]
+    None,
+    /// Int8 weights per output channel, int8 activations per row
+    /// ([`crate::model::kernels::int8`]); CPU serving only.
+    Int8,
+}
+
+/// One layer's linear weights quantized to int8 (`--quantize int8`).
+struct QuantLayer {
+    qkv: QWeight,
+    attn_out: QWeight,
+    intermediate: QWeight,
+    output: QWeight,
+}
+
 /// The frozen encoder: embeddings, transformer layers and (when the
 /// checkpoint has one) the BERT pooler.
 pub struct Encoder {
@@ -251,6 +271,9 @@ pub struct Encoder {
     embed_norm: Norm,
     layers: Vec<Layer>,
     pooler: Option<Linear>,
+    /// Int8 copies of every layer's linear weights when serving quantized;
+    /// the f32 weights stay (training and candle's forward use them).
+    quantized: Option<Vec<QuantLayer>>,
 }
 
 impl Encoder {
@@ -303,9 +326,56 @@ impl Encoder {
             embed_norm: Norm::load(w, "embeddings.LayerNorm", h, eps)?,
             layers,
             pooler,
+            quantized: None,
             device: device.clone(),
             config,
         })
+    }
+
+    /// Serves with `q`'s weights from now on: for int8, quantizes and packs
+    /// every layer's four linear weights once (about a quarter of their f32
+    /// bytes on top). Only the fused CPU forward serves int8; elsewhere it
+    /// is refused rather than silently ignored.
+    pub fn quantize(&mut self, q: Quantize) -> Result<(), ModelError> {
+        match q {
+            Quantize::None => self.quantized = None,
+            Quantize::Int8 => {
+                if !self.device.is_cpu() {
+                    return Err(ModelError::Unsupported(
+                        "quantization on this device: --quantize int8 serves on the CPU only"
+                            .into(),
+                    ));
+                }
+                let f32_of = |t: &Tensor| -> Result<QWeight, ModelError> {
+                    let k = t.dim(1)?;
+                    let v = t.flatten_all()?.to_vec1::<f32>()?;
+                    Ok(QWeight::quantize(&v, k))
+                };
+                self.quantized = Some(
+                    self.layers
+                        .iter()
+                        .map(|l| {
+                            Ok(QuantLayer {
+                                qkv: f32_of(&l.qkv.weight)?,
+                                attn_out: f32_of(&l.attn_out.weight)?,
+                                intermediate: f32_of(&l.intermediate.weight)?,
+                                output: f32_of(&l.output.weight)?,
+                            })
+                        })
+                        .collect::<Result<_, ModelError>>()?,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The precision the linear layers serve in.
+    pub fn quantization(&self) -> Quantize {
+        if self.quantized.is_some() {
+            Quantize::Int8
+        } else {
+            Quantize::None
+        }
     }
 
     /// The device every tensor of this encoder lives on.

@@ -1,0 +1,94 @@
+//! Int8 against f32 linear layers at the model's shapes. Prints numbers,
+//! asserts nothing.
+//!
+//! `cargo bench --bench int8`: for rows m ∈ {24, 256, 2048} and the four
+//! matmuls of a MiniLM layer (QKV 1152×384, attention output 384×384, FFN
+//! in 1536×384, FFN out 384×1536), the rate of `kernels::matmul_wt` (f32,
+//! gemm) and of `kernels::int8::qmatmul_wt` (activation quantization
+//! included) on every int8 kernel this CPU runs, in GFLOP/s counted as
+//! 2·m·n·k, and int8 / f32. Threads: rayon's default (`RAYON_NUM_THREADS`).
+
+use softprompt::model::kernels::int8::{Int8Kernel, QWeight, qmatmul_with_kernel};
+use softprompt::model::kernels::matmul_wt;
+use std::time::Instant;
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Seconds per call: the median of 7 timings of enough calls for ~50 ms.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-6);
+    let reps = ((0.05 / once) as usize).clamp(1, 1000);
+    let mut v: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / reps as f64
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[3]
+}
+
+fn main() {
+    let shapes = [
+        ("qkv", 1152, 384),
+        ("attn_out", 384, 384),
+        ("ffn_in", 1536, 384),
+        ("ffn_out", 384, 1536),
+    ];
+    let kernels: Vec<Int8Kernel> = [Int8Kernel::Vnni512, Int8Kernel::Avx2, Int8Kernel::Portable]
+        .into_iter()
+        .filter(|k| k.supported())
+        .collect();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    println!(
+        "{cpu}; threads {}; int8 kernels here: {kernels:?}",
+        rayon::current_num_threads()
+    );
+    for m in [24usize, 256, 2048] {
+        let mut total = vec![0f64; kernels.len() + 1];
+        for (name, n, k) in shapes {
+            let x = values(m * k, 1);
+            let w = values(n * k, 2);
+            let qw = QWeight::quantize(&w, k);
+            let mut out = vec![0f32; m * n];
+            let flop = 2.0 * (m * n * k) as f64;
+            let f = time(|| matmul_wt(&mut out, &x, &w, k));
+            total[0] += f;
+            let mut line = format!("m={m:5} {name:8} f32 {:6.1} GFLOP/s", flop / f / 1e9);
+            for (i, &kern) in kernels.iter().enumerate() {
+                let q = time(|| qmatmul_with_kernel(kern, &mut out, &x, &qw));
+                total[i + 1] += q;
+                line += &format!(" | int8 {kern:?} {:6.1} ({:.2}×)", flop / q / 1e9, f / q);
+            }
+            println!("{line}");
+        }
+        let mut line = format!("m={m:5} layer    int8 / f32 time ratio:");
+        for (i, kern) in kernels.iter().enumerate() {
+            line += &format!(" {kern:?} {:.2}×", total[0] / total[i + 1]);
+        }
+        println!("{line}");
+    }
+}

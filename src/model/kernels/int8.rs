@@ -1,0 +1,690 @@
+//! Int8 linear layers (`serve --quantize int8`): weights quantized once at
+//! load, per output channel; activations quantized per row as they arrive;
+//! integer products on the widest instructions this CPU has.
+//!
+//! Why our own kernels: candle's quantized matmuls are GGML block formats
+//! (q8_0 and kin) that quantize activations per 32-value block and run
+//! f32-scaled block dots, which does not use VNNI's 4-way integer dot, and
+//! the `gemm` crate has no integer path. ONNX Runtime's dynamic int8
+//! (what a user would otherwise run) is a u8 × i8 GEMM with per-tensor or
+//! per-channel scales; this is the same arithmetic:
+//!
+//! `out[r, c] = sₐ[r] · s_w[c] · (Σₖ qₐ[r, k] · q_w[c, k] − zₐ[r] · Σₖ q_w[c, k])`
+//!
+//! with `qₐ = round(x / sₐ) + zₐ` (asymmetric, u8, the row's range always
+//! holding 0) and `q_w = round(w / s_w)` (symmetric, i8 in ±127). The
+//! integer sum is exact, so the three kernels agree bit for bit with one
+//! another for the same codes:
+//! - AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per instruction),
+//!   activations in 0..=255;
+//! - AVX2 (`vpmaddubsw` then `vpmaddwd`): `vpmaddubsw` adds two u8 × i8
+//!   products into a saturating i16, so activations use 0..=127 there
+//!   (2 · 127 · 127 < 2¹⁵: no saturation, one bit less resolution);
+//! - portable Rust loops, 0..=255, for every other CPU.
+//!
+//! Weights are packed once into panels of 16 output channels × 4 inputs
+//! (64 bytes, one 512-bit register), the layout `vpdpbusd` consumes, so a
+//! forward of a few rows does not repack anything.
+
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use super::{SharedOut, matmul_blocks};
+
+/// Output channels per packed panel.
+const PANEL: usize = 16;
+/// Inputs per 32-bit group of a panel (one `vpdpbusd` lane).
+const GROUP: usize = 4;
+/// Rows of a work block quantized activations are reused across (its
+/// codes, rows × k bytes, stay in L2 while every panel passes over them).
+const ROW_BLOCK: usize = 96;
+
+/// Which integer kernel runs the products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// AVX-512F/BW + VNNI: 6 rows × 32 channels per tile.
+    Vnni512,
+    /// AVX2: 4 rows × 16 channels per tile.
+    Avx2,
+    /// Plain Rust.
+    Portable,
+}
+
+impl Int8Kernel {
+    /// The best kernel this CPU runs, decided once. The environment
+    /// variable `SOFTPROMPT_INT8_KERNEL` (`vnni`, `avx2`, `portable`) picks
+    /// a slower one instead, for tests and benchmarks; one the CPU lacks is
+    /// ignored with a warning.
+    pub fn detect() -> Int8Kernel {
+        static CHOSEN: OnceLock<Int8Kernel> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let best = [Int8Kernel::Vnni512, Int8Kernel::Avx2]
+                .into_iter()
+                .find(|k| k.supported())
+                .unwrap_or(Int8Kernel::Portable);
+            match std::env::var("SOFTPROMPT_INT8_KERNEL").ok().as_deref() {
+                None | Some("") => best,
+                Some(name) => match Int8Kernel::from_name(name) {
+                    Some(k) if k.supported() => k,
+                    _ => {
+                        tracing::warn!(
+                            requested = name,
+                            using = ?best,
+                            "SOFTPROMPT_INT8_KERNEL names no kernel this CPU runs"
+                        );
+                        best
+                    }
+                },
+            }
+        })
+    }
+
+    fn from_name(name: &str) -> Option<Int8Kernel> {
+        match name {
+            "vnni" => Some(Int8Kernel::Vnni512),
+            "avx2" => Some(Int8Kernel::Avx2),
+            "portable" => Some(Int8Kernel::Portable),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU has the instructions of the kernel.
+    pub fn supported(self) -> bool {
+        match self {
+            Int8Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::Vnni512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Largest activation code (see the module documentation).
+    fn qmax(self) -> u8 {
+        match self {
+            Int8Kernel::Avx2 => 127,
+            Int8Kernel::Vnni512 | Int8Kernel::Portable => 255,
+        }
+    }
+}
+
+/// A `[n, k]` weight (stored `[out, in]`, as in the checkpoint) quantized
+/// per output channel and packed for [`qmatmul_wt`].
+pub struct QWeight {
+    n: usize,
+    k: usize,
+    /// `k` rounded up to [`GROUP`] (padding inputs have weight 0).
+    kq: usize,
+    /// `[n/16][kq/4][16][4]`, `n` rounded up to [`PANEL`] with zero
+    /// channels.
+    packed: Vec<i8>,
+    /// Per channel: `w ≈ scale · q` (0 for padding channels).
+    scale: Vec<f32>,
+    /// Per channel: `Σₖ q`, for the activations' zero point.
+    sum: Vec<i32>,
+}
+
+impl QWeight {
+    /// Quantizes `w` (`[n, k]` row-major) to ±127 per output channel.
+    pub fn quantize(w: &[f32], k: usize) -> QWeight {
+        assert!(
+            k > 0 && w.len().is_multiple_of(k),
+            "QWeight: {} values are not rows of {k}",
+            w.len()
+        );
+        let n = w.len() / k;
+        let kq = k.next_multiple_of(GROUP);
+        let panels = n.div_ceil(PANEL);
+        let mut packed = vec![0i8; panels * PANEL * kq];
+        let mut scale = vec![0f32; panels * PANEL];
+        let mut sum = vec![0i32; panels * PANEL];
+        for (c, row) in w.chunks_exact(k).enumerate() {
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if amax == 0.0 || !amax.is_finite() {
+                continue; // all zero (or broken): a zero channel
+            }
+            let s = amax / 127.0;
+            scale[c] = s;
+            let (p, j) = (c / PANEL, c % PANEL);
+            for (i, &v) in row.iter().enumerate() {
+                let q = (v / s).round().clamp(-127.0, 127.0) as i8;
+                sum[c] += q as i32;
+                let (g, t) = (i / GROUP, i % GROUP);
+                packed[((p * (kq / GROUP) + g) * PANEL + j) * GROUP + t] = q;
+            }
+        }
+        QWeight {
+            n,
+            k,
+            kq,
+            packed,
+            scale,
+            sum,
+        }
+    }
+
+    /// Output channels.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes held (packed codes, scales and sums).
+    pub fn bytes(&self) -> usize {
+        self.packed.len() + 8 * self.scale.len()
+    }
+
+    /// Bytes of one panel (16 channels, all inputs).
+    fn panel_bytes(&self) -> usize {
+        PANEL * self.kq
+    }
+}
+
+/// Activation codes of one call: `[m, kq]` u8 with per-row scale and zero
+/// point, reused across calls on each thread.
+#[derive(Default)]
+struct Codes {
+    q: Vec<u8>,
+    scale: Vec<f32>,
+    zero: Vec<i32>,
+}
+
+thread_local! {
+    static CODES: RefCell<Codes> = RefCell::new(Codes::default());
+}
+
+/// `out[m, n] ← x[m, k] · wᵀ` through int8 codes (see the module
+/// documentation), on [`Int8Kernel::detect`]'s kernel. The drop-in for
+/// `matmul_wt` when the model is quantized.
+pub fn qmatmul_wt(out: &mut [f32], x: &[f32], w: &QWeight) {
+    qmatmul_with(Int8Kernel::detect(), Int8Kernel::detect().qmax(), out, x, w);
+}
+
+/// [`qmatmul_wt`] on a given kernel (benchmarks compare them). Panics if
+/// the CPU lacks it ([`Int8Kernel::supported`]).
+pub fn qmatmul_with_kernel(kernel: Int8Kernel, out: &mut [f32], x: &[f32], w: &QWeight) {
+    qmatmul_with(kernel, kernel.qmax(), out, x, w);
+}
+
+/// [`qmatmul_wt`] on a given kernel with a given activation range (tests
+/// compare kernels on the same codes).
+fn qmatmul_with(kernel: Int8Kernel, qmax: u8, out: &mut [f32], x: &[f32], w: &QWeight) {
+    let k = w.k;
+    assert!(
+        x.len().is_multiple_of(k),
+        "qmatmul: input is not rows of {k}"
+    );
+    let m = x.len() / k;
+    assert_eq!(out.len(), m * w.n, "qmatmul: output size");
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    assert!(
+        kernel.supported(),
+        "qmatmul: {kernel:?} on a CPU without it"
+    );
+    CODES.with(|codes| {
+        let mut codes = codes.borrow_mut();
+        let codes = &mut *codes;
+        codes.q.resize(m * w.kq, 0);
+        codes.scale.resize(m, 0.0);
+        codes.zero.resize(m, 0);
+        codes
+            .q
+            .par_chunks_mut(w.kq)
+            .zip(codes.scale.par_iter_mut())
+            .zip(codes.zero.par_iter_mut())
+            .zip(x.par_chunks(k))
+            .with_min_len(16)
+            .for_each(|(((q, s), z), row)| quantize_row(row, qmax, q, s, z));
+        gemm(kernel, codes, m, w, out);
+    });
+}
+
+/// Asymmetric codes of one row: the range [min(x, 0), max(x, 0)] onto
+/// 0..=qmax, so that 0 is exact (padding and zeros stay zero).
+fn quantize_row(x: &[f32], qmax: u8, q: &mut [u8], scale: &mut f32, zero: &mut i32) {
+    let (lo, hi) = x
+        .iter()
+        .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let qmax_f = qmax as f32;
+    let s = (hi - lo) / qmax_f;
+    if !(s > 0.0 && s.is_finite()) {
+        // All zero (or not finite: the row's output is garbage either way,
+        // as it would be in f32).
+        q.fill(0);
+        *scale = if s.is_finite() { 0.0 } else { f32::NAN };
+        *zero = 0;
+        return;
+    }
+    let inv = 1.0 / s;
+    let z = (-lo * inv).round().clamp(0.0, qmax_f);
+    for (c, &v) in q.iter_mut().zip(x) {
+        // v·inv + z ≥ lo·inv + z ≥ −0.5, so adding 0.5 and truncating
+        // rounds to nearest; the clamp only guards the top.
+        *c = (v * inv + z + 0.5).clamp(0.0, qmax_f) as u8;
+    }
+    q[x.len()..].fill(z as u8); // padding inputs: code z, i.e. 0.0
+    *scale = s;
+    *zero = z as i32;
+}
+
+/// The integer products and their scaling into `out`, split over threads
+/// in (rows × channels) blocks as `matmul_wt` splits f32 products.
+fn gemm(kernel: Int8Kernel, codes: &Codes, m: usize, w: &QWeight, out: &mut [f32]) {
+    let n = w.n;
+    let panels = n.div_ceil(PANEL);
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let (pm, pn) = matmul_blocks(m, n, threads);
+    let pn = pn.min(panels);
+    let dst = SharedOut(out.as_mut_ptr());
+    let run = |item: usize| {
+        let (bi, bj) = (item / pn, item % pn);
+        let rows = (bi * m / pm)..((bi + 1) * m / pm);
+        // Channel blocks on whole pairs of panels where there are enough.
+        let pair_at = |j: usize| (j * panels.div_ceil(2) / pn * 2).min(panels);
+        let cols = pair_at(bj)..pair_at(bj + 1);
+        for r0 in rows.clone().step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(rows.end);
+            block(kernel, codes, r0..r1, cols.clone(), w, dst);
+        }
+    };
+    if pm * pn == 1 {
+        run(0);
+    } else {
+        (0..pm * pn).into_par_iter().for_each(run);
+    }
+}
+
+/// Rows `rows` × panels `panels` of the output: every tile of the block.
+fn block(
+    kernel: Int8Kernel,
+    codes: &Codes,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    w: &QWeight,
+    dst: SharedOut,
+) {
+    let (mr, np) = match kernel {
+        Int8Kernel::Vnni512 => (6, 2),
+        Int8Kernel::Avx2 => (4, 1),
+        Int8Kernel::Portable => (4, 1),
+    };
+    let mut acc = [0i32; 6 * 2 * PANEL];
+    let mut p = panels.start;
+    while p < panels.end {
+        let np_here = np.min(panels.end - p);
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr_here = mr.min(rows.end - r);
+            let a = &codes.q[r * w.kq..(r + mr_here) * w.kq];
+            let b = &w.packed[p * w.panel_bytes()..(p + np_here) * w.panel_bytes()];
+            let acc = &mut acc[..mr_here * np_here * PANEL];
+            tile(kernel, a, mr_here, b, np_here, w.kq, acc);
+            scale_out(acc, codes, r, mr_here, p, np_here, w, dst);
+            r += mr_here;
+        }
+        p += np_here;
+    }
+}
+
+/// `acc[r][c] = Σₖ a[r][k] · b[c][k]` for `rows` rows of codes `a`
+/// (`[rows, kq]`) and `np` packed panels `b` (`np · 16` channels).
+fn tile(
+    kernel: Int8Kernel,
+    a: &[u8],
+    rows: usize,
+    b: &[i8],
+    np: usize,
+    kq: usize,
+    acc: &mut [i32],
+) {
+    assert!(
+        a.len() == rows * kq && b.len() == np * PANEL * kq && acc.len() == rows * np * PANEL,
+        "int8 tile: sizes disagree"
+    );
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Vnni512 => {
+            // SAFETY: `Vnni512` runs only where `supported()` found
+            // AVX-512F/BW and VNNI (asserted in `qmatmul_with`); the sizes
+            // the kernel reads and writes are checked above.
+            unsafe { x86::tile_vnni(a, rows, b, np, kq, acc) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx2 => {
+            // SAFETY: as above, with AVX2.
+            unsafe { x86::tile_avx2(a, rows, b, np, kq, acc) }
+        }
+        _ => tile_portable(a, rows, b, np, kq, acc),
+    }
+}
+
+fn tile_portable(a: &[u8], rows: usize, b: &[i8], np: usize, kq: usize, acc: &mut [i32]) {
+    acc.fill(0);
+    for p in 0..np {
+        let panel = &b[p * PANEL * kq..(p + 1) * PANEL * kq];
+        for r in 0..rows {
+            let a = &a[r * kq..(r + 1) * kq];
+            let out = &mut acc[(r * np + p) * PANEL..][..PANEL];
+            for (g, quad) in panel.chunks_exact(PANEL * GROUP).enumerate() {
+                let av = &a[g * GROUP..(g + 1) * GROUP];
+                for (j, w) in quad.chunks_exact(GROUP).enumerate() {
+                    out[j] += (0..GROUP).map(|t| av[t] as i32 * w[t] as i32).sum::<i32>();
+                }
+            }
+        }
+    }
+}
+
+/// Scales a tile's integer sums into `out` (see the module documentation).
+#[allow(clippy::too_many_arguments)]
+fn scale_out(
+    acc: &[i32],
+    codes: &Codes,
+    r0: usize,
+    rows: usize,
+    p0: usize,
+    np: usize,
+    w: &QWeight,
+    dst: SharedOut,
+) {
+    let n = w.n;
+    let c0 = p0 * PANEL;
+    let width = (np * PANEL).min(n - c0);
+    for r in 0..rows {
+        let (sa, za) = (codes.scale[r0 + r], codes.zero[r0 + r]);
+        // SAFETY: row r0 + r < m and channels c0..c0 + width ≤ n lie in the
+        // (rows × channels) block of the work item calling this, which no
+        // other item writes (`gemm`); out holds m·n values.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((r0 + r) * n + c0), width) };
+        for (c, o) in out.iter_mut().enumerate() {
+            let (p, j) = (c / PANEL, c % PANEL);
+            let v = acc[(r * np + p) * PANEL + j] - za * w.sum[c0 + c];
+            *o = v as f32 * (sa * w.scale[c0 + c]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{GROUP, PANEL};
+    use std::arch::x86_64::*;
+
+    /// [`super::tile`] with `vpdpbusd` on 512-bit registers: per group of 4
+    /// inputs, one broadcast of each row's 4 codes and one dot instruction
+    /// per (row, panel). At most 6 rows × 2 panels (12 accumulators).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, AVX-512BW and AVX-512 VNNI; the sizes
+    /// must be as [`super::tile`] checks them.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn tile_vnni(
+        a: &[u8],
+        rows: usize,
+        b: &[i8],
+        np: usize,
+        kq: usize,
+        acc: &mut [i32],
+    ) {
+        match (rows, np) {
+            (6, 2) => tile_vnni_n::<6, 2>(a, b, kq, acc),
+            (1, 2) => tile_vnni_n::<1, 2>(a, b, kq, acc),
+            (2, 2) => tile_vnni_n::<2, 2>(a, b, kq, acc),
+            (3, 2) => tile_vnni_n::<3, 2>(a, b, kq, acc),
+            (4, 2) => tile_vnni_n::<4, 2>(a, b, kq, acc),
+            (5, 2) => tile_vnni_n::<5, 2>(a, b, kq, acc),
+            (1, 1) => tile_vnni_n::<1, 1>(a, b, kq, acc),
+            (2, 1) => tile_vnni_n::<2, 1>(a, b, kq, acc),
+            (3, 1) => tile_vnni_n::<3, 1>(a, b, kq, acc),
+            (4, 1) => tile_vnni_n::<4, 1>(a, b, kq, acc),
+            (5, 1) => tile_vnni_n::<5, 1>(a, b, kq, acc),
+            (6, 1) => tile_vnni_n::<6, 1>(a, b, kq, acc),
+            _ => unreachable!("vnni tile of {rows} rows × {np} panels"),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn tile_vnni_n<const R: usize, const P: usize>(a: &[u8], b: &[i8], kq: usize, acc: &mut [i32]) {
+        let mut sums = [[_mm512_setzero_si512(); P]; R];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let panel = PANEL * kq;
+        for g in 0..kq / GROUP {
+            // SAFETY: g·4 + 4 ≤ kq, so each row's read is inside its kq
+            // codes (a holds R·kq); panel p's group g is the 64 bytes at
+            // p·panel + g·64 < P·panel = b.len().
+            unsafe {
+                let mut bv = [_mm512_setzero_si512(); P];
+                for (p, v) in bv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_si512(bp.add(p * panel + g * PANEL * GROUP).cast());
+                }
+                for (r, row) in sums.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(
+                        ap.add(r * kq + g * GROUP).cast::<i32>().read_unaligned(),
+                    );
+                    for (s, &v) in row.iter_mut().zip(&bv) {
+                        *s = _mm512_dpbusd_epi32(*s, av, v);
+                    }
+                }
+            }
+        }
+        for (r, row) in sums.iter().enumerate() {
+            for (p, &s) in row.iter().enumerate() {
+                // SAFETY: acc holds R·P·16 values.
+                unsafe { _mm512_storeu_si512(acc.as_mut_ptr().add((r * P + p) * PANEL).cast(), s) };
+            }
+        }
+    }
+
+    /// [`super::tile`] with AVX2: `vpmaddubsw` (pairs of u8 × i8 into i16;
+    /// codes ≤ 127 keep it from saturating), `vpmaddwd` by ones (pairs of
+    /// i16 into i32), add. One panel is two 256-bit registers; at most 4
+    /// rows × 1 panel (8 accumulators).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; the sizes must be as [`super::tile`] checks
+    /// them.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn tile_avx2(
+        a: &[u8],
+        rows: usize,
+        b: &[i8],
+        np: usize,
+        kq: usize,
+        acc: &mut [i32],
+    ) {
+        for p in 0..np {
+            let b = &b[p * PANEL * kq..(p + 1) * PANEL * kq];
+            for r0 in (0..rows).step_by(4) {
+                let rr = 4.min(rows - r0);
+                let a = &a[r0 * kq..(r0 + rr) * kq];
+                let mut part = [0i32; 4 * PANEL];
+                match rr {
+                    4 => tile_avx2_n::<4>(a, b, kq, &mut part),
+                    3 => tile_avx2_n::<3>(a, b, kq, &mut part),
+                    2 => tile_avx2_n::<2>(a, b, kq, &mut part),
+                    _ => tile_avx2_n::<1>(a, b, kq, &mut part),
+                }
+                for r in 0..rr {
+                    acc[((r0 + r) * np + p) * PANEL..][..PANEL]
+                        .copy_from_slice(&part[r * PANEL..(r + 1) * PANEL]);
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn tile_avx2_n<const R: usize>(a: &[u8], b: &[i8], kq: usize, acc: &mut [i32]) {
+        assert!(a.len() >= R * kq && b.len() >= PANEL * kq && acc.len() >= R * PANEL);
+        let mut sums = [[_mm256_setzero_si256(); 2]; R];
+        let ones = _mm256_set1_epi16(1);
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for g in 0..kq / GROUP {
+            // SAFETY: as in `tile_vnni_n`: the 64 bytes of group g of the
+            // panel, and 4 codes of each row, are inside the checked sizes.
+            unsafe {
+                let b0 = _mm256_loadu_si256(bp.add(g * PANEL * GROUP).cast());
+                let b1 = _mm256_loadu_si256(bp.add(g * PANEL * GROUP + 32).cast());
+                for (r, row) in sums.iter_mut().enumerate() {
+                    let av = _mm256_set1_epi32(
+                        ap.add(r * kq + g * GROUP).cast::<i32>().read_unaligned(),
+                    );
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones);
+                    row[0] = _mm256_add_epi32(row[0], p0);
+                    row[1] = _mm256_add_epi32(row[1], p1);
+                }
+            }
+        }
+        for (r, row) in sums.iter().enumerate() {
+            // SAFETY: acc holds at least R·16 values.
+            unsafe {
+                _mm256_storeu_si256(acc.as_mut_ptr().add(r * PANEL).cast(), row[0]);
+                _mm256_storeu_si256(acc.as_mut_ptr().add(r * PANEL + 8).cast(), row[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) (a small LCG).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The f64 product and, per output, a bound on what quantizing both
+    /// sides may change: |Σ x·w − Σ x̂·ŵ| ≤ Σ |x|·δw + |ŵ|·δx with
+    /// δw = s_w/2 and δx = sₐ/2 (sₐ from the row's range and `qmax`).
+    fn reference(x: &[f32], w: &[f32], k: usize, qmax: f64) -> (Vec<f64>, Vec<f64>) {
+        let (m, n) = (x.len() / k, w.len() / k);
+        let mut exact = vec![0f64; m * n];
+        let mut bound = vec![0f64; m * n];
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            let lo = xr.iter().fold(0f64, |a, &v| a.min(v as f64));
+            let hi = xr.iter().fold(0f64, |a, &v| a.max(v as f64));
+            let dx = (hi - lo) / qmax / 2.0;
+            for c in 0..n {
+                let wc = &w[c * k..(c + 1) * k];
+                let dw = wc.iter().fold(0f64, |a, &v| a.max(v.abs() as f64)) / 127.0 / 2.0;
+                let mut e = 0.0;
+                let mut b = 0.0;
+                for (&a, &v) in xr.iter().zip(wc) {
+                    e += a as f64 * v as f64;
+                    b += (a as f64).abs() * dw + ((v as f64).abs() + dw) * dx;
+                }
+                exact[r * n + c] = e;
+                // Plus the f32 rounding of the scaling (relative 1e-6).
+                bound[r * n + c] = b * 1.001 + 1e-5 * e.abs() + 1e-6;
+            }
+        }
+        (exact, bound)
+    }
+
+    fn kernels() -> Vec<Int8Kernel> {
+        let all = [Int8Kernel::Vnni512, Int8Kernel::Avx2, Int8Kernel::Portable];
+        let have: Vec<_> = all.into_iter().filter(|k| k.supported()).collect();
+        for k in all.iter().filter(|k| !have.contains(k)) {
+            eprintln!("int8 {k:?}: not tested, this CPU lacks its instructions");
+        }
+        have
+    }
+
+    /// Every kernel, at shapes with ragged rows, channels and inputs,
+    /// is within the quantization bound of the f64 product.
+    #[test]
+    fn products_are_within_the_quantization_bound_of_f64() {
+        for &(m, n, k) in &[
+            (1, 16, 4),
+            (7, 40, 13),
+            (13, 70, 37),
+            (100, 96, 384),
+            (3, 1152, 384),
+        ] {
+            let x = values(m * k, m as u64 * 7 + k as u64);
+            let w = values(n * k, n as u64 * 3 + 1);
+            let qw = QWeight::quantize(&w, k);
+            for kernel in kernels() {
+                let mut out = vec![0f32; m * n];
+                qmatmul_with(kernel, kernel.qmax(), &mut out, &x, &qw);
+                let (exact, bound) = reference(&x, &w, k, kernel.qmax() as f64);
+                for i in 0..m * n {
+                    let err = (out[i] as f64 - exact[i]).abs();
+                    assert!(
+                        err <= bound[i],
+                        "{kernel:?} {m}×{n}×{k} [{i}]: {} vs {} (error {err:.3e} > bound {:.3e})",
+                        out[i],
+                        exact[i],
+                        bound[i]
+                    );
+                }
+            }
+        }
+    }
+
+    /// The SIMD kernels compute the same integers as the portable loops on
+    /// the same codes: their outputs are identical.
+    #[test]
+    fn simd_kernels_match_the_portable_kernel_exactly() {
+        for &(m, n, k) in &[(1, 16, 4), (9, 48, 20), (14, 80, 64), (64, 384, 1536)] {
+            // Large values of one sign in adjacent inputs: where a
+            // saturating i16 pair would show.
+            let mut x = values(m * k, 11 + m as u64);
+            x.iter_mut().step_by(3).for_each(|v| *v = v.abs() * 4.0);
+            let mut w = values(n * k, 5 + n as u64);
+            w.iter_mut().step_by(2).for_each(|v| *v = v.abs());
+            let qw = QWeight::quantize(&w, k);
+            for kernel in kernels() {
+                let mut got = vec![0f32; m * n];
+                let mut want = vec![0f32; m * n];
+                qmatmul_with(kernel, kernel.qmax(), &mut got, &x, &qw);
+                qmatmul_with(Int8Kernel::Portable, kernel.qmax(), &mut want, &x, &qw);
+                assert_eq!(got, want, "{kernel:?} {m}×{n}×{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_rows_and_zero_channels_give_zero() {
+        let k = 8;
+        let mut w = values(32 * k, 3);
+        w[5 * k..6 * k].fill(0.0);
+        let qw = QWeight::quantize(&w, k);
+        let mut x = values(3 * k, 9);
+        x[k..2 * k].fill(0.0);
+        for kernel in kernels() {
+            let mut out = vec![1f32; 3 * 32];
+            qmatmul_with(kernel, kernel.qmax(), &mut out, &x, &qw);
+            assert!(
+                out[32..64].iter().all(|&v| v == 0.0),
+                "{kernel:?}: zero row"
+            );
+            assert!(
+                (0..3).all(|r| out[r * 32 + 5] == 0.0),
+                "{kernel:?}: zero channel"
+            );
+        }
+    }
+}
