@@ -7,7 +7,8 @@
 //! [`queue`]. One dedicated inference thread ([`worker`]) owns the
 //! [`Engine`]: it takes the oldest waiting row, adds the rows closest to it
 //! in length that fit a padded-token budget ([`former`]), whatever their
-//! task, runs them as one forward pass and answers each row on its own
+//! task (only its task's under the benchmark-only [`BatchPolicy::OneTask`]),
+//! runs them as one forward pass and answers each row on its own
 //! oneshot channel. Rows whose client hung up (receiver dropped) are
 //! discarded before compute.
 //!
@@ -35,6 +36,7 @@ use crate::model::Encoded;
 use crate::registry::LoadedTask;
 use admission::Admission;
 pub use admission::Ticket;
+pub use former::BatchPolicy;
 use queue::Queue;
 pub use worker::panic_text;
 
@@ -55,6 +57,9 @@ pub struct BatchConfig {
     /// every row) admitted and not yet answered; past it, requests are
     /// refused before they are tokenized.
     pub max_queued_tokens: usize,
+    /// Which rows may share a batch: [`BatchPolicy::Mixed`] (any task)
+    /// unless a benchmark measures the one-task baseline.
+    pub policy: BatchPolicy,
     /// Injected faults (tests only; see [`crate::faults`]).
     pub faults: Faults,
 }
@@ -66,6 +71,7 @@ impl Default for BatchConfig {
             max_batch_rows: 64,
             wait: Duration::from_millis(2),
             max_queued_tokens: DEFAULT_MAX_QUEUED_TOKENS,
+            policy: BatchPolicy::Mixed,
             faults: Faults::default(),
         }
     }

@@ -152,7 +152,21 @@ impl Queue {
                 continue;
             }
             let costs: Vec<usize> = s.entries.iter().map(Entry::cost).collect();
-            let picked = former::select(&costs, config.max_batch_tokens, config.max_batch_rows);
+            // Task ids only matter to the one-task benchmark policy; the
+            // server's mixed policy does not pay for collecting them.
+            let tasks: Vec<&str> = match config.policy {
+                former::BatchPolicy::Mixed => Vec::new(),
+                former::BatchPolicy::OneTask => {
+                    s.entries.iter().map(|e| e.task.id.as_str()).collect()
+                }
+            };
+            let picked = former::select_with(
+                config.policy,
+                &costs,
+                &tasks,
+                config.max_batch_tokens,
+                config.max_batch_rows,
+            );
             let batch = take(&mut s.entries, &picked);
             metrics::gauge!(m::QUEUE_ROWS).set(s.entries.len() as f64);
             return Some(batch);

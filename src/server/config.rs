@@ -186,6 +186,18 @@ pub struct ServeArgs {
     /// Fault injection for tests (see src/faults.rs); empty in production.
     #[arg(long, env = "SOFTPROMPT_FAULTS", hide = true, default_value = "")]
     pub faults: crate::faults::Faults,
+    /// Which rows may share a forward pass: mixed (any task; the server's
+    /// policy) or one-task (only rows of the oldest row's task). Hidden: it
+    /// exists only so that bench/online.sh can measure the one-task
+    /// baseline on the real server; one-task only ever serves worse.
+    #[arg(
+        long,
+        env = "SOFTPROMPT_BATCH_POLICY",
+        hide = true,
+        value_enum,
+        default_value_t = crate::batch::BatchPolicy::Mixed
+    )]
+    pub batch_policy: crate::batch::BatchPolicy,
 }
 
 /// Why the flags do not describe a server that can start.
@@ -252,6 +264,7 @@ impl ServeArgs {
             max_batch_rows: self.max_batch_size,
             wait: Duration::from_millis(self.batch_wait_ms),
             max_queued_tokens: self.max_queued_tokens,
+            policy: self.batch_policy,
             faults: self.faults.clone(),
         })
     }
@@ -315,6 +328,16 @@ mod tests {
         assert_eq!(a.prompts, StoreLocation::Dir(PathBuf::from("prompts")));
         assert_eq!(a.sync_interval(), Some(Duration::from_secs(2)));
         assert!(a.batch_config().is_ok());
+    }
+
+    #[test]
+    fn batch_policy_is_mixed_unless_a_benchmark_asks() {
+        use crate::batch::BatchPolicy;
+        let a = ServeArgs::try_parse_from(["serve"]).unwrap();
+        assert_eq!(a.batch_config().unwrap().policy, BatchPolicy::Mixed);
+        let a = ServeArgs::try_parse_from(["serve", "--batch-policy", "one-task"]).unwrap();
+        assert_eq!(a.batch_config().unwrap().policy, BatchPolicy::OneTask);
+        assert!(ServeArgs::try_parse_from(["serve", "--batch-policy", "other"]).is_err());
     }
 
     #[test]
