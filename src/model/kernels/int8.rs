@@ -18,9 +18,12 @@
 //! - AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per instruction),
 //!   activations in 0..=255;
 //! - AVX2 (`vpmaddubsw` then `vpmaddwd`): `vpmaddubsw` adds two u8 × i8
-//!   products into a saturating i16, so activations use 0..=127 there
-//!   (2 · 127 · 127 < 2¹⁵: no saturation, one bit less resolution);
-//! - portable Rust loops, 0..=255, for every other CPU.
+//!   products into a saturating i16, and 2 · 255 · 127 would overflow it.
+//!   So the kernel multiplies `qₐ − 128` (i8) instead, as `|qₐ − 128|`
+//!   (u8, ≤ 128) times the weight with the sign of `qₐ − 128` (`vpsignb`):
+//!   2 · 128 · 127 < 2¹⁵, exact; the 128 · Σ q_w it leaves out is added
+//!   back with the zero point;
+//! - portable Rust loops, for every other CPU.
 //!
 //! Weights are packed once into panels of 16 output channels × 4 inputs
 //! (64 bytes, one 512-bit register), the layout `vpdpbusd` consumes, so a
@@ -36,6 +39,8 @@ use super::{SharedOut, matmul_blocks};
 const PANEL: usize = 16;
 /// Inputs per 32-bit group of a panel (one `vpdpbusd` lane).
 const GROUP: usize = 4;
+/// Largest activation code.
+const QMAX: u8 = 255;
 /// Rows of a work block quantized activations are reused across (its
 /// codes, rows × k bytes, stay in L2 while every panel passes over them).
 const ROW_BLOCK: usize = 96;
@@ -106,11 +111,12 @@ impl Int8Kernel {
         }
     }
 
-    /// Largest activation code (see the module documentation).
-    fn qmax(self) -> u8 {
+    /// What the kernel subtracts from every activation code before
+    /// multiplying (see the module documentation).
+    fn code_offset(self) -> i32 {
         match self {
-            Int8Kernel::Avx2 => 127,
-            Int8Kernel::Vnni512 | Int8Kernel::Portable => 255,
+            Int8Kernel::Avx2 => 128,
+            Int8Kernel::Vnni512 | Int8Kernel::Portable => 0,
         }
     }
 }
@@ -203,18 +209,12 @@ thread_local! {
 /// documentation), on [`Int8Kernel::detect`]'s kernel. The drop-in for
 /// `matmul_wt` when the model is quantized.
 pub fn qmatmul_wt(out: &mut [f32], x: &[f32], w: &QWeight) {
-    qmatmul_with(Int8Kernel::detect(), Int8Kernel::detect().qmax(), out, x, w);
+    qmatmul_with_kernel(Int8Kernel::detect(), out, x, w);
 }
 
 /// [`qmatmul_wt`] on a given kernel (benchmarks compare them). Panics if
 /// the CPU lacks it ([`Int8Kernel::supported`]).
 pub fn qmatmul_with_kernel(kernel: Int8Kernel, out: &mut [f32], x: &[f32], w: &QWeight) {
-    qmatmul_with(kernel, kernel.qmax(), out, x, w);
-}
-
-/// [`qmatmul_wt`] on a given kernel with a given activation range (tests
-/// compare kernels on the same codes).
-fn qmatmul_with(kernel: Int8Kernel, qmax: u8, out: &mut [f32], x: &[f32], w: &QWeight) {
     let k = w.k;
     assert!(
         x.len().is_multiple_of(k),
@@ -242,7 +242,7 @@ fn qmatmul_with(kernel: Int8Kernel, qmax: u8, out: &mut [f32], x: &[f32], w: &QW
             .zip(codes.zero.par_iter_mut())
             .zip(x.par_chunks(k))
             .with_min_len(16)
-            .for_each(|(((q, s), z), row)| quantize_row(row, qmax, q, s, z));
+            .for_each(|(((q, s), z), row)| quantize_row(row, QMAX, q, s, z));
         gemm(kernel, codes, m, w, out);
     });
 }
@@ -327,14 +327,16 @@ fn block(
             let b = &w.packed[p * w.panel_bytes()..(p + np_here) * w.panel_bytes()];
             let acc = &mut acc[..mr_here * np_here * PANEL];
             tile(kernel, a, mr_here, b, np_here, w.kq, acc);
-            scale_out(acc, codes, r, mr_here, p, np_here, w, dst);
+            let offset = kernel.code_offset();
+            scale_out(acc, codes, r, mr_here, p, np_here, w, offset, dst);
             r += mr_here;
         }
         p += np_here;
     }
 }
 
-/// `acc[r][c] = Σₖ a[r][k] · b[c][k]` for `rows` rows of codes `a`
+/// `acc[r][c] = Σₖ (a[r][k] − offset) · b[c][k]` (offset:
+/// [`Int8Kernel::code_offset`]) for `rows` rows of codes `a`
 /// (`[rows, kq]`) and `np` packed panels `b` (`np · 16` channels).
 fn tile(
     kernel: Int8Kernel,
@@ -393,13 +395,14 @@ fn scale_out(
     p0: usize,
     np: usize,
     w: &QWeight,
+    offset: i32,
     dst: SharedOut,
 ) {
     let n = w.n;
     let c0 = p0 * PANEL;
     let width = (np * PANEL).min(n - c0);
     for r in 0..rows {
-        let (sa, za) = (codes.scale[r0 + r], codes.zero[r0 + r]);
+        let (sa, za) = (codes.scale[r0 + r], codes.zero[r0 + r] - offset);
         // SAFETY: row r0 + r < m and channels c0..c0 + width ≤ n lie in the
         // (rows × channels) block of the work item calling this, which no
         // other item writes (`gemm`); out holds m·n values.
@@ -484,10 +487,11 @@ mod x86 {
         }
     }
 
-    /// [`super::tile`] with AVX2: `vpmaddubsw` (pairs of u8 × i8 into i16;
-    /// codes ≤ 127 keep it from saturating), `vpmaddwd` by ones (pairs of
-    /// i16 into i32), add. One panel is two 256-bit registers; at most 4
-    /// rows × 1 panel (8 accumulators).
+    /// [`super::tile`] with AVX2, on codes − 128 (see the module
+    /// documentation): `vpabsb` and `vpsignb` so that `vpmaddubsw` (pairs
+    /// of u8 × i8 into a saturating i16) cannot saturate, `vpmaddwd` by
+    /// ones (pairs of i16 into i32), add. One panel is two 256-bit
+    /// registers; at most 4 rows × 1 panel (8 accumulators).
     ///
     /// # Safety
     /// The CPU must have AVX2; the sizes must be as [`super::tile`] checks
@@ -527,6 +531,7 @@ mod x86 {
         assert!(a.len() >= R * kq && b.len() >= PANEL * kq && acc.len() >= R * PANEL);
         let mut sums = [[_mm256_setzero_si256(); 2]; R];
         let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(-128);
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
         for g in 0..kq / GROUP {
             // SAFETY: as in `tile_vnni_n`: the 64 bytes of group g of the
@@ -538,8 +543,13 @@ mod x86 {
                     let av = _mm256_set1_epi32(
                         ap.add(r * kq + g * GROUP).cast::<i32>().read_unaligned(),
                     );
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones);
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones);
+                    // d = code − 128 as i8; |d| ≤ 128 read as u8.
+                    let d = _mm256_xor_si256(av, flip);
+                    let ad = _mm256_abs_epi8(d);
+                    let p0 = _mm256_maddubs_epi16(ad, _mm256_sign_epi8(b0, d));
+                    let p1 = _mm256_maddubs_epi16(ad, _mm256_sign_epi8(b1, d));
+                    let p0 = _mm256_madd_epi16(p0, ones);
+                    let p1 = _mm256_madd_epi16(p1, ones);
                     row[0] = _mm256_add_epi32(row[0], p0);
                     row[1] = _mm256_add_epi32(row[1], p1);
                 }
@@ -628,8 +638,8 @@ mod tests {
             let qw = QWeight::quantize(&w, k);
             for kernel in kernels() {
                 let mut out = vec![0f32; m * n];
-                qmatmul_with(kernel, kernel.qmax(), &mut out, &x, &qw);
-                let (exact, bound) = reference(&x, &w, k, kernel.qmax() as f64);
+                qmatmul_with_kernel(kernel, &mut out, &x, &qw);
+                let (exact, bound) = reference(&x, &w, k, QMAX as f64);
                 for i in 0..m * n {
                     let err = (out[i] as f64 - exact[i]).abs();
                     assert!(
@@ -659,8 +669,8 @@ mod tests {
             for kernel in kernels() {
                 let mut got = vec![0f32; m * n];
                 let mut want = vec![0f32; m * n];
-                qmatmul_with(kernel, kernel.qmax(), &mut got, &x, &qw);
-                qmatmul_with(Int8Kernel::Portable, kernel.qmax(), &mut want, &x, &qw);
+                qmatmul_with_kernel(kernel, &mut got, &x, &qw);
+                qmatmul_with_kernel(Int8Kernel::Portable, &mut want, &x, &qw);
                 assert_eq!(got, want, "{kernel:?} {m}×{n}×{k}");
             }
         }
@@ -676,7 +686,7 @@ mod tests {
         x[k..2 * k].fill(0.0);
         for kernel in kernels() {
             let mut out = vec![1f32; 3 * 32];
-            qmatmul_with(kernel, kernel.qmax(), &mut out, &x, &qw);
+            qmatmul_with_kernel(kernel, &mut out, &x, &qw);
             assert!(
                 out[32..64].iter().all(|&v| v == 0.0),
                 "{kernel:?}: zero row"
