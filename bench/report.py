@@ -50,6 +50,8 @@ def main() -> int:
         return 1
     # (a0), (e), (f): only when every round has them (older results do not).
     plain = all(r in ort and "secs_a0" in rust[r] for r in rounds)
+    # (a0q), (aq): the engine int8 (newer results only).
+    int8 = plain and all("secs_a0q" in rust[r] for r in rounds)
     if not plain:
         print(f"note: no (a0)/(e)/(f) in every round under {args.dir}; leaving them out", file=sys.stderr)
     workload = json.loads((args.dir / "workload.json").read_text())
@@ -75,6 +77,9 @@ def main() -> int:
         )
         if plain:
             per_round[-1]["a0"] = tokens / a["secs_a0"]
+            if int8:
+                per_round[-1]["a0q"] = tokens / a["secs_a0q"]
+                per_round[-1]["aq"] = tokens / a["secs_aq"]
             per_round[-1].update({k: tokens / ort[r][f"secs_{k}"] for k in ORT})
     med = {k: statistics.median(p[k] for p in per_round) for k in per_round[0]}
     ratio = {
@@ -88,6 +93,12 @@ def main() -> int:
         ratio["a0/e"] = statistics.median(p["a0"] / max(p["e_padded"], p["e_sorted"]) for p in per_round)
         ratio["a0/f"] = statistics.median(p["a0"] / max(p["f_padded"], p["f_sorted"]) for p in per_round)
         diff_a0e = max(max_abs_diff(rust[r]["logits_a0"], ort[r][f"logits_e_{b}"]) for r in rounds for b in ("padded", "sorted"))
+        if int8:
+            ratio["a0q/f"] = statistics.median(p["a0q"] / max(p["f_padded"], p["f_sorted"]) for p in per_round)
+            ratio["a0q/a0"] = statistics.median(p["a0q"] / p["a0"] for p in per_round)
+            ratio["aq/a"] = statistics.median(p["aq"] / p["a"] for p in per_round)
+            diff_aqa = max(max_abs_diff(rust[r]["logits_aq"], rust[r]["logits_a"]) for r in rounds)
+            diff_a0qe = max(max_abs_diff(rust[r]["logits_a0q"], ort[r][f"logits_e_{b}"]) for r in rounds for b in ("padded", "sorted"))
         diff_a0f = max(max_abs_diff(rust[r]["logits_a0"], ort[r][f"logits_f_{b}"]) for r in rounds for b in ("padded", "sorted"))
     diff_ac = max(max_abs_diff(rust[r]["logits_a"], torch[r]["logits_c"]) for r in rounds)
     diff_ab = max(max_abs_diff(rust[r]["logits_a"], rust[r]["logits_b"]) for r in rounds)
@@ -137,6 +148,12 @@ def main() -> int:
             ("(f) ONNX Runtime int8 (dynamic quantization), padded in arrival order", "f_padded", o["batches_f_padded"]),
             ("(f) ONNX Runtime int8 (dynamic quantization), length-sorted", "f_sorted", o["batches_f_sorted"]),
         ]
+    if int8:
+        kern = rust[rounds[0]].get("int8_kernel", "?")
+        rows += [
+            (f"(a0q) engine int8 ({kern}), plain encoder, one batch per window", "a0q", rust[rounds[0]]["batches_a0"]),
+            (f"(aq) engine int8 ({kern}), one mixed-task batch per window", "aq", first["batches_a"]),
+        ]
     for name, k, batches in rows:
         print(f"| {name} | {med[k]:,.0f} | {'' if batches is None else batches} | {tokens / med[k]:.2f} |")
     print()
@@ -147,6 +164,10 @@ def main() -> int:
     if plain:
         print(f"a0/e: {ratio['a0/e']:.2f} (like for like: the engine's plain encoder / ONNX Runtime f32, its faster batching)")
         print(f"a0/f: {ratio['a0/f']:.2f} (the engine's plain encoder, f32 / ONNX Runtime int8, its faster batching)")
+    if int8:
+        v = "met" if ratio["a0q/f"] >= 1.0 else "NOT met"
+        print(f"a0q/f: {ratio['a0q/f']:.2f} (like for like: the engine's plain encoder int8 / ONNX Runtime int8, its faster batching; target >= 1.0, {v})")
+        print(f"a0q/a0: {ratio['a0q/a0']:.2f}, aq/a: {ratio['aq/a']:.2f} (int8 / f32, the engine)")
     ok = diff_ac <= TOL
     print(f"correctness: max |logit (a) - (c)| = {diff_ac:.2e} over {len(rounds)} x {workload['requests']} requests "
           f"({'within' if ok else 'ABOVE'} {TOL:g}); max |(a) - (b)| = {diff_ab:.2e}")
@@ -155,6 +176,9 @@ def main() -> int:
         ok = ok and ok_e
         print(f"correctness: max |logit (a0) - (e)| = {diff_a0e:.2e}, both batchings ({'within' if ok_e else 'ABOVE'} {TOL:g}); "
               f"max |(a0) - (f)| = {diff_a0f:.2e} (int8 quantization error, no limit)")
+    if int8:
+        print(f"int8 error (no limit; accuracy: BENCHMARKS.md): max |logit (a0q) - (e)| = {diff_a0qe:.2e}, "
+              f"max |(aq) - (a)| = {diff_aqa:.2e}")
 
     summary = {
         "rounds": rounds,
@@ -166,6 +190,8 @@ def main() -> int:
         "max_abs_diff_a_b": diff_ab,
         "max_abs_diff_a0_e": diff_a0e if plain else None,
         "max_abs_diff_a0_f": diff_a0f if plain else None,
+        "max_abs_diff_a0q_e": diff_a0qe if int8 else None,
+        "max_abs_diff_aq_a": diff_aqa if int8 else None,
         "cpu": args.cpu,
         "load": args.load,
     }

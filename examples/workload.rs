@@ -19,9 +19,11 @@
 //! encoder: the same requests with no prompt at all, every row of a task
 //! with neither a shallow nor a deep prompt and the first task's pooling and
 //! head, one batch per window, rows in arrival order -- the like-for-like
-//! counterpart of ONNX Runtime's (e) and (f) (`bench/ort_workload.py`). The
-//! tasks are read back from the exported PEFT directories, so both sides run
-//! the very same adapter files.
+//! counterpart of ONNX Runtime's (e) and (f) (`bench/ort_workload.py`); then
+//! (a0q) and (aq): (a0) and (a) again on the model served int8 (`serve
+//! --quantize int8`), (a0q) being the counterpart of ONNX Runtime int8 (f).
+//! The tasks are read back from the exported PEFT directories, so both
+//! sides run the very same adapter files.
 //!
 //! Arrival, identical for (a), (b) and (c): requests arrive in file order;
 //! the batcher takes windows of `window` consecutive requests (64 = the
@@ -112,7 +114,12 @@ fn main() -> Result<()> {
             window,
             data,
         } => prepare(&model, &args.model, &args.out, requests, window, &data),
-        Cmd::Run { round, warmup } => run(model, &args.out, round, warmup),
+        Cmd::Run { round, warmup } => {
+            // The same weights served int8 (`serve --quantize int8`).
+            let mut int8 = Model::load(&args.model, &Device::Cpu)?;
+            int8.encoder.quantize(softprompt::model::Quantize::Int8)?;
+            run(model, int8, &args.out, round, warmup)
+        }
     }
 }
 
@@ -255,7 +262,7 @@ struct Request {
     task: usize,
 }
 
-fn run(model: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
+fn run(model: Model, int8: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
     let workload: Value = serde_json::from_slice(
         &std::fs::read(out.join("workload.json")).context("workload.json (run `prepare` first)")?,
     )?;
@@ -361,6 +368,22 @@ fn run(model: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
         softprompt::profile::print();
     }
 
+    // (a0q), (aq): (a0) and (a) on the int8 model, after the f32 paths.
+    let engine_q = Engine::new(std::sync::Arc::new(int8));
+    plain_pass(&engine_q, &plain, warm)?;
+    mixed(&engine_q, &tasks, warm)?;
+    softprompt::profile::take();
+    let t = Instant::now();
+    let (logits_a0q, _) = plain_pass(&engine_q, &plain, &windows)?;
+    let secs_a0q = t.elapsed().as_secs_f64();
+    if profiling {
+        println!("(a0q) plain encoder int8, per op:");
+        softprompt::profile::print();
+    }
+    let t = Instant::now();
+    let (logits_aq, _) = mixed(&engine_q, &tasks, &windows)?;
+    let secs_aq = t.elapsed().as_secs_f64();
+
     let max_ab = logits_a
         .iter()
         .flatten()
@@ -373,11 +396,15 @@ fn run(model: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
          (b) per task {:.0} text tokens/s ({secs_b:.2} s, {batches_b} batches); \
          matmul {matmul:.1} GFLOP/s at {matmul_rows} rows -> roofline {:.0} text tokens/s; \
          (a0) plain encoder {:.0} text tokens/s ({secs_a0:.2} s, {batches_a0} batches); \
+         int8 ({:?}): (a0q) plain {:.0}, (aq) mixed {:.0} text tokens/s; \
          max |a-b| {max_ab:.2e}; {threads} threads",
         text_tokens as f64 / secs_a,
         text_tokens as f64 / secs_b,
         text_tokens as f64 / (flops / (matmul * 1e9)),
         text_tokens as f64 / secs_a0,
+        softprompt::model::kernels::int8::Int8Kernel::detect(),
+        text_tokens as f64 / secs_a0q,
+        text_tokens as f64 / secs_aq,
     );
     let result = json!({
         "round": round,
@@ -400,6 +427,11 @@ fn run(model: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
         "batches_a0": batches_a0,
         "plain_head_task": plain_task,
         "logits_a0": logits_a0,
+        "int8_kernel": format!("{:?}", softprompt::model::kernels::int8::Int8Kernel::detect()),
+        "secs_a0q": secs_a0q,
+        "logits_a0q": logits_a0q,
+        "secs_aq": secs_aq,
+        "logits_aq": logits_aq,
     });
     std::fs::write(
         out.join(format!("rust_round{round}.json")),
