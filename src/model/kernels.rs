@@ -5,9 +5,12 @@
 //! bias adds, GELU, softmax and the head split/merge around attention cost
 //! as much as the matmuls they surround. These kernels fuse each chain into
 //! one parallel pass, written as branch-free loops over fixed-width lane
-//! arrays so that LLVM vectorizes them. Each kernel is compiled twice: for
-//! the baseline target, and with AVX2+FMA enabled, picked at run time (the
-//! binary still runs on any x86-64 or other architecture).
+//! arrays so that LLVM vectorizes them. Each kernel is compiled three
+//! times: for the baseline target, with AVX2+FMA, and with AVX-512, picked
+//! at run time ([`Simd`]; the binary still runs on any x86-64 or other
+//! architecture). On a Zen 4 (512-bit instructions split in two halves)
+//! the AVX-512 builds measured no faster than AVX2 end to end; CPUs with
+//! full-width AVX-512 units are where they can gain.
 //!
 //! Training uses them too, through [`train`]: forward variants that keep
 //! what the backward needs, and hand-written backward passes. Other
@@ -54,9 +57,9 @@ impl Arith for Fused {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: `Fused` is private to this module and named only in
-            // the `wide` functions of `dispatch!`, which run only after
-            // `has_avx2_fma()` said the CPU has AVX2 and FMA, the one
-            // precondition of `avx2::block` (it checks the slice bounds
+            // the `wide`/`wide512` functions of `dispatch!`, which run only
+            // where `Simd::detected()` found AVX2 and FMA (and more), the
+            // one precondition of `avx2::block` (it checks the slice bounds
             // itself).
             unsafe { avx2::block(a, b, stride) }
         }
@@ -156,23 +159,88 @@ fn has_avx2_fma() -> bool {
     }
 }
 
+/// The instruction sets the kernels are built for, widest last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Simd {
+    /// The baseline target.
+    Plain = 0,
+    /// AVX2 + FMA (256-bit).
+    Avx2 = 1,
+    /// AVX-512 F/BW/VL + FMA: the same generic code, vectorized by LLVM
+    /// over 512-bit registers.
+    Avx512 = 2,
+}
+
+/// The widest build the kernels may use, below what the CPU has (tests run
+/// every build on one machine; `SOFTPROMPT_SIMD=avx2|plain` caps it for
+/// benchmarks).
+static SIMD_CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+impl Simd {
+    /// The widest build this CPU runs (std caches the feature tests).
+    pub fn detected() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has_avx2_fma() && has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                return Simd::Avx512;
+            }
+            if has_avx2_fma() {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Plain
+    }
+
+    /// The build the kernels run now: [`Simd::detected`], capped by
+    /// `SOFTPROMPT_SIMD` (read once) and [`Simd::cap`].
+    pub fn current() -> Simd {
+        static ENV: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        let env = *ENV.get_or_init(|| match std::env::var("SOFTPROMPT_SIMD").as_deref() {
+            Ok("plain") => Simd::Plain,
+            Ok("avx2") => Simd::Avx2,
+            _ => Simd::Avx512,
+        });
+        let cap = match SIMD_CAP.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Simd::Plain,
+            1 => Simd::Avx2,
+            _ => Simd::Avx512,
+        };
+        Simd::detected().min(env).min(cap)
+    }
+
+    /// Caps the build every kernel uses from now on, in every thread (tests
+    /// and benchmarks compare builds); `Simd::Avx512` lifts the cap.
+    pub fn cap(level: Simd) {
+        SIMD_CAP.store(level as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Declares `fn $name(args)` that runs `$imp::<Fused>` compiled with
-/// AVX2+FMA when the CPU has them, else `$imp::<Plain>`. The body is
-/// `#[inline(always)]` generic code, so it is compiled once per target
-/// feature set inside the wrapper.
+/// AVX-512 or AVX2+FMA, whichever [`Simd::current`] says, else
+/// `$imp::<Plain>`. The body is `#[inline(always)]` generic code, so it is
+/// compiled once per target feature set inside the wrapper.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) => $imp:ident;) => {
         $(#[$doc])*
         $vis fn $name($($a: $t),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                fn wide512($($a: $t),*) {
+                    $imp::<Fused>($($a),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn wide($($a: $t),*) {
                     $imp::<Fused>($($a),*)
                 }
-                if has_avx2_fma() {
-                    // SAFETY: the CPU has the features `wide` is compiled for.
-                    return unsafe { wide($($a),*) };
+                match Simd::current() {
+                    // SAFETY: `current` never exceeds `detected`, so the
+                    // CPU has the features `wide512` is compiled for.
+                    Simd::Avx512 => return unsafe { wide512($($a),*) },
+                    // SAFETY: likewise for `wide`.
+                    Simd::Avx2 => return unsafe { wide($($a),*) },
+                    Simd::Plain => {}
                 }
             }
             $imp::<Plain>($($a),*)
@@ -896,7 +964,7 @@ pub mod int8;
 pub mod train;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{D, Device, Tensor};
 
@@ -910,6 +978,30 @@ mod tests {
 
     fn vec(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Runs `f` once per kernel build this CPU has (AVX-512, AVX2+FMA, the
+    /// baseline), each with every kernel capped to it; tests that do so
+    /// take turns (the cap is process-wide: other tests meanwhile run
+    /// on some build, each correct). A build the CPU lacks is reported.
+    pub(crate) fn at_every_simd_level(f: impl Fn()) {
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let detected = Simd::detected();
+        for level in [Simd::Avx512, Simd::Avx2, Simd::Plain] {
+            if level > detected {
+                eprintln!("kernel build {level:?}: not tested, this CPU lacks it");
+                continue;
+            }
+            Simd::cap(level);
+            assert_eq!(Simd::current(), level);
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&f));
+            Simd::cap(Simd::Avx512);
+            if let Err(e) = ok {
+                eprintln!("failed on kernel build {level:?}");
+                std::panic::resume_unwind(e);
+            }
+        }
     }
 
     /// Runs `f` on both builds of the kernels (where this CPU has AVX2+FMA).
@@ -952,272 +1044,282 @@ mod tests {
 
     #[test]
     fn exp_matches_f64_to_a_few_ulp() {
-        // Dense over the range where e^x is a normal f32, plus the edges.
-        let mut x: Vec<f32> = (0..200_001)
-            .map(|i| -87.3 + i as f32 * (88.3 + 87.3) / 200_000.0)
-            .collect();
-        x.extend([
-            0.0,
-            -0.0,
-            1e-30,
-            -1e-30,
-            0.5,
-            -0.5,
-            0.346_573_6,
-            -0.346_573_6,
-            88.3,
-            -87.3,
-        ]);
-        for out in both(&x, exp_in_place, exp_plain) {
-            let mut worst = 0f64;
-            for (&x, &y) in x.iter().zip(&out) {
-                let want = (x as f64).exp();
-                worst = worst.max(((y as f64 - want) / want).abs());
+        at_every_simd_level(|| {
+            // Dense over the range where e^x is a normal f32, plus the edges.
+            let mut x: Vec<f32> = (0..200_001)
+                .map(|i| -87.3 + i as f32 * (88.3 + 87.3) / 200_000.0)
+                .collect();
+            x.extend([
+                0.0,
+                -0.0,
+                1e-30,
+                -1e-30,
+                0.5,
+                -0.5,
+                0.346_573_6,
+                -0.346_573_6,
+                88.3,
+                -87.3,
+            ]);
+            for out in both(&x, exp_in_place, exp_plain) {
+                let mut worst = 0f64;
+                for (&x, &y) in x.iter().zip(&out) {
+                    let want = (x as f64).exp();
+                    worst = worst.max(((y as f64 - want) / want).abs());
+                }
+                assert!(worst < 2.5e-7, "exp: max relative error {worst:e}");
+                assert_eq!(out[200_001], 1.0, "exp(0) is exactly 1");
             }
-            assert!(worst < 2.5e-7, "exp: max relative error {worst:e}");
-            assert_eq!(out[200_001], 1.0, "exp(0) is exactly 1");
-        }
-        // Masks and underflow give exactly 0, never NaN; overflow saturates.
-        let edge = [f32::MIN, f32::NEG_INFINITY, -1e30, -88.0, -100.0, -87.4];
-        for out in both(&edge, exp_in_place, exp_plain) {
-            assert!(out.iter().all(|&v| v == 0.0), "{out:?}");
-        }
-        for out in both(&[f32::MAX, f32::INFINITY, 100.0], exp_in_place, exp_plain) {
-            assert!(out.iter().all(|&v| v.is_finite() && v > 2e38), "{out:?}");
-        }
+            // Masks and underflow give exactly 0, never NaN; overflow saturates.
+            let edge = [f32::MIN, f32::NEG_INFINITY, -1e30, -88.0, -100.0, -87.4];
+            for out in both(&edge, exp_in_place, exp_plain) {
+                assert!(out.iter().all(|&v| v == 0.0), "{out:?}");
+            }
+            for out in both(&[f32::MAX, f32::INFINITY, 100.0], exp_in_place, exp_plain) {
+                assert!(out.iter().all(|&v| v.is_finite() && v > 2e38), "{out:?}");
+            }
+        });
     }
 
     #[test]
     fn erf_and_gelu_match_f64() {
-        let x: Vec<f32> = (0..4_001)
-            .map(|i| -8.0 + i as f32 * 16.0 / 4_000.0)
-            .collect();
-        // Absolute error: A&S 7.1.26 is 1 − (…)·e^(−x²), which cancels near 0
-        // (relative error there is large, but GELU adds 1 to erf anyway).
-        for out in both(&x, erf_in_place, erf_plain) {
-            let worst = x
-                .iter()
-                .zip(&out)
-                .map(|(&x, &y)| (y as f64 - erf_f64(x as f64)).abs())
-                .fold(0.0, f64::max);
-            assert!(worst < 6e-7, "erf: max |error| {worst:e}");
-        }
-        // GELU through the fused kernel, with a bias, against f64.
-        let bias = [0.25f32, -0.5, 0.0, 1.0];
-        let mut g: Vec<f32> = x.iter().take(4_000).copied().collect();
-        bias_gelu(&mut g, &bias);
-        for (i, (&x, &y)) in x.iter().zip(&g).enumerate() {
-            let v = (x + bias[i % 4]) as f64;
-            let want = 0.5 * v * (1.0 + erf_f64(v / std::f64::consts::SQRT_2));
-            assert!(
-                (y as f64 - want).abs() < 1e-6 * (1.0 + v.abs()),
-                "gelu({v}) = {y}, want {want}"
-            );
-        }
-        let mut huge = vec![f32::MAX, f32::MIN, 1e20, -1e20];
-        erf_in_place(&mut huge);
-        assert_eq!(huge, [1.0, -1.0, 1.0, -1.0]);
+        at_every_simd_level(|| {
+            let x: Vec<f32> = (0..4_001)
+                .map(|i| -8.0 + i as f32 * 16.0 / 4_000.0)
+                .collect();
+            // Absolute error: A&S 7.1.26 is 1 − (…)·e^(−x²), which cancels near 0
+            // (relative error there is large, but GELU adds 1 to erf anyway).
+            for out in both(&x, erf_in_place, erf_plain) {
+                let worst = x
+                    .iter()
+                    .zip(&out)
+                    .map(|(&x, &y)| (y as f64 - erf_f64(x as f64)).abs())
+                    .fold(0.0, f64::max);
+                assert!(worst < 6e-7, "erf: max |error| {worst:e}");
+            }
+            // GELU through the fused kernel, with a bias, against f64.
+            let bias = [0.25f32, -0.5, 0.0, 1.0];
+            let mut g: Vec<f32> = x.iter().take(4_000).copied().collect();
+            bias_gelu(&mut g, &bias);
+            for (i, (&x, &y)) in x.iter().zip(&g).enumerate() {
+                let v = (x + bias[i % 4]) as f64;
+                let want = 0.5 * v * (1.0 + erf_f64(v / std::f64::consts::SQRT_2));
+                assert!(
+                    (y as f64 - want).abs() < 1e-6 * (1.0 + v.abs()),
+                    "gelu({v}) = {y}, want {want}"
+                );
+            }
+            let mut huge = vec![f32::MAX, f32::MIN, 1e20, -1e20];
+            erf_in_place(&mut huge);
+            assert_eq!(huge, [1.0, -1.0, 1.0, -1.0]);
+        });
     }
 
     #[test]
     fn softmax_matches_f64() {
-        let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
-        let want: Vec<f64> = {
-            let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
-            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp()).collect();
-            let s: f64 = e.iter().sum();
-            e.iter().map(|v| v / s).collect()
-        };
-        for f in [softmax_in_place, softmax_plain] {
-            let mut r = row.clone();
-            f(&mut r);
-            for (a, b) in r.iter().zip(&want) {
-                assert!((*a as f64 - b).abs() < 1e-6 * b + 1e-12, "{a} vs {b}");
+        at_every_simd_level(|| {
+            let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 30.0).collect();
+            let want: Vec<f64> = {
+                let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+                let e: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                e.iter().map(|v| v / s).collect()
+            };
+            for f in [softmax_in_place, softmax_plain] {
+                let mut r = row.clone();
+                f(&mut r);
+                for (a, b) in r.iter().zip(&want) {
+                    assert!((*a as f64 - b).abs() < 1e-6 * b + 1e-12, "{a} vs {b}");
+                }
             }
-        }
-        row.truncate(1);
-        softmax_row::<Plain>(&mut row);
-        assert_eq!(row, [1.0]);
+            row.truncate(1);
+            softmax_row::<Plain>(&mut row);
+            assert_eq!(row, [1.0]);
+        });
     }
 
     #[test]
     fn bias_gelu_and_residual_norm_match_candle_ops() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 3.0, (37, 24), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
-        let want = x.broadcast_add(&b).unwrap().gelu_erf().unwrap();
-        let mut got = vec(&x);
-        bias_gelu(&mut got, &vec(&b));
-        assert!(max_diff(&got, &vec(&want)) <= 1e-6);
+        at_every_simd_level(|| {
+            let dev = Device::Cpu;
+            let x = Tensor::randn(0f32, 3.0, (37, 24), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
+            let want = x.broadcast_add(&b).unwrap().gelu_erf().unwrap();
+            let mut got = vec(&x);
+            bias_gelu(&mut got, &vec(&b));
+            assert!(max_diff(&got, &vec(&want)) <= 1e-6);
 
-        let r = Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap();
-        let g = Tensor::randn(1f32, 0.2, 24, &dev).unwrap();
-        let beta = Tensor::randn(0f32, 0.2, 24, &dev).unwrap();
-        let sum = x.broadcast_add(&b).unwrap().add(&r).unwrap();
-        let want = candle_nn::ops::layer_norm(&sum, &g, &beta, 1e-12).unwrap();
-        let mut got = vec![0f32; 37 * 24];
-        let (bv, gv, betav) = (vec(&b), vec(&g), vec(&beta));
-        residual_norm(
-            &mut got,
-            &vec(&x),
-            &vec(&r),
-            NormParams {
-                bias: &bv,
-                gamma: &gv,
-                beta: &betav,
-                eps: 1e-12,
-            },
-        );
-        assert!(max_diff(&got, &vec(&want)) <= 1e-5);
+            let r = Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap();
+            let g = Tensor::randn(1f32, 0.2, 24, &dev).unwrap();
+            let beta = Tensor::randn(0f32, 0.2, 24, &dev).unwrap();
+            let sum = x.broadcast_add(&b).unwrap().add(&r).unwrap();
+            let want = candle_nn::ops::layer_norm(&sum, &g, &beta, 1e-12).unwrap();
+            let mut got = vec![0f32; 37 * 24];
+            let (bv, gv, betav) = (vec(&b), vec(&g), vec(&beta));
+            residual_norm(
+                &mut got,
+                &vec(&x),
+                &vec(&r),
+                NormParams {
+                    bias: &bv,
+                    gamma: &gv,
+                    beta: &betav,
+                    eps: 1e-12,
+                },
+            );
+            assert!(max_diff(&got, &vec(&want)) <= 1e-5);
 
-        // embed: the sum of three gathered rows, then layer norm.
-        let (xv, rv) = (vec(&x), vec(&r));
-        let tokens: Vec<EmbedToken> = (0..37)
-            .map(|k| EmbedToken {
-                input: &xv[k * 24..][..24],
-                token_type: &rv[k * 24..][..24],
-                position: &bv,
-            })
-            .collect();
-        let mut got = vec![0f32; 37 * 24];
-        embed(&mut got, &tokens, &gv, &betav, 1e-12);
-        let want = candle_nn::ops::layer_norm(
-            &(x.add(&r).unwrap().broadcast_add(&b).unwrap()),
-            &g,
-            &beta,
-            1e-12,
-        )
-        .unwrap();
-        assert!(max_diff(&got, &vec(&want)) <= 1e-5);
+            // embed: the sum of three gathered rows, then layer norm.
+            let (xv, rv) = (vec(&x), vec(&r));
+            let tokens: Vec<EmbedToken> = (0..37)
+                .map(|k| EmbedToken {
+                    input: &xv[k * 24..][..24],
+                    token_type: &rv[k * 24..][..24],
+                    position: &bv,
+                })
+                .collect();
+            let mut got = vec![0f32; 37 * 24];
+            embed(&mut got, &tokens, &gv, &betav, 1e-12);
+            let want = candle_nn::ops::layer_norm(
+                &(x.add(&r).unwrap().broadcast_add(&b).unwrap()),
+                &g,
+                &beta,
+                1e-12,
+            )
+            .unwrap();
+            assert!(max_diff(&got, &vec(&want)) <= 1e-5);
 
-        // Splits: columns for few rows, rows for many, never below 64 × 96.
-        assert_eq!(matmul_blocks(64, 1536, 2), (1, 2));
-        assert_eq!(matmul_blocks(2688, 1152, 2), (2, 1));
-        assert_eq!(matmul_blocks(24, 40, 2), (1, 1));
-        assert_eq!(matmul_blocks(2688, 1536, 16), (4, 4));
-        // matmul_wt is candle's x · wᵀ, also when split over threads.
-        for (m, n, k) in [(37, 40, 24), (300, 1000, 64), (130, 200, 33)] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let want = x.matmul(&w.t().unwrap()).unwrap();
-            let mut got = vec![f32::NAN; m * n];
-            matmul_wt(&mut got, &vec(&x), &vec(&w), k);
-            assert!(max_diff(&got, &vec(&want)) <= 1e-4, "{m}x{n}x{k}");
-        }
+            // Splits: columns for few rows, rows for many, never below 64 × 96.
+            assert_eq!(matmul_blocks(64, 1536, 2), (1, 2));
+            assert_eq!(matmul_blocks(2688, 1152, 2), (2, 1));
+            assert_eq!(matmul_blocks(24, 40, 2), (1, 1));
+            assert_eq!(matmul_blocks(2688, 1536, 16), (4, 4));
+            // matmul_wt is candle's x · wᵀ, also when split over threads.
+            for (m, n, k) in [(37, 40, 24), (300, 1000, 64), (130, 200, 33)] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+                let want = x.matmul(&w.t().unwrap()).unwrap();
+                let mut got = vec![f32::NAN; m * n];
+                matmul_wt(&mut got, &vec(&x), &vec(&w), k);
+                assert!(max_diff(&got, &vec(&want)) <= 1e-4, "{m}x{n}x{k}");
+            }
+        });
     }
 
     /// Attention over packed rows of different lengths, one with a deep
     /// prefix, against the padded, masked candle formulation.
     #[test]
     fn attention_matches_padded_masked_candle_ops() {
-        let dev = Device::Cpu;
-        // head_dim 24 (not a multiple of the lanes), 2 layers.
-        let (heads, d, layers) = (3, 24, 2);
-        let h = heads * d;
-        let lens = [5usize, 1, 19, 37, 2, 3, 4, 5, 6];
-        let prefix_lens = [0usize, 3, 0, 17, 0, 1, 0, 2, 0];
-        let n: usize = lens.iter().sum();
-        let qkv = vec(&Tensor::randn(0f32, 1.0, (n, 3 * h), &dev).unwrap());
-        let bias = vec(&Tensor::randn(0f32, 1.0, 3 * h, &dev).unwrap());
-        let prefixes: Vec<Vec<f32>> = prefix_lens
-            .iter()
-            .map(|&p| {
-                vec(&Tensor::randn(0f32, 1.0, (p.max(1), layers * 2 * h), &dev).unwrap())
-                    [..p * layers * 2 * h]
-                    .to_vec()
-            })
-            .collect();
-        let mut rows = Vec::new();
-        let mut start = 0;
-        for (i, &len) in lens.iter().enumerate() {
-            rows.push(AttnRow {
-                start,
-                len,
-                prefix: &prefixes[i],
-            });
-            start += len;
-        }
-        let scale = 1.0 / (d as f32).sqrt();
-        for layer in 0..layers {
-            let mut got = vec![f32::NAN; n * h];
-            attention(
-                &mut got,
-                &qkv,
-                &bias,
-                &rows,
-                AttnDims {
-                    hidden: h,
-                    heads,
-                    layers,
-                    layer,
-                    scale,
-                },
-            );
-            // Reference: per row, candle ops over [heads, S, d] with the prefix concatenated.
-            let qkv_t = Tensor::from_vec(qkv.clone(), (n, 3 * h), &dev).unwrap();
-            let bias_t = Tensor::from_vec(bias.clone(), 3 * h, &dev).unwrap();
-            let full = qkv_t.broadcast_add(&bias_t).unwrap();
-            for (i, r) in rows.iter().enumerate() {
-                let x = full.narrow(0, r.start, r.len).unwrap();
-                let split = |k: usize| {
-                    x.narrow(1, k * h, h)
-                        .unwrap()
-                        .reshape((r.len, heads, d))
-                        .unwrap()
-                        .transpose(0, 1)
-                        .unwrap()
-                };
-                let q = (split(0) * scale as f64).unwrap();
-                let (mut k, mut v) = (split(1), split(2));
-                let p = prefix_lens[i];
-                if p > 0 {
-                    let pre =
-                        Tensor::from_vec(prefixes[i].clone(), (p, layers * 2, heads, d), &dev)
-                            .unwrap();
-                    let pk = pre
-                        .get_on_dim(1, 2 * layer)
-                        .unwrap()
-                        .transpose(0, 1)
-                        .unwrap();
-                    let pv = pre
-                        .get_on_dim(1, 2 * layer + 1)
-                        .unwrap()
-                        .transpose(0, 1)
-                        .unwrap();
-                    k = Tensor::cat(&[&pk, &k], 1).unwrap();
-                    v = Tensor::cat(&[&pv, &v], 1).unwrap();
-                }
-                let scores = q
-                    .contiguous()
-                    .unwrap()
-                    .matmul(&k.t().unwrap().contiguous().unwrap())
-                    .unwrap();
-                let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
-                let ctx = probs.matmul(&v.contiguous().unwrap()).unwrap();
-                let want = vec(&ctx.transpose(0, 1).unwrap().reshape((r.len, h)).unwrap());
-                let got = &got[r.start * h..(r.start + r.len) * h];
-                let diff = max_diff(got, &want);
-                assert!(diff <= 2e-6, "row {i} layer {layer}: max |Δ| {diff}");
+        at_every_simd_level(|| {
+            let dev = Device::Cpu;
+            // head_dim 24 (not a multiple of the lanes), 2 layers.
+            let (heads, d, layers) = (3, 24, 2);
+            let h = heads * d;
+            let lens = [5usize, 1, 19, 37, 2, 3, 4, 5, 6];
+            let prefix_lens = [0usize, 3, 0, 17, 0, 1, 0, 2, 0];
+            let n: usize = lens.iter().sum();
+            let qkv = vec(&Tensor::randn(0f32, 1.0, (n, 3 * h), &dev).unwrap());
+            let bias = vec(&Tensor::randn(0f32, 1.0, 3 * h, &dev).unwrap());
+            let prefixes: Vec<Vec<f32>> = prefix_lens
+                .iter()
+                .map(|&p| {
+                    vec(&Tensor::randn(0f32, 1.0, (p.max(1), layers * 2 * h), &dev).unwrap())
+                        [..p * layers * 2 * h]
+                        .to_vec()
+                })
+                .collect();
+            let mut rows = Vec::new();
+            let mut start = 0;
+            for (i, &len) in lens.iter().enumerate() {
+                rows.push(AttnRow {
+                    start,
+                    len,
+                    prefix: &prefixes[i],
+                });
+                start += len;
             }
-            // A row alone (its heads split over work items) gives the same bits.
-            let mut alone = vec![f32::NAN; n * h];
-            let one = [rows[3]];
-            attention(
-                &mut alone,
-                &qkv,
-                &bias,
-                &one,
-                AttnDims {
-                    hidden: h,
-                    heads,
-                    layers,
-                    layer,
-                    scale,
-                },
-            );
-            let span = rows[3].start * h..(rows[3].start + rows[3].len) * h;
-            assert_eq!(alone[span.clone()], got[span]);
-        }
+            let scale = 1.0 / (d as f32).sqrt();
+            for layer in 0..layers {
+                let mut got = vec![f32::NAN; n * h];
+                attention(
+                    &mut got,
+                    &qkv,
+                    &bias,
+                    &rows,
+                    AttnDims {
+                        hidden: h,
+                        heads,
+                        layers,
+                        layer,
+                        scale,
+                    },
+                );
+                // Reference: per row, candle ops over [heads, S, d] with the prefix concatenated.
+                let qkv_t = Tensor::from_vec(qkv.clone(), (n, 3 * h), &dev).unwrap();
+                let bias_t = Tensor::from_vec(bias.clone(), 3 * h, &dev).unwrap();
+                let full = qkv_t.broadcast_add(&bias_t).unwrap();
+                for (i, r) in rows.iter().enumerate() {
+                    let x = full.narrow(0, r.start, r.len).unwrap();
+                    let split = |k: usize| {
+                        x.narrow(1, k * h, h)
+                            .unwrap()
+                            .reshape((r.len, heads, d))
+                            .unwrap()
+                            .transpose(0, 1)
+                            .unwrap()
+                    };
+                    let q = (split(0) * scale as f64).unwrap();
+                    let (mut k, mut v) = (split(1), split(2));
+                    let p = prefix_lens[i];
+                    if p > 0 {
+                        let pre =
+                            Tensor::from_vec(prefixes[i].clone(), (p, layers * 2, heads, d), &dev)
+                                .unwrap();
+                        let pk = pre
+                            .get_on_dim(1, 2 * layer)
+                            .unwrap()
+                            .transpose(0, 1)
+                            .unwrap();
+                        let pv = pre
+                            .get_on_dim(1, 2 * layer + 1)
+                            .unwrap()
+                            .transpose(0, 1)
+                            .unwrap();
+                        k = Tensor::cat(&[&pk, &k], 1).unwrap();
+                        v = Tensor::cat(&[&pv, &v], 1).unwrap();
+                    }
+                    let scores = q
+                        .contiguous()
+                        .unwrap()
+                        .matmul(&k.t().unwrap().contiguous().unwrap())
+                        .unwrap();
+                    let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+                    let ctx = probs.matmul(&v.contiguous().unwrap()).unwrap();
+                    let want = vec(&ctx.transpose(0, 1).unwrap().reshape((r.len, h)).unwrap());
+                    let got = &got[r.start * h..(r.start + r.len) * h];
+                    let diff = max_diff(got, &want);
+                    assert!(diff <= 2e-6, "row {i} layer {layer}: max |Δ| {diff}");
+                }
+                // A row alone (its heads split over work items) gives the same bits.
+                let mut alone = vec![f32::NAN; n * h];
+                let one = [rows[3]];
+                attention(
+                    &mut alone,
+                    &qkv,
+                    &bias,
+                    &one,
+                    AttnDims {
+                        hidden: h,
+                        heads,
+                        layers,
+                        layer,
+                        scale,
+                    },
+                );
+                let span = rows[3].start * h..(rows[3].start + rows[3].len) * h;
+                assert_eq!(alone[span.clone()], got[span]);
+            }
+        });
     }
 
     /// Runs attention over a batch of `n` tokens (2 heads of 4) with rows

@@ -17,8 +17,8 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 use super::{
-    Arith, AttnDims, AttnRow, CHUNK_ROWS, Fused, LANES, NormParams, Plain, SharedOut, erf, exp,
-    gelu, has_avx2_fma, mean_inv_std, softmax_row,
+    Arith, AttnDims, AttnRow, CHUNK_ROWS, Fused, LANES, NormParams, Plain, SharedOut, Simd, erf,
+    exp, gelu, mean_inv_std, softmax_row,
 };
 
 /// Layer norm of one row whose input `z` is in `n`: leaves the normalized
@@ -697,34 +697,37 @@ mod tests {
 
     #[test]
     fn layer_norm_backward_matches_finite_differences() {
-        let (rows, h) = (3, 40);
-        let z = values(rows * h, 1);
-        let gamma: Vec<f32> = values(h, 2).iter().map(|v| 1.0 + 0.5 * v).collect();
-        let beta = values(h, 3);
-        let zero = vec![0f32; h];
-        let (dy, extra) = (values(rows * h, 4), values(rows * h, 5));
-        let (mut y, mut n, mut rstd) = (vec![0f32; z.len()], vec![0f32; z.len()], vec![0f32; rows]);
-        let p = NormParams {
-            bias: &zero,
-            gamma: &gamma,
-            beta: &beta,
-            eps: 1e-5,
-        };
-        residual_norm_saving(&mut y, &mut n, &mut rstd, &z, None, p);
-        assert_close(
-            &y,
-            &layer_norm_ref(&f64s(&z), &gamma, &beta, 1e-5),
-            1e-5,
-            "y",
-        );
-        // L = Σ (dy + extra) · y, so ∂L/∂z is the backward of dy + extra.
-        let g: Vec<f32> = dy.iter().zip(&extra).map(|(a, b)| a + b).collect();
-        let want = numeric_grad(&f64s(&z), |z| {
-            dot(&layer_norm_ref(z, &gamma, &beta, 1e-5), &g)
+        crate::model::kernels::tests::at_every_simd_level(|| {
+            let (rows, h) = (3, 40);
+            let z = values(rows * h, 1);
+            let gamma: Vec<f32> = values(h, 2).iter().map(|v| 1.0 + 0.5 * v).collect();
+            let beta = values(h, 3);
+            let zero = vec![0f32; h];
+            let (dy, extra) = (values(rows * h, 4), values(rows * h, 5));
+            let (mut y, mut n, mut rstd) =
+                (vec![0f32; z.len()], vec![0f32; z.len()], vec![0f32; rows]);
+            let p = NormParams {
+                bias: &zero,
+                gamma: &gamma,
+                beta: &beta,
+                eps: 1e-5,
+            };
+            residual_norm_saving(&mut y, &mut n, &mut rstd, &z, None, p);
+            assert_close(
+                &y,
+                &layer_norm_ref(&f64s(&z), &gamma, &beta, 1e-5),
+                1e-5,
+                "y",
+            );
+            // L = Σ (dy + extra) · y, so ∂L/∂z is the backward of dy + extra.
+            let g: Vec<f32> = dy.iter().zip(&extra).map(|(a, b)| a + b).collect();
+            let want = numeric_grad(&f64s(&z), |z| {
+                dot(&layer_norm_ref(z, &gamma, &beta, 1e-5), &g)
+            });
+            let mut dz = vec![0f32; z.len()];
+            norm_backward(&mut dz, &dy, Some(&extra), &n, &rstd, &gamma);
+            assert_close(&dz, &want, 1e-4, "dz");
         });
-        let mut dz = vec![0f32; z.len()];
-        norm_backward(&mut dz, &dy, Some(&extra), &n, &rstd, &gamma);
-        assert_close(&dz, &want, 1e-4, "dz");
     }
 
     fn gelu_ref(x: &[f64], bias: &[f32]) -> Vec<f64> {
@@ -740,17 +743,19 @@ mod tests {
 
     #[test]
     fn gelu_backward_matches_finite_differences() {
-        let h = 24;
-        let x: Vec<f32> = values(2 * h, 7).iter().map(|v| 4.0 * v).collect();
-        let bias = values(h, 8);
-        let dy = values(2 * h, 9);
-        let (mut g, mut pre) = (x.clone(), vec![0f32; x.len()]);
-        bias_gelu_saving(&mut g, &mut pre, &bias);
-        assert_close(&g, &gelu_ref(&f64s(&x), &bias), 1e-5, "gelu");
-        let want = numeric_grad(&f64s(&x), |x| dot(&gelu_ref(x, &bias), &dy));
-        let mut d = dy.clone();
-        gelu_backward(&mut d, &pre);
-        assert_close(&d, &want, 1e-4, "dgelu");
+        crate::model::kernels::tests::at_every_simd_level(|| {
+            let h = 24;
+            let x: Vec<f32> = values(2 * h, 7).iter().map(|v| 4.0 * v).collect();
+            let bias = values(h, 8);
+            let dy = values(2 * h, 9);
+            let (mut g, mut pre) = (x.clone(), vec![0f32; x.len()]);
+            bias_gelu_saving(&mut g, &mut pre, &bias);
+            assert_close(&g, &gelu_ref(&f64s(&x), &bias), 1e-5, "gelu");
+            let want = numeric_grad(&f64s(&x), |x| dot(&gelu_ref(x, &bias), &dy));
+            let mut d = dy.clone();
+            gelu_backward(&mut d, &pre);
+            assert_close(&d, &want, 1e-4, "dgelu");
+        });
     }
 
     /// Attention in f64 over packed rows, each with its own deep prompt
@@ -813,56 +818,58 @@ mod tests {
 
     #[test]
     fn attention_backward_matches_finite_differences() {
-        // Two rows, the second with a 3-token deep prompt, 2 layers (this
-        // is layer 1), 2 heads of 4.
-        let (h, heads, layers) = (8, 2, 2);
-        let width = layers * 2 * h;
-        let lens = [5usize, 4];
-        let n: usize = lens.iter().sum();
-        let dims = AttnDims {
-            hidden: h,
-            heads,
-            layers,
-            layer: 1,
-            scale: 0.5,
-        };
-        let qkv0 = values(n * 3 * h, 11);
-        let bias = values(3 * h, 12);
-        let prefix0 = values(3 * width, 13);
-        let dout = values(n * h, 14);
-        let rows = [
-            AttnRow {
-                start: 0,
-                len: lens[0],
-                prefix: &[],
-            },
-            AttnRow {
-                start: lens[0],
-                len: lens[1],
-                prefix: &prefix0,
-            },
-        ];
-        let mut qkv = qkv0.clone();
-        let mut out = vec![0f32; n * h];
-        let mut probs = vec![0f32; probs_offsets(&rows, dims)[2]];
-        attention_saving(&mut out, &mut probs, &mut qkv, &bias, &rows, dims);
-        let (q64, p64) = (f64s(&qkv0), f64s(&prefix0));
-        let reference = |q: &[f64], p: &[f64]| attention_ref(q, &bias, &[&[], p], &lens, dims);
-        assert_close(&out, &reference(&q64, &p64), 1e-5, "attention");
+        crate::model::kernels::tests::at_every_simd_level(|| {
+            // Two rows, the second with a 3-token deep prompt, 2 layers (this
+            // is layer 1), 2 heads of 4.
+            let (h, heads, layers) = (8, 2, 2);
+            let width = layers * 2 * h;
+            let lens = [5usize, 4];
+            let n: usize = lens.iter().sum();
+            let dims = AttnDims {
+                hidden: h,
+                heads,
+                layers,
+                layer: 1,
+                scale: 0.5,
+            };
+            let qkv0 = values(n * 3 * h, 11);
+            let bias = values(3 * h, 12);
+            let prefix0 = values(3 * width, 13);
+            let dout = values(n * h, 14);
+            let rows = [
+                AttnRow {
+                    start: 0,
+                    len: lens[0],
+                    prefix: &[],
+                },
+                AttnRow {
+                    start: lens[0],
+                    len: lens[1],
+                    prefix: &prefix0,
+                },
+            ];
+            let mut qkv = qkv0.clone();
+            let mut out = vec![0f32; n * h];
+            let mut probs = vec![0f32; probs_offsets(&rows, dims)[2]];
+            attention_saving(&mut out, &mut probs, &mut qkv, &bias, &rows, dims);
+            let (q64, p64) = (f64s(&qkv0), f64s(&prefix0));
+            let reference = |q: &[f64], p: &[f64]| attention_ref(q, &bias, &[&[], p], &lens, dims);
+            assert_close(&out, &reference(&q64, &p64), 1e-5, "attention");
 
-        let mut dqkv = vec![0f32; n * 3 * h];
-        let mut dprefix = vec![0f32; 3 * 2 * h];
-        attention_backward(&mut dqkv, &mut dprefix, &dout, &qkv, &probs, &rows, dims);
-        let want = numeric_grad(&q64, |q| dot(&reference(q, &p64), &dout));
-        assert_close(&dqkv, &want, 1e-4, "dqkv");
-        // The deep prompt's layer-1 key and value columns; layer 0's get no
-        // gradient from layer 1.
-        let num = numeric_grad(&p64, |p| dot(&reference(&q64, p), &dout));
-        let mut want = Vec::new();
-        for j in 0..3 {
-            want.extend_from_slice(&num[j * width + 2 * h..][..2 * h]);
-            assert!(num[j * width..][..2 * h].iter().all(|v| v.abs() < 1e-9));
-        }
-        assert_close(&dprefix, &want, 1e-4, "dprefix");
+            let mut dqkv = vec![0f32; n * 3 * h];
+            let mut dprefix = vec![0f32; 3 * 2 * h];
+            attention_backward(&mut dqkv, &mut dprefix, &dout, &qkv, &probs, &rows, dims);
+            let want = numeric_grad(&q64, |q| dot(&reference(q, &p64), &dout));
+            assert_close(&dqkv, &want, 1e-4, "dqkv");
+            // The deep prompt's layer-1 key and value columns; layer 0's get no
+            // gradient from layer 1.
+            let num = numeric_grad(&p64, |p| dot(&reference(&q64, p), &dout));
+            let mut want = Vec::new();
+            for j in 0..3 {
+                want.extend_from_slice(&num[j * width + 2 * h..][..2 * h]);
+                assert!(num[j * width..][..2 * h].iter().all(|v| v.abs() < 1e-9));
+            }
+            assert_close(&dprefix, &want, 1e-4, "dprefix");
+        });
     }
 }
