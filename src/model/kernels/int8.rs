@@ -570,21 +570,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic values in [-1, 1) (a small LCG).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::kernels::tests::values;
 
     /// The f64 product and, per output, a bound on what quantizing both
     /// sides may change: |Σ x·w − Σ x̂·ŵ| ≤ Σ |x|·δw + |ŵ|·δx with

@@ -631,21 +631,7 @@ mod tests {
     //! and the check can be tight: 1e-4 of the largest component), and each
     //! saving forward against the same reference.
     use super::*;
-
-    /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::kernels::tests::values;
 
     fn f64s(x: &[f32]) -> Vec<f64> {
         x.iter().map(|&v| v as f64).collect()
