@@ -67,6 +67,21 @@ fn main() {
         "{cpu}; threads {}; int8 kernels here: {kernels:?}",
         rayon::current_num_threads()
     );
+    // Quantizing the activations alone: a product with one 16-channel
+    // panel costs little else.
+    for k in [384usize, 1536] {
+        let m = 2048;
+        let x = values(m * k, 3);
+        let qw = QWeight::quantize(&values(16 * k, 4), k);
+        let mut out = vec![0f32; m * 16];
+        let kern = Int8Kernel::detect();
+        let t = time(|| qmatmul_with_kernel(kern, &mut out, &x, &qw));
+        println!(
+            "m={m} k={k}: quantize + one panel {:.2} ms ({:.1} GB/s of activations read)",
+            t * 1e3,
+            (m * k * 4) as f64 / t / 1e9
+        );
+    }
     for m in [24usize, 256, 2048] {
         let mut total = vec![0f64; kernels.len() + 1];
         for (name, n, k) in shapes {

@@ -252,9 +252,10 @@ pub fn qmatmul_with_kernel(kernel: Int8Kernel, out: &mut [f32], x: &[f32], w: &Q
 /// lane-array build of it for AVX-512 measured slower than this at the
 /// model's shapes.)
 fn quantize_row(x: &[f32], qmax: u8, q: &mut [u8], scale: &mut f32, zero: &mut i32) {
-    let (lo, hi) = x
+    let (lo, hi, done) = range_avx512(x);
+    let (lo, hi) = x[done..]
         .iter()
-        .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        .fold((lo, hi), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     let qmax_f = qmax as f32;
     let s = (hi - lo) / qmax_f;
     if !(s > 0.0 && s.is_finite()) {
@@ -267,14 +268,43 @@ fn quantize_row(x: &[f32], qmax: u8, q: &mut [u8], scale: &mut f32, zero: &mut i
     }
     let inv = 1.0 / s;
     let z = (-lo * inv).round().clamp(0.0, qmax_f);
-    for (c, &v) in q.iter_mut().zip(x) {
-        // v·inv + z ≥ lo·inv + z ≥ −0.5, so adding 0.5 and truncating
-        // rounds to nearest; the clamp only guards the top.
-        *c = (v * inv + z + 0.5).clamp(0.0, qmax_f) as u8;
+    // v·inv + z ≥ lo·inv + z ≥ −0.5, so adding 0.5 and truncating rounds
+    // to nearest; the clamp only guards the ends. The same operations, in
+    // the same order, as the AVX-512 build: codes do not depend on the CPU.
+    let off = z + 0.5;
+    let done = codes_avx512(x, inv, off, qmax_f, q);
+    for (c, &v) in q[done..x.len()].iter_mut().zip(&x[done..]) {
+        *c = (v * inv + off).max(0.0).min(qmax_f) as u8;
     }
     q[x.len()..].fill(z as u8); // padding inputs: code z, i.e. 0.0
     *scale = s;
     *zero = z as i32;
+}
+
+/// (min(·, 0), max(·, 0)) of the first multiple of 16 values of `x` with
+/// AVX-512 where the CPU has it (NaN skipped, as `f32::min` does), and
+/// how many it read (0 elsewhere).
+fn range_avx512(x: &[f32]) -> (f32, f32, usize) {
+    #[cfg(target_arch = "x86_64")]
+    if Int8Kernel::Vnni512.supported() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { x86::range_avx512(x) };
+    }
+    let _ = x;
+    (0.0, 0.0, 0)
+}
+
+/// Codes of the first multiple of 16 values of `x` with AVX-512 where the
+/// CPU has it (the scalar loop's arithmetic, 16 at a time); returns how
+/// many it wrote (0 elsewhere).
+fn codes_avx512(x: &[f32], inv: f32, off: f32, qmax: f32, q: &mut [u8]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if Int8Kernel::Vnni512.supported() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { x86::codes_avx512(x, inv, off, qmax, q) };
+    }
+    let _ = (x, inv, off, qmax, q);
+    0
 }
 
 /// The integer products and their scaling into `out`, split over threads
@@ -422,6 +452,53 @@ fn scale_out(
 mod x86 {
     use super::{GROUP, PANEL};
     use std::arch::x86_64::*;
+
+    /// See [`super::range_avx512`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn range_avx512(x: &[f32]) -> (f32, f32, usize) {
+        let n = x.len() / 16 * 16;
+        let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for i in (0..n).step_by(16) {
+            // SAFETY: i + 16 ≤ n ≤ x.len().
+            let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(i)) };
+            // min/max answer their second operand when either is NaN:
+            // the accumulator, so NaN is skipped.
+            lo = _mm512_min_ps(v, lo);
+            hi = _mm512_max_ps(v, hi);
+        }
+        (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), n)
+    }
+
+    /// See [`super::codes_avx512`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn codes_avx512(x: &[f32], inv: f32, off: f32, qmax: f32, q: &mut [u8]) -> usize {
+        let n = x.len() / 16 * 16;
+        assert!(q.len() >= n, "codes: output too short");
+        let (vinv, voff, vmax, zero) = (
+            _mm512_set1_ps(inv),
+            _mm512_set1_ps(off),
+            _mm512_set1_ps(qmax),
+            _mm512_setzero_ps(),
+        );
+        for i in (0..n).step_by(16) {
+            // SAFETY: i + 16 ≤ n ≤ x.len() and ≤ q.len().
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr().add(i));
+                // mul then add (no FMA): the scalar loop's two roundings.
+                let t = _mm512_add_ps(_mm512_mul_ps(v, vinv), voff);
+                let t = _mm512_min_ps(_mm512_max_ps(t, zero), vmax);
+                let c = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t));
+                _mm_storeu_si128(q.as_mut_ptr().add(i).cast(), c);
+            }
+        }
+        n
+    }
 
     /// [`super::tile`] with `vpdpbusd` on 512-bit registers: per group of 4
     /// inputs, one broadcast of each row's 4 codes and one dot instruction
@@ -661,6 +738,36 @@ mod tests {
                 qmatmul_with_kernel(Int8Kernel::Portable, &mut want, &x, &qw);
                 assert_eq!(got, want, "{kernel:?} {m}×{n}×{k}");
             }
+        }
+    }
+
+    /// The AVX-512 range and codes (where the CPU has them) give what the
+    /// scalar loops give, so codes do not depend on the CPU.
+    #[test]
+    fn activation_codes_match_the_scalar_arithmetic() {
+        for len in [1usize, 15, 16, 17, 384, 1000, 1536] {
+            let mut x = values(len, len as u64);
+            x.iter_mut().step_by(7).for_each(|v| *v *= 9.0);
+            let mut q = vec![0u8; len.next_multiple_of(GROUP)];
+            let (mut s, mut z) = (0f32, 0i32);
+            quantize_row(&x, QMAX, &mut q, &mut s, &mut z);
+            let (lo, hi) = x
+                .iter()
+                .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let qmax = QMAX as f32;
+            let want_s = (hi - lo) / qmax;
+            let inv = 1.0 / want_s;
+            let want_z = (-lo * inv).round().clamp(0.0, qmax);
+            let want: Vec<u8> = x
+                .iter()
+                .map(|&v| (v * inv + (want_z + 0.5)).max(0.0).min(qmax) as u8)
+                .collect();
+            assert_eq!((s, z), (want_s, want_z as i32), "len {len}");
+            assert_eq!(&q[..len], &want[..], "len {len}");
+            assert!(
+                q[len..].iter().all(|&c| c as i32 == z),
+                "len {len}: padding"
+            );
         }
     }
 
