@@ -284,54 +284,11 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     // Under a memory bound a replica need not hold every task to serve
     // them all: it waits for the first listing at most --listing-wait-ms,
     // with its pinned tasks loaded first.
-    let bounded = budget.is_some() || !args.prefetch;
-    let listing_wait =
-        (bounded && !args.strict).then(|| Duration::from_millis(args.listing_wait_ms));
+    let listing_wait = (sync.loads_on_demand() && !args.strict)
+        .then(|| Duration::from_millis(args.listing_wait_ms));
     let mut retry = START_RETRY_MIN;
     loop {
-        let attempt = async {
-            if listing_wait.is_some() && !args.pin.is_empty() {
-                sync.load_ids(&args.pin).await?;
-            }
-            let mut round = tokio::spawn({
-                let (sync, strict) = (sync.clone(), args.strict);
-                async move { sync.round(strict).await }
-            });
-            let joined = match listing_wait {
-                None => (&mut round).await,
-                Some(wait) => match tokio::time::timeout(wait, &mut round).await {
-                    Ok(joined) => joined,
-                    Err(_) => {
-                        tracing::info!(store = %store.location(), waited_ms = wait.as_millis() as u64,
-                            pinned = args.pin.len(),
-                            "the store is still being listed; ready now, other tasks load on their first request");
-                        tokio::spawn(async move {
-                            match round.await {
-                                Ok(Ok(r)) => tracing::info!(
-                                    loaded = r.added.len(),
-                                    skipped = r.failed.len(),
-                                    "first listing of the store done"
-                                ),
-                                // Logged by StoreHealth; the poller retries.
-                                Ok(Err(_)) => {}
-                                Err(e) => tracing::error!(error = %e, "first listing of the store"),
-                            }
-                        });
-                        return Ok(None);
-                    }
-                },
-            };
-            match joined {
-                Ok(result) => result.map(Some),
-                // A bug, not a store problem: surface it.
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => Err(RoundError::Unavailable(StoreError::Io {
-                    location: "store sync".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })),
-            }
-        };
-        match attempt.await {
+        match first_round(&sync, args, listing_wait).await {
             Ok(report) => {
                 if let Some(report) = report {
                     tracing::info!(
@@ -368,6 +325,56 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
         loader,
         batcher,
     })
+}
+
+/// Start-up's round: the store listed and loaded, or with `listing_wait`,
+/// the pinned tasks loaded and the listing given at most that long
+/// (`Ok(None)`: it goes on in the background, logged when done).
+async fn first_round(
+    sync: &Arc<StoreSync>,
+    args: &ServeArgs,
+    listing_wait: Option<Duration>,
+) -> Result<Option<sync::RoundReport>, RoundError> {
+    if listing_wait.is_some() && !args.pin.is_empty() {
+        sync.load_ids(&args.pin).await?;
+    }
+    let mut round = tokio::spawn({
+        let (sync, strict) = (sync.clone(), args.strict);
+        async move { sync.round(strict).await }
+    });
+    let joined = match listing_wait {
+        None => (&mut round).await,
+        Some(wait) => match tokio::time::timeout(wait, &mut round).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                tracing::info!(store = %sync.store().location(), waited_ms = wait.as_millis() as u64,
+                    pinned = args.pin.len(),
+                    "the store is still being listed; ready now, other tasks load on their first request");
+                tokio::spawn(async move {
+                    match round.await {
+                        Ok(Ok(r)) => tracing::info!(
+                            loaded = r.added.len(),
+                            skipped = r.failed.len(),
+                            "first listing of the store done"
+                        ),
+                        // Logged by StoreHealth; the poller retries.
+                        Ok(Err(_)) => {}
+                        Err(e) => tracing::error!(error = %e, "first listing of the store"),
+                    }
+                });
+                return Ok(None);
+            }
+        },
+    };
+    match joined {
+        Ok(result) => result.map(Some),
+        // A bug, not a store problem: surface it.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(RoundError::Unavailable(StoreError::Io {
+            location: "store sync".into(),
+            source: std::io::Error::other(e.to_string()),
+        })),
+    }
 }
 
 /// Back-off between start-up attempts to read an unreachable store.

@@ -350,6 +350,13 @@ impl StoreSync {
         self
     }
 
+    /// Whether some stored tasks may be served only once requested (a
+    /// memory bound, or prefetching off): then rounds need not load every
+    /// task, and start-up need not wait for the whole store.
+    pub fn loads_on_demand(&self) -> bool {
+        self.registry.budget().is_some() || !self.prefetch
+    }
+
     /// The registry this syncer keeps current.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
@@ -646,7 +653,7 @@ impl StoreSync {
         // Changed tasks to load: every one without a memory bound (unless
         // prefetching is off); under one, those resident or pinned, and new
         // ones while they fit.
-        let bounded = self.registry.budget().is_some() || !self.prefetch;
+        let bounded = self.loads_on_demand();
         let mut prefetch = 0usize;
         let changed: Vec<(String, String)> = listing
             .iter()

@@ -340,13 +340,14 @@ impl Encoder {
         match q {
             Quantize::None => self.quantized = None,
             Quantize::Int8 => {
-                if !self.device.is_cpu() {
+                // The one forward that reads the int8 weights.
+                if !self.fused(OpsMode::Serve) {
                     return Err(ModelError::Unsupported(
-                        "quantization on this device: --quantize int8 serves on the CPU only"
+                        "quantization here: --quantize int8 serves through the fused CPU forward only (CPU device, hidden size a multiple of the heads)"
                             .into(),
                     ));
                 }
-                let f32_of = |t: &Tensor| -> Result<QWeight, ModelError> {
+                let quantized = |t: &Tensor| -> Result<QWeight, ModelError> {
                     let k = t.dim(1)?;
                     let v = t.flatten_all()?.to_vec1::<f32>()?;
                     Ok(QWeight::quantize(&v, k))
@@ -356,10 +357,10 @@ impl Encoder {
                         .iter()
                         .map(|l| {
                             Ok(QuantLayer {
-                                qkv: f32_of(&l.qkv.weight)?,
-                                attn_out: f32_of(&l.attn_out.weight)?,
-                                intermediate: f32_of(&l.intermediate.weight)?,
-                                output: f32_of(&l.output.weight)?,
+                                qkv: quantized(&l.qkv.weight)?,
+                                attn_out: quantized(&l.attn_out.weight)?,
+                                intermediate: quantized(&l.intermediate.weight)?,
+                                output: quantized(&l.output.weight)?,
                             })
                         })
                         .collect::<Result<_, ModelError>>()?,

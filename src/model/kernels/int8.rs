@@ -33,7 +33,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use super::{SharedOut, matmul_blocks};
+use super::{SharedOut, Simd, matmul_blocks};
 
 /// Output channels per packed panel.
 const PANEL: usize = 16;
@@ -286,8 +286,9 @@ fn quantize_row(x: &[f32], qmax: u8, q: &mut [u8], scale: &mut f32, zero: &mut i
 /// how many it read (0 elsewhere).
 fn range_avx512(x: &[f32]) -> (f32, f32, usize) {
     #[cfg(target_arch = "x86_64")]
-    if Int8Kernel::Vnni512.supported() {
-        // SAFETY: the CPU has AVX-512F (checked just above).
+    if Simd::current() == Simd::Avx512 {
+        // SAFETY: the CPU has AVX-512F (`current` never exceeds what the
+        // CPU has).
         return unsafe { x86::range_avx512(x) };
     }
     let _ = x;
@@ -299,8 +300,9 @@ fn range_avx512(x: &[f32]) -> (f32, f32, usize) {
 /// many it wrote (0 elsewhere).
 fn codes_avx512(x: &[f32], inv: f32, off: f32, qmax: f32, q: &mut [u8]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if Int8Kernel::Vnni512.supported() {
-        // SAFETY: the CPU has AVX-512F (checked just above).
+    if Simd::current() == Simd::Avx512 {
+        // SAFETY: the CPU has AVX-512F (`current` never exceeds what the
+        // CPU has).
         return unsafe { x86::codes_avx512(x, inv, off, qmax, q) };
     }
     let _ = (x, inv, off, qmax, q);
@@ -742,9 +744,14 @@ mod tests {
     }
 
     /// The AVX-512 range and codes (where the CPU has them) give what the
-    /// scalar loops give, so codes do not depend on the CPU.
+    /// scalar loops give, so codes do not depend on the CPU: checked on
+    /// every kernel build this CPU has.
     #[test]
     fn activation_codes_match_the_scalar_arithmetic() {
+        crate::model::kernels::tests::at_every_simd_level(activation_codes_at_this_level);
+    }
+
+    fn activation_codes_at_this_level() {
         for len in [1usize, 15, 16, 17, 384, 1000, 1536] {
             let mut x = values(len, len as u64);
             x.iter_mut().step_by(7).for_each(|v| *v *= 9.0);
