@@ -106,8 +106,10 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let model = Model::load(&args.model, &Device::Cpu)
+    let mut model = Model::load(&args.model, &Device::Cpu)
         .with_context(|| format!("loading {}", args.model.display()))?;
+    // As `serve` runs it: the linear weights packed once at load.
+    model.encoder.pack(softprompt::model::Quantize::None)?;
     match args.cmd {
         Cmd::Prepare {
             requests,
@@ -117,7 +119,7 @@ fn main() -> Result<()> {
         Cmd::Run { round, warmup } => {
             // The same weights served int8 (`serve --quantize int8`).
             let mut int8 = Model::load(&args.model, &Device::Cpu)?;
-            int8.encoder.quantize(softprompt::model::Quantize::Int8)?;
+            int8.encoder.pack(softprompt::model::Quantize::Int8)?;
             run(model, int8, &args.out, round, warmup)
         }
     }

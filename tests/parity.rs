@@ -59,9 +59,7 @@ fn check_cases_with(
             Check::Exact => model,
             Check::Int8(_) => {
                 let mut m = std::sync::Arc::into_inner(model).unwrap();
-                m.encoder
-                    .quantize(softprompt::model::Quantize::Int8)
-                    .unwrap();
+                m.encoder.pack(softprompt::model::Quantize::Int8).unwrap();
                 std::sync::Arc::new(m)
             }
         };
@@ -103,14 +101,28 @@ fn check_cases_with(
             }
             continue;
         }
-        for kernels in KERNELS {
-            let got = Engine::with_kernels(model.clone(), kernels)
+        // As `serve` runs it (f32 weights packed at load, our kernels), and
+        // unpacked through both forwards (gemm).
+        let packed = {
+            let mut m =
+                softprompt::model::Model::load(&model_dir(&case.model), &candle_core::Device::Cpu)
+                    .unwrap();
+            m.encoder.pack(softprompt::model::Quantize::None).unwrap();
+            std::sync::Arc::new(m)
+        };
+        let runs = [
+            ("packed", packed, Kernels::Auto),
+            ("unpacked", model.clone(), KERNELS[0]),
+            ("unpacked", model.clone(), KERNELS[1]),
+        ];
+        for (weights, model, kernels) in runs {
+            let got = Engine::with_kernels(model, kernels)
                 .classify(&rows)
                 .unwrap();
             let diff = max_abs_diff(&got, &case.logits);
             assert!(
                 diff <= TOL,
-                "{} ({}, {kernels:?}): max |Δlogit| {diff} > {TOL}\n got {got:?}\n want {:?}",
+                "{} ({}, {kernels:?}, {weights} weights): max |Δlogit| {diff} > {TOL}\n got {got:?}\n want {:?}",
                 case.adapter,
                 case.peft_type,
                 case.logits

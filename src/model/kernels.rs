@@ -961,6 +961,7 @@ fn attend_impl<F: Arith>(
 }
 
 pub mod int8;
+pub mod packed;
 pub mod train;
 
 #[cfg(test)]

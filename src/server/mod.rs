@@ -242,7 +242,7 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     let device = args.device.open()?;
     tracing::info!(device = %args.device, "model device");
     let dir = args.model.clone();
-    let quantize = args.quantize;
+    let (quantize, kernels) = (args.quantize, args.kernels);
     if quantize != crate::model::Quantize::None && args.kernels != crate::engine::Kernels::Auto {
         return Err(StartError::Model {
             path: args.model.display().to_string(),
@@ -254,7 +254,10 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     }
     let model = tokio::task::spawn_blocking(move || {
         let mut model = Model::load(&dir, &device)?;
-        model.encoder.quantize(quantize)?;
+        // Candle's forward reads only the checkpoint's weights.
+        if kernels == crate::engine::Kernels::Auto {
+            model.encoder.pack(quantize)?;
+        }
         Ok(model)
     })
     .await
@@ -264,7 +267,12 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
         source,
     })?;
     let model = Arc::new(model);
-    tracing::info!(model = %model.name, quantize = ?model.encoder.quantization(), "model loaded");
+    tracing::info!(
+        model = %model.name,
+        quantize = ?model.encoder.quantization(),
+        packed_weight_bytes = model.encoder.packed_bytes(),
+        "model loaded"
+    );
     let budget = args.task_memory.budget(config::available_memory());
     tracing::info!(
         task_memory = budget.map_or("unlimited".to_string(), |b| format!("{b} bytes")),

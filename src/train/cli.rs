@@ -601,7 +601,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 /// Scores a task on labeled data; returns the metrics (and prints them).
 pub fn evaluate(args: &EvalArgs) -> anyhow::Result<Metrics> {
     let mut model = Model::load(&args.model, &Device::Cpu)?;
-    model.encoder.quantize(args.quantize)?;
+    model.encoder.pack(args.quantize)?;
     let model = Arc::new(model);
     let task = if args.task.is_dir() {
         crate::task::peft::read_dir(&args.task, args.labels.clone())?

@@ -4,9 +4,9 @@
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
+use super::PackedLinear;
 use super::{Encoder, LayerData};
 use crate::model::kernels;
-use crate::model::kernels::int8::QWeight;
 
 /// One row of a batch for [`Encoder::encode_cpu`]: its packed tokens and
 /// its deep prompt, if any.
@@ -204,14 +204,16 @@ impl Encoder {
         let mut x1 = vec![0f32; n * h];
         let mut mid = vec![0f32; n * inter];
         let scale = 1.0 / (c.head_dim() as f32).sqrt();
-        // The linear layers in f32 (gemm) or int8 (`--quantize int8`).
-        let linear = |out: &mut [f32], x: &[f32], w: &[f32], q: Option<&QWeight>, k: usize| match q
-        {
-            Some(q) => kernels::int8::qmatmul_wt(out, x, q),
-            None => kernels::matmul_wt(out, x, w, k),
-        };
+        // The linear layers on the weights packed at load (f32 or int8),
+        // else gemm on the checkpoint's (an encoder never packed: tools,
+        // training's evaluation).
+        let linear =
+            |out: &mut [f32], x: &[f32], w: &[f32], p: Option<&PackedLinear>, k: usize| match p {
+                Some(p) => p.forward(out, x, w, k),
+                None => kernels::matmul_wt(out, x, w, k),
+            };
         for (l, w) in w.chunks_exact(12).enumerate() {
-            let q = self.quantized.as_ref().map(|q| &q[l]);
+            let q = self.packed.as_ref().map(|(_, p)| &p[l]);
             let LayerData {
                 qkv_w,
                 qkv_b,

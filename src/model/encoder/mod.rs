@@ -20,7 +20,7 @@ use candle_core::{D, DType, Device, Tensor};
 
 use super::ModelError;
 use super::config::ModelConfig;
-use super::kernels::int8::QWeight;
+use super::kernels::{self, int8::QWeight, packed::PackedWeight};
 use super::weights::Weights;
 
 mod fused;
@@ -252,12 +252,43 @@ pub enum Quantize {
     Int8,
 }
 
-/// One layer's linear weights quantized to int8 (`--quantize int8`).
-struct QuantLayer {
-    qkv: QWeight,
-    attn_out: QWeight,
-    intermediate: QWeight,
-    output: QWeight,
+/// One linear weight as the fused CPU forward reads it: packed once, in
+/// the layout its kernel consumes.
+pub(crate) enum PackedLinear {
+    /// f32 panels ([`crate::model::kernels::packed`]).
+    F32(PackedWeight),
+    /// Int8 per output channel (`--quantize int8`,
+    /// [`crate::model::kernels::int8`]).
+    Int8(QWeight),
+}
+
+impl PackedLinear {
+    /// `out ← x · wᵀ`; `w` is the same weight unpacked, for the CPUs where
+    /// gemm outruns the packed f32 kernel's plain build.
+    pub(crate) fn forward(&self, out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
+        match self {
+            PackedLinear::Int8(q) => kernels::int8::qmatmul_wt(out, x, q),
+            PackedLinear::F32(p) if kernels::Simd::current() > kernels::Simd::Plain => {
+                kernels::packed::pmatmul_wt(out, x, p)
+            }
+            PackedLinear::F32(_) => kernels::matmul_wt(out, x, w, k),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            PackedLinear::F32(p) => p.bytes(),
+            PackedLinear::Int8(q) => q.bytes(),
+        }
+    }
+}
+
+/// One layer's four linear weights, packed.
+pub(crate) struct PackedLayer {
+    pub(crate) qkv: PackedLinear,
+    pub(crate) attn_out: PackedLinear,
+    pub(crate) intermediate: PackedLinear,
+    pub(crate) output: PackedLinear,
 }
 
 /// The frozen encoder: embeddings, transformer layers and (when the
@@ -271,9 +302,10 @@ pub struct Encoder {
     embed_norm: Norm,
     layers: Vec<Layer>,
     pooler: Option<Linear>,
-    /// Int8 copies of every layer's linear weights when serving quantized;
-    /// the f32 weights stay (training and candle's forward use them).
-    quantized: Option<Vec<QuantLayer>>,
+    /// Every layer's linear weights packed for serving ([`Encoder::pack`]),
+    /// in f32 or int8; the checkpoint's weights stay (training and candle's
+    /// forward read them).
+    packed: Option<(Quantize, Vec<PackedLayer>)>,
 }
 
 impl Encoder {
@@ -326,57 +358,70 @@ impl Encoder {
             embed_norm: Norm::load(w, "embeddings.LayerNorm", h, eps)?,
             layers,
             pooler,
-            quantized: None,
+            packed: None,
             device: device.clone(),
             config,
         })
     }
 
-    /// Serves with `q`'s weights from now on: for int8, quantizes and packs
-    /// every layer's four linear weights once (about a quarter of their f32
-    /// bytes on top). Only the fused CPU forward serves int8; elsewhere it
-    /// is refused rather than silently ignored.
-    pub fn quantize(&mut self, q: Quantize) -> Result<(), ModelError> {
-        match q {
-            Quantize::None => self.quantized = None,
-            Quantize::Int8 => {
-                // The one forward that reads the int8 weights.
-                if !self.fused(OpsMode::Serve) {
-                    return Err(ModelError::Unsupported(
-                        "quantization here: --quantize int8 serves through the fused CPU forward only (CPU device, hidden size a multiple of the heads)"
-                            .into(),
-                    ));
-                }
-                let quantized = |t: &Tensor| -> Result<QWeight, ModelError> {
-                    let k = t.dim(1)?;
-                    let v = t.flatten_all()?.to_vec1::<f32>()?;
-                    Ok(QWeight::quantize(&v, k))
-                };
-                self.quantized = Some(
-                    self.layers
-                        .iter()
-                        .map(|l| {
-                            Ok(QuantLayer {
-                                qkv: quantized(&l.qkv.weight)?,
-                                attn_out: quantized(&l.attn_out.weight)?,
-                                intermediate: quantized(&l.intermediate.weight)?,
-                                output: quantized(&l.output.weight)?,
-                            })
-                        })
-                        .collect::<Result<_, ModelError>>()?,
-                );
-            }
+    /// Packs every layer's four linear weights once for the fused CPU
+    /// forward, in `q`'s precision, so that no forward repacks them (gemm
+    /// packs its operands per call: 43 MB of MiniLM weights per batch,
+    /// which a batch of a few rows cannot amortize). Costs the packed bytes
+    /// on top of the checkpoint's ([`Encoder::packed_bytes`]: f32 as much
+    /// again, int8 about a quarter).
+    ///
+    /// Where the fused forward does not serve (another device, odd head
+    /// sizes) f32 packing is skipped, and int8 is refused rather than
+    /// silently ignored.
+    pub fn pack(&mut self, q: Quantize) -> Result<(), ModelError> {
+        if !self.fused(OpsMode::Serve) {
+            return match q {
+                Quantize::None => Ok(()),
+                Quantize::Int8 => Err(ModelError::Unsupported(
+                    "quantization here: --quantize int8 serves through the fused CPU forward only (CPU device, hidden size a multiple of the heads)"
+                        .into(),
+                )),
+            };
         }
+        let pack = |t: &Tensor| -> Result<PackedLinear, ModelError> {
+            let k = t.dim(1)?;
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok(match q {
+                Quantize::None => PackedLinear::F32(PackedWeight::pack(&v, k)),
+                Quantize::Int8 => PackedLinear::Int8(QWeight::quantize(&v, k)),
+            })
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(PackedLayer {
+                    qkv: pack(&l.qkv.weight)?,
+                    attn_out: pack(&l.attn_out.weight)?,
+                    intermediate: pack(&l.intermediate.weight)?,
+                    output: pack(&l.output.weight)?,
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
+        self.packed = Some((q, layers));
         Ok(())
     }
 
     /// The precision the linear layers serve in.
     pub fn quantization(&self) -> Quantize {
-        if self.quantized.is_some() {
-            Quantize::Int8
-        } else {
-            Quantize::None
-        }
+        self.packed.as_ref().map_or(Quantize::None, |(q, _)| *q)
+    }
+
+    /// Bytes the packed weights hold (0 before [`Encoder::pack`]).
+    pub fn packed_bytes(&self) -> usize {
+        self.packed.as_ref().map_or(0, |(_, layers)| {
+            layers
+                .iter()
+                .flat_map(|l| [&l.qkv, &l.attn_out, &l.intermediate, &l.output])
+                .map(PackedLinear::bytes)
+                .sum()
+        })
     }
 
     /// The device every tensor of this encoder lives on.
