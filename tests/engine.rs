@@ -119,6 +119,72 @@ fn default_model_rows_are_batch_invariant_across_64_tasks() {
     }
 }
 
+/// The fused forward finishes the last layer only for the tokens the heads
+/// read (a row's first position for CLS and pooler heads, every position
+/// for mean pooling). A batch mixing the three poolings, shallow and deep
+/// prompts, must give every row what candle's forward gives (every token
+/// through every layer), on packed and unpacked weights, and batches of
+/// one pooling alone must too.
+#[test]
+fn the_last_layer_skips_only_tokens_no_head_reads() {
+    use softprompt::engine::synthetic::{Kind, random_input, random_task};
+    let unpacked = load_model(&default_model_dir());
+    let mut packed = Model::load(&default_model_dir(), &Device::Cpu).unwrap();
+    packed
+        .encoder
+        .pack(softprompt::model::Quantize::None)
+        .unwrap();
+    let packed = std::sync::Arc::new(packed);
+    let cfg = unpacked.config().clone();
+    let poolings = [Pooling::Mean, Pooling::First, Pooling::Pooler];
+    let tasks: Vec<TaskModel> = (0..6)
+        .map(|i| {
+            let kind = if i % 2 == 0 {
+                Kind::Shallow
+            } else {
+                Kind::Deep
+            };
+            let mut t =
+                random_task(&cfg, &Device::Cpu, kind, 4 + i, 2 + i % 2, 40 + i as u64).unwrap();
+            t.pooling = poolings[i % 3];
+            t
+        })
+        .collect();
+    let inputs: Vec<Encoded> = (0..12)
+        .map(|i| random_input(&cfg, 3 + 4 * i, 100 + i as u64))
+        .collect();
+    let reference = Engine::with_kernels(unpacked.clone(), Kernels::Candle);
+    for only in [
+        None,
+        Some(Pooling::Mean),
+        Some(Pooling::First),
+        Some(Pooling::Pooler),
+    ] {
+        let rows: Vec<Row> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| Row {
+                input,
+                task: &tasks[i % 6],
+            })
+            .filter(|r| only.is_none_or(|p| r.task.pooling == p))
+            .collect();
+        let want = reference.classify(&rows).unwrap();
+        for model in [&packed, &unpacked] {
+            let got = Engine::with_kernels(model.clone(), Kernels::Auto)
+                .classify(&rows)
+                .unwrap();
+            let d = max_abs_diff(&got, &want);
+            assert!(
+                d <= 1e-4,
+                "{only:?} (packed: {}): |Δlogit| {d} against every token through every layer",
+                model.encoder.quantization() == softprompt::model::Quantize::None
+                    && model.encoder.packed_bytes() > 0
+            );
+        }
+    }
+}
+
 /// Virtual tokens whose vectors are real word embeddings must behave exactly
 /// like those words placed as text at the template's slots (token type 0):
 /// this pins where each template slot lands, against the base model, whose

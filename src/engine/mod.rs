@@ -136,7 +136,31 @@ impl Engine {
                     deep: r.task.deep.as_ref(),
                 })
                 .collect();
-            enc.encode_cpu(x, &spans)?
+            // The tokens the heads read: a row's first position (CLS,
+            // pooler), or all of them (mean pooling).
+            let mut outputs = Vec::with_capacity(rows.len());
+            let mut first = Vec::with_capacity(rows.len());
+            for (&(start, len), r) in a.spans.iter().zip(rows) {
+                first.push(outputs.len() as u32);
+                let read = if r.task.pooling == Pooling::Mean {
+                    len
+                } else {
+                    1
+                };
+                outputs.extend((start..start + read).map(|t| t as u32));
+            }
+            if outputs.len() == a.mean_weights.dim(1)? {
+                enc.encode_cpu(x, &spans, None)?
+            } else {
+                let hidden = enc.encode_cpu(x, &spans, Some(&outputs))?;
+                let readout = Readout {
+                    first_index: Tensor::new(first.as_slice(), enc.device())?,
+                    mean_weights: a
+                        .mean_weights
+                        .index_select(&Tensor::new(outputs.as_slice(), enc.device())?, 1)?,
+                };
+                return time("heads", || self.heads(rows, &a, &readout, &hidden));
+            }
         } else if mode == OpsMode::Train && enc.fused_train() {
             self.encode_train(rows, &a)?
         } else {
@@ -155,7 +179,11 @@ impl Engine {
             };
             enc.encode(&x, &pack, &a.mask, a.prefix.as_ref(), mode)?
         };
-        time("heads", || self.heads(rows, &a, &hidden))
+        let readout = Readout {
+            first_index: a.first_index.clone(),
+            mean_weights: a.mean_weights.clone(),
+        };
+        time("heads", || self.heads(rows, &a, &readout, &hidden))
     }
 
     /// The CPU training forward ([`Encoder::encode_train`]) of an assembled
@@ -207,11 +235,13 @@ impl Engine {
         })?)
     }
 
-    /// Pooling and each task's head over the encoder's packed output.
+    /// Pooling and each task's head over the encoder's output (every
+    /// packed token, or the ones the heads read: `readout` says where).
     fn heads(
         &self,
         rows: &[Row<'_>],
         a: &assemble::Assembled,
+        readout: &Readout,
         hidden: &Tensor,
     ) -> Result<Vec<TaskLogits>, EngineError> {
         let enc: &Encoder = &self.model.encoder;
@@ -221,14 +251,14 @@ impl Engine {
                 .iter()
                 .any(|(first, _)| rows[*first].task.pooling == p)
         };
-        let first = hidden.index_select(&a.first_index, 0)?;
+        let first = hidden.index_select(&readout.first_index, 0)?;
         let pooled = if needs(Pooling::Pooler) {
             Some(enc.pool(&first)?)
         } else {
             None
         };
         let mean = if needs(Pooling::Mean) {
-            Some(a.mean_weights.matmul(hidden)?)
+            Some(readout.mean_weights.matmul(hidden)?)
         } else {
             None
         };
@@ -257,4 +287,12 @@ impl Engine {
         }
         Ok(out)
     }
+}
+
+/// Where the heads find each row's features in the encoder's output.
+struct Readout {
+    /// `[rows]`: the output row of each row's first position.
+    first_index: Tensor,
+    /// `[rows, output rows]`: each row's mean over its text tokens.
+    mean_weights: Tensor,
 }

@@ -151,8 +151,20 @@ impl Encoder {
     /// [`kernels::attention`]), the output matmul with bias + residual +
     /// layer norm in one pass, the FFN matmul with bias + GELU in one pass,
     /// and the last matmul with bias + residual + layer norm. The linear
-    /// layers run the same gemm calls as candle's `matmul`.
-    pub fn encode_cpu(&self, x: Vec<f32>, rows: &[RowSpan<'_>]) -> candle_core::Result<Tensor> {
+    /// layers run on the weights [`Encoder::pack`] packed, else gemm.
+    ///
+    /// `outputs`: the packed tokens whose final states the caller reads
+    /// (sorted, distinct), or `None` for all. The last layer needs every
+    /// token's keys and values, but its attention output and FFN (¾ of its
+    /// linear work) only for these: a head that reads one position per row
+    /// (CLS or pooler) leaves the rest undone. The result is
+    /// `[outputs.len(), hidden]` in their order.
+    pub fn encode_cpu(
+        &self,
+        x: Vec<f32>,
+        rows: &[RowSpan<'_>],
+        outputs: Option<&[u32]>,
+    ) -> candle_core::Result<Tensor> {
         use crate::profile::time;
         let c = &self.config;
         let (h, inter) = (c.hidden_size, c.intermediate_size);
@@ -191,6 +203,11 @@ impl Encoder {
         {
             candle_core::bail!("fused forward: rows do not tile the {n} packed tokens");
         }
+        if let Some(o) = outputs
+            && (o.windows(2).any(|w| w[0] >= w[1]) || o.last().is_some_and(|&t| t as usize >= n))
+        {
+            candle_core::bail!("fused forward: outputs are not distinct sorted tokens below {n}");
+        }
 
         // Every weight of every layer, read in place for this call.
         let weights: Vec<&Tensor> = self.layers.iter().flat_map(|l| l.tensors()).collect();
@@ -212,6 +229,7 @@ impl Encoder {
                 Some(p) => p.forward(out, x, w, k),
                 None => kernels::matmul_wt(out, x, w, k),
             };
+        let layers = w.len() / 12;
         for (l, w) in w.chunks_exact(12).enumerate() {
             let q = self.packed.as_ref().map(|(_, p)| &p[l]);
             let LayerData {
@@ -241,8 +259,23 @@ impl Encoder {
             time("attention", || {
                 kernels::attention(&mut ctx, &qkv, qkv_b, &attn_rows, dims)
             });
+            // The last layer goes on with the tokens read only.
+            if l + 1 == layers
+                && let Some(o) = outputs
+            {
+                let gather = |v: &[f32]| -> Vec<f32> {
+                    o.iter()
+                        .flat_map(|&t| &v[t as usize * h..][..h])
+                        .copied()
+                        .collect()
+                };
+                (ctx, x) = (gather(&ctx), gather(&x));
+            }
+            // Tokens this layer carries on.
+            let m = x.len() / h;
+            let (proj, x1, mid) = (&mut proj[..m * h], &mut x1[..m * h], &mut mid[..m * inter]);
             time("attn_out.matmul", || {
-                linear(&mut proj, &ctx, ao_w, q.map(|q| &q.attn_out), h)
+                linear(proj, &ctx, ao_w, q.map(|q| &q.attn_out), h)
             });
             let norm = kernels::NormParams {
                 bias: ao_b,
@@ -251,14 +284,14 @@ impl Encoder {
                 eps,
             };
             time("attn_out.norm", || {
-                kernels::residual_norm(&mut x1, &proj, &x, norm)
+                kernels::residual_norm(x1, proj, &x, norm)
             });
             time("ffn.in.matmul", || {
-                linear(&mut mid, &x1, in_w, q.map(|q| &q.intermediate), h)
+                linear(mid, x1, in_w, q.map(|q| &q.intermediate), h)
             });
-            time("ffn.gelu", || kernels::bias_gelu(&mut mid, in_b));
+            time("ffn.gelu", || kernels::bias_gelu(mid, in_b));
             time("ffn.out.matmul", || {
-                linear(&mut proj, &mid, out_w, q.map(|q| &q.output), inter)
+                linear(proj, mid, out_w, q.map(|q| &q.output), inter)
             });
             let norm = kernels::NormParams {
                 bias: out_b,
@@ -267,9 +300,10 @@ impl Encoder {
                 eps,
             };
             time("ffn.out.norm", || {
-                kernels::residual_norm(&mut x, &proj, &x1, norm)
+                kernels::residual_norm(&mut x, proj, x1, norm)
             });
         }
-        Tensor::from_vec(x, (n, h), &self.device)
+        let m = x.len() / h;
+        Tensor::from_vec(x, (m, h), &self.device)
     }
 }

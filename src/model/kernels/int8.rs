@@ -128,9 +128,12 @@ pub struct QWeight {
     k: usize,
     /// `k` rounded up to [`GROUP`] (padding inputs have weight 0).
     kq: usize,
-    /// `[n/16][kq/4][16][4]`, `n` rounded up to [`PANEL`] with zero
-    /// channels.
-    packed: Vec<i8>,
+    /// `[n/16][kq/4][16][4]` from `start`, `n` rounded up to [`PANEL`]
+    /// with zero channels.
+    buf: Vec<i8>,
+    /// Where the codes start in `buf`: the first 64-byte boundary, so that
+    /// every 64-byte group of a panel is one cache line.
+    start: usize,
     /// Per channel: `w ≈ scale · q` (0 for padding channels).
     scale: Vec<f32>,
     /// Per channel: `Σₖ q`, for the activations' zero point.
@@ -148,7 +151,11 @@ impl QWeight {
         let n = w.len() / k;
         let kq = k.next_multiple_of(GROUP);
         let panels = n.div_ceil(PANEL);
-        let mut packed = vec![0i8; panels * PANEL * kq];
+        let len = panels * PANEL * kq;
+        // Over-allocated by a line: a Vec<i8> is only byte-aligned.
+        let mut buf = vec![0i8; len + 64];
+        let start = buf.as_ptr().align_offset(64).min(64);
+        let packed = &mut buf[start..start + len];
         let mut scale = vec![0f32; panels * PANEL];
         let mut sum = vec![0i32; panels * PANEL];
         for (c, row) in w.chunks_exact(k).enumerate() {
@@ -170,7 +177,8 @@ impl QWeight {
             n,
             k,
             kq,
-            packed,
+            buf,
+            start,
             scale,
             sum,
         }
@@ -183,7 +191,7 @@ impl QWeight {
 
     /// Bytes held (packed codes, scales and sums).
     pub fn bytes(&self) -> usize {
-        self.packed.len() + 8 * self.scale.len()
+        self.buf.len() + 8 * self.scale.len()
     }
 
     /// Bytes of one panel (16 channels, all inputs).
@@ -358,7 +366,7 @@ fn block(
         while r < rows.end {
             let mr_here = mr.min(rows.end - r);
             let a = &codes.q[r * w.kq..(r + mr_here) * w.kq];
-            let b = &w.packed[p * w.panel_bytes()..(p + np_here) * w.panel_bytes()];
+            let b = &w.buf[w.start + p * w.panel_bytes()..][..np_here * w.panel_bytes()];
             let acc = &mut acc[..mr_here * np_here * PANEL];
             tile(kernel, a, mr_here, b, np_here, w.kq, acc);
             let offset = kernel.code_offset();
