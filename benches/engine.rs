@@ -213,8 +213,8 @@ fn rayon_threads() -> usize {
 }
 
 /// Useful FLOPs of one row (`softprompt::model::cost::encoder_flops`).
-pub fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize) -> f64 {
-    softprompt::model::cost::encoder_flops(cfg, positions, keys)
+pub fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize, read: usize) -> f64 {
+    softprompt::model::cost::encoder_flops(cfg, positions, keys, read)
 }
 
 /// (text tokens/s, useful GFLOP/s) of running every batch `iters` times,
@@ -230,7 +230,12 @@ fn measure(
         .clone()
         .map(|r| {
             let q = r.input.len() + r.task.shallow_len();
-            row_flops(cfg, q, q + r.task.deep_len())
+            row_flops(
+                cfg,
+                q,
+                q + r.task.deep_len(),
+                r.task.pooling.positions_read(q),
+            )
         })
         .sum();
     let text: usize = rows.map(|r| r.input.len()).sum();

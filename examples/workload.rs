@@ -279,7 +279,7 @@ fn run(model: Model, int8: Model, out: &Path, round: usize, warmup: usize) -> Re
         let id = t["id"].as_str().context("task id")?;
         let task = peft::read_dir(&out.join("adapters").join(id), None)?;
         index.insert(id.to_string(), tasks.len());
-        tasks.push(task.to_device(&device)?);
+        tasks.push(task.to_device(&device, candle_core::DType::F32)?);
     }
     let mut requests = Vec::new();
     let f = std::fs::File::open(out.join("requests.jsonl"))?;
@@ -313,7 +313,13 @@ fn run(model: Model, int8: Model, out: &Path, round: usize, warmup: usize) -> Re
         .map(|r| {
             let t = &tasks[r.task];
             let q = r.input.len() + t.shallow_len();
-            row_flops(&cfg, q, q + t.deep_len(), t.num_labels())
+            row_flops(
+                &cfg,
+                q,
+                q + t.deep_len(),
+                t.pooling.positions_read(q),
+                t.num_labels(),
+            )
         })
         .sum();
     // The matmul rate is measured with as many rows as a window packs on
@@ -532,14 +538,14 @@ fn groups_by_first_arrival(w: &[Request]) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Useful FLOPs of one row, as `benches/engine.rs` counts them: every
-/// linear layer over the row's real positions (text + virtual tokens),
-/// attention over every real (query, key) pair (keys include a deep
-/// prefix), plus the pooler and the classifier on one position; nothing
-/// for padding, embeddings, norms or element-wise work.
-fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize, labels: usize) -> f64 {
+/// Useful FLOPs of one row, as `benches/engine.rs` counts them
+/// (`softprompt::model::cost::encoder_flops`: the last layer only for the
+/// `read` positions the head reads), plus the pooler and the classifier on
+/// one position; nothing for padding, embeddings, norms or element-wise
+/// work.
+fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize, read: usize, labels: usize) -> f64 {
     let h = cfg.hidden_size as f64;
-    softprompt::model::cost::encoder_flops(cfg, positions, keys)
+    softprompt::model::cost::encoder_flops(cfg, positions, keys, read)
         + 2.0 * h * h
         + 2.0 * h * labels as f64
 }

@@ -13,7 +13,7 @@ use softprompt::task::peft;
 /// Every row of a mixed batch (shallow, deep, both model kinds' adapters,
 /// singles and pairs, different lengths) equals the same row run alone.
 fn assert_batch_invariant(model_name: &str, adapters: &[&str]) {
-    for kernels in [Kernels::Auto, Kernels::Candle] {
+    for kernels in [Kernels::Auto, Kernels::Candle, Kernels::Device] {
         assert_batch_invariant_with(model_name, adapters, kernels);
     }
 }
@@ -62,6 +62,9 @@ fn the_candle_switch_serves_through_candle_ops_not_the_fused_kernels() {
     assert!(model.encoder.fused(auto.serve_mode()));
     assert_eq!(candle.serve_mode(), OpsMode::ServeOps);
     assert!(!model.encoder.fused(candle.serve_mode()));
+    let device = Engine::with_kernels(model.clone(), Kernels::Device);
+    assert_eq!(device.serve_mode(), OpsMode::ServeDevice);
+    assert!(!model.encoder.fused(device.serve_mode()));
 }
 
 #[test]
@@ -170,14 +173,18 @@ fn the_last_layer_skips_only_tokens_no_head_reads() {
             .filter(|r| only.is_none_or(|p| r.task.pooling == p))
             .collect();
         let want = reference.classify(&rows).unwrap();
-        for model in [&packed, &unpacked] {
-            let got = Engine::with_kernels(model.clone(), Kernels::Auto)
+        for (model, kernels) in [
+            (&packed, Kernels::Auto),
+            (&unpacked, Kernels::Auto),
+            (&unpacked, Kernels::Device),
+        ] {
+            let got = Engine::with_kernels(model.clone(), kernels)
                 .classify(&rows)
                 .unwrap();
             let d = max_abs_diff(&got, &want);
             assert!(
                 d <= 1e-4,
-                "{only:?} (packed: {}): |Δlogit| {d} against every token through every layer",
+                "{only:?} ({kernels:?}, packed: {}): |Δlogit| {d} against every token through every layer",
                 model.encoder.quantization() == softprompt::model::Quantize::None
                     && model.encoder.packed_bytes() > 0
             );

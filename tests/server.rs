@@ -27,6 +27,37 @@ async fn classify_through_candle_ops_matches_the_fused_engine() {
     classify_scores_match_with(&["--kernels", "candle"]).await;
 }
 
+/// The same through the device backend (what a CUDA GPU serves with: the
+/// varlen attention kernel, here its host build; one upload, per-row heads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_through_the_device_backend_matches_the_fused_engine() {
+    classify_scores_match_with(&["--kernels", "device"]).await;
+}
+
+/// 16-bit weights are refused where they cannot serve, with a message
+/// that names the flag and the way out.
+#[test]
+fn sixteen_bit_weights_need_the_device_backend() {
+    use softprompt::model::ServeDtype;
+    let cpu = candle_core::Device::Cpu;
+    let e = ServeDtype::F16
+        .resolve(&cpu, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--dtype f16") && e.contains("--kernels device"),
+        "{e}"
+    );
+    assert_eq!(
+        ServeDtype::Bf16.resolve(&cpu, true).unwrap(),
+        candle_core::DType::BF16
+    );
+    assert_eq!(
+        ServeDtype::Auto.resolve(&cpu, true).unwrap(),
+        candle_core::DType::F32
+    );
+}
+
 async fn classify_scores_match_with(extra: &[&str]) {
     let names: Vec<&str> = SHALLOW.iter().chain(DEEP).copied().collect();
     let store = store_with(&names);

@@ -164,14 +164,27 @@ fn assert_train_equals_serve(
         }
         out
     };
-    // The four forwards: fused CPU kernels (serving on the CPU), candle's
-    // ops (serving on a GPU), the fused training op (training on the CPU),
-    // composed ops with a backward (training elsewhere).
-    let (serve, ops, tr, tr_ops) = (
+    // The five forwards: fused CPU kernels (serving on the CPU), the device
+    // backend (serving on a CUDA GPU; its attention kernel's host build
+    // here), candle's ops over a padded grid, the fused training op
+    // (training on the CPU), composed ops with a backward (training
+    // elsewhere).
+    let (serve, dev, ops, tr, tr_ops) = (
         collect(OpsMode::Serve),
+        collect(OpsMode::ServeDevice),
         collect(OpsMode::ServeOps),
         collect(OpsMode::Train),
         collect(OpsMode::TrainOps),
+    );
+    let d = max_abs_diff(&dev, &tr);
+    assert!(
+        d <= 1e-5,
+        "train vs device-backend serve forward: max |Δ| {d}"
+    );
+    let d = max_abs_diff(&serve, &dev);
+    assert!(
+        d <= 1e-5,
+        "fused vs device-backend serve forward: max |Δ| {d}"
     );
     let d = max_abs_diff(&tr_ops, &tr);
     assert!(d <= 1e-5, "fused training op vs composed ops: max |Δ| {d}");

@@ -111,25 +111,64 @@ pub fn assemble(
     assemble_with(rows, config, word_embeddings, device, false)
 }
 
-/// [`assemble`]; with `fused`, for the fused CPU forward, which reads word
-/// vectors, shallow and deep prompts in place: the `inputs` and padded
-/// `prefix` tensors are not built.
-pub fn assemble_with(
-    rows: &[Row<'_>],
-    config: &ModelConfig,
-    word_embeddings: &Tensor,
-    device: &Device,
-    fused: bool,
-) -> Result<Assembled, EngineError> {
+/// The host half of assembling a batch: every row laid out, every index
+/// computed, nothing on a device yet. [`assemble_with`] turns it into the
+/// tensors of the fused and candle-ops forwards; the device backend
+/// (`engine/device.rs`) uploads what it needs in one copy.
+pub struct Plan<'t> {
+    pub batch: usize,
+    /// Longest row (positions).
+    pub seq: usize,
+    /// Longest deep prefix.
+    pub prefix_len: usize,
+    /// Packed tokens N.
+    pub tokens: usize,
+    /// Distinct tasks, in first-seen order.
+    pub tasks: Vec<&'t TaskModel>,
+    /// Index into `tasks` of each row.
+    pub task_of_row: Vec<usize>,
+    pub groups: Vec<(usize, Vec<u32>)>,
+    /// Rows of the virtual-vector table (row 0 zeros, then each task's
+    /// shallow prompt at `virt_offset`).
+    pub virtual_rows: u32,
+    /// First row of each task's deep prompt in the deep table (row 0
+    /// zeros, then each task's deep prompt).
+    pub deep_offset: Vec<u32>,
+    /// Per packed token: word id (0 for virtual tokens), virtual-table row
+    /// (0 for text), 1.0 on text tokens.
+    pub word_ids: Vec<u32>,
+    pub virt_ids: Vec<u32>,
+    pub is_text: Vec<f32>,
+    pub sources: Vec<Source>,
+    pub types: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// `[B, P + S]` additive mask, `[B, P]` deep-table rows, `[B*S]` and
+    /// `[N]` padding maps: the candle-ops forward's padded attention.
+    pub mask: Vec<f32>,
+    pub deep_ids: Vec<u32>,
+    pub pad_index: Vec<u32>,
+    pub pack_index: Vec<u32>,
+    /// `[B]` packed index of each row's position 0.
+    pub first_index: Vec<u32>,
+    /// `[B, N]` mean-pooling weights (1/count on the row's text tokens).
+    pub mean_weights: Vec<f32>,
+    /// Text tokens of each row (at least 1: the mean's divisor).
+    pub text_counts: Vec<u32>,
+    pub spans: Vec<(usize, usize)>,
+}
+
+/// Lays out every row of a batch on the host ([`Plan`]); refuses a row
+/// that does not fit the model's positions or holds an id outside the
+/// vocabulary.
+pub fn plan<'t>(rows: &[Row<'t>], config: &ModelConfig) -> Result<Plan<'t>, EngineError> {
     if rows.is_empty() {
         return Err(EngineError::EmptyBatch);
     }
-    let hidden = config.hidden_size;
     let b = rows.len();
 
     // Distinct tasks by identity, and their offsets into the batch tables.
     let mut index: HashMap<*const TaskModel, usize> = HashMap::new();
-    let mut tasks: Vec<&TaskModel> = Vec::new();
+    let mut tasks: Vec<&'t TaskModel> = Vec::new();
     let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
     let mut task_of_row = Vec::with_capacity(b);
     for (r, row) in rows.iter().enumerate() {
@@ -180,6 +219,7 @@ pub fn assemble_with(
     let mut pack_index = vec![0u32; n];
     let mut first_index = vec![0u32; b];
     let mut mean_weights = vec![0f32; b * n];
+    let mut text_counts = vec![1u32; b];
     let mut spans = Vec::with_capacity(b);
     let mut k = 0usize;
     for (r, l) in layouts.iter().enumerate() {
@@ -196,6 +236,7 @@ pub fn assemble_with(
             .filter(|x| matches!(x, Slot::Text { .. }))
             .count()
             .max(1);
+        text_counts[r] = texts as u32;
         for (i, slot) in l.iter().enumerate() {
             positions[k] = offset + (nd_row + i) as u32;
             mask[r * (p + s) + p + i] = 0.0;
@@ -234,7 +275,46 @@ pub fn assemble_with(
             k += 1;
         }
     }
+    Ok(Plan {
+        batch: b,
+        seq: s,
+        prefix_len: p,
+        tokens: n,
+        tasks,
+        task_of_row,
+        groups,
+        virtual_rows: nv,
+        deep_offset,
+        word_ids,
+        virt_ids,
+        is_text,
+        sources,
+        types,
+        positions,
+        mask,
+        deep_ids,
+        pad_index,
+        pack_index,
+        first_index,
+        mean_weights,
+        text_counts,
+        spans,
+    })
+}
 
+/// [`assemble`]; with `fused`, for the fused CPU forward, which reads word
+/// vectors, shallow and deep prompts in place: the `inputs` and padded
+/// `prefix` tensors are not built.
+pub fn assemble_with(
+    rows: &[Row<'_>],
+    config: &ModelConfig,
+    word_embeddings: &Tensor,
+    device: &Device,
+    fused: bool,
+) -> Result<Assembled, EngineError> {
+    let pl = plan(rows, config)?;
+    let (b, s, p, hidden) = (pl.batch, pl.seq, pl.prefix_len, config.hidden_size);
+    let n = pl.tokens;
     let u32s = |v: Vec<u32>| {
         let len = v.len();
         Tensor::from_vec(v, (len,), device)
@@ -243,11 +323,11 @@ pub fn assemble_with(
         None
     } else {
         Some(input_vectors(
-            word_ids,
-            virt_ids,
-            is_text,
-            nv,
-            &tasks,
+            pl.word_ids,
+            pl.virt_ids,
+            pl.is_text,
+            pl.virtual_rows,
+            &pl.tasks,
             word_embeddings,
             device,
         )?)
@@ -256,9 +336,9 @@ pub fn assemble_with(
     let prefix = if p > 0 && !fused {
         let width = config.num_hidden_layers * 2 * hidden;
         let mut table = vec![Tensor::zeros((1, width), candle_core::DType::F32, device)?];
-        table.extend(tasks.iter().filter_map(|t| t.deep.clone()));
+        table.extend(pl.tasks.iter().filter_map(|t| t.deep.clone()));
         let table = Tensor::cat(&table, 0)?;
-        let ids = Tensor::from_vec(deep_ids, (b * p,), device)?;
+        let ids = Tensor::from_vec(pl.deep_ids, (b * p,), device)?;
         let heads = config.num_attention_heads;
         let gathered = table
             .index_select(&ids, 0)?
@@ -277,19 +357,19 @@ pub fn assemble_with(
         prefix_len: p,
         tokens: n,
         inputs,
-        pad_index: u32s(pad_index)?,
-        pack_index: u32s(pack_index)?,
-        first_index: u32s(first_index)?,
-        mean_weights: Tensor::from_vec(mean_weights, (b, n), device)?,
-        type_ids: u32s(types.clone())?,
-        position_ids: u32s(positions.clone())?,
-        types,
-        positions,
-        sources,
-        mask: Tensor::from_vec(mask, (b, 1, 1, p + s), device)?,
+        pad_index: u32s(pl.pad_index)?,
+        pack_index: u32s(pl.pack_index)?,
+        first_index: u32s(pl.first_index)?,
+        mean_weights: Tensor::from_vec(pl.mean_weights, (b, n), device)?,
+        type_ids: u32s(pl.types.clone())?,
+        position_ids: u32s(pl.positions.clone())?,
+        types: pl.types,
+        positions: pl.positions,
+        sources: pl.sources,
+        mask: Tensor::from_vec(pl.mask, (b, 1, 1, p + s), device)?,
         prefix,
-        spans,
-        groups,
+        spans: pl.spans,
+        groups: pl.groups,
     })
 }
 

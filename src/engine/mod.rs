@@ -2,11 +2,12 @@
 //! different prompt and text lengths, in one pass through the frozen model.
 
 pub mod assemble;
+mod device;
 pub mod synthetic;
 pub mod task_model;
 pub mod template;
 
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 use std::sync::Arc;
 
 use crate::model::encoder::{Packing, RowSpan, TrainRow};
@@ -47,14 +48,21 @@ pub struct TaskLogits {
     pub logits: Tensor,
 }
 
-/// Which forward serves requests (`serve --kernels`).
+/// Which forward serves requests (`serve --kernels`): one backend per
+/// device, behind [`Engine::classify`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Kernels {
-    /// Our fused kernels on the CPU, candle's ops on other devices.
+    /// The backend made for the device: our fused kernels on the CPU, the
+    /// device backend on a CUDA GPU, candle's ops on other devices.
     #[default]
     Auto,
-    /// candle's ops on every device: what a GPU runs. On the CPU it is
-    /// slower; it exists so the GPU's forward is tested where CI runs.
+    /// The device backend (`engine/device.rs`): packed rows, our varlen
+    /// attention kernel, one upload and one download per batch. What a
+    /// CUDA GPU runs; on the CPU it runs the kernel's host build, so that
+    /// CI tests it (slower there than `auto`).
+    Device,
+    /// candle's ops over a padded attention grid on every device (the
+    /// reference the others are tested against; Metal serves with it).
     Candle,
 }
 
@@ -78,9 +86,16 @@ impl Engine {
 
     /// The forward [`Engine::classify`] runs.
     pub fn serve_mode(&self) -> OpsMode {
+        let dev = self.model.encoder.device();
         match self.kernels {
-            Kernels::Auto => OpsMode::Serve,
-            Kernels::Candle => OpsMode::ServeOps,
+            Kernels::Auto if dev.is_cuda() => OpsMode::ServeDevice,
+            // A 16-bit encoder serves through the device backend only.
+            Kernels::Auto if dev.is_cpu() && self.model.encoder.dtype() == DType::F32 => {
+                OpsMode::Serve
+            }
+            Kernels::Auto if dev.is_cpu() => OpsMode::ServeDevice,
+            Kernels::Auto | Kernels::Candle => OpsMode::ServeOps,
+            Kernels::Device => OpsMode::ServeDevice,
         }
     }
 
@@ -92,6 +107,9 @@ impl Engine {
     /// Logits for every row, in row order (each row has its task's label
     /// count).
     pub fn classify(&self, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        if self.serve_mode() == OpsMode::ServeDevice {
+            return device::classify(&self.model.encoder, rows);
+        }
         let mut out = vec![Vec::new(); rows.len()];
         for g in self.forward(rows, self.serve_mode())? {
             let values: Vec<Vec<f32>> = g.logits.to_vec2()?;
@@ -106,6 +124,25 @@ impl Engine {
     /// this with [`OpsMode::Train`]; serving goes through [`Engine::classify`].
     pub fn forward(&self, rows: &[Row<'_>], mode: OpsMode) -> Result<Vec<TaskLogits>, EngineError> {
         let enc: &Encoder = &self.model.encoder;
+        if mode == OpsMode::ServeDevice {
+            // The device backend answers per row; group them by task.
+            let logits = device::classify(enc, rows)?;
+            let groups = assemble::plan(rows, &enc.config)?.groups;
+            return groups
+                .into_iter()
+                .map(|(_, members)| {
+                    let v: Vec<f32> = members
+                        .iter()
+                        .flat_map(|&r| logits[r as usize].iter().copied())
+                        .collect();
+                    let cols = logits[members[0] as usize].len();
+                    Ok(TaskLogits {
+                        logits: Tensor::from_vec(v, (members.len(), cols), enc.device())?,
+                        rows: members,
+                    })
+                })
+                .collect();
+        }
         let fused = enc.fused(mode);
         let a = time("assemble", || {
             assemble::assemble_with(
@@ -142,11 +179,7 @@ impl Engine {
             let mut first = Vec::with_capacity(rows.len());
             for (&(start, len), r) in a.spans.iter().zip(rows) {
                 first.push(outputs.len() as u32);
-                let read = if r.task.pooling == Pooling::Mean {
-                    len
-                } else {
-                    1
-                };
+                let read = r.task.pooling.positions_read(len);
                 outputs.extend((start..start + read).map(|t| t as u32));
             }
             if outputs.len() == a.mean_weights.dim(1)? {

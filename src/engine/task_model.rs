@@ -22,6 +22,17 @@ pub enum Pooling {
 }
 
 impl Pooling {
+    /// How many of a row's `positions` the head reads from the last layer:
+    /// all of them for mean pooling, else the first. The fused forward
+    /// finishes only those in its last layer, and the benchmarks' FLOP
+    /// count ([`crate::model::cost::encoder_flops`]) counts only them.
+    pub fn positions_read(self, positions: usize) -> usize {
+        match self {
+            Pooling::Mean => positions,
+            Pooling::Pooler | Pooling::First => positions.min(1),
+        }
+    }
+
     /// Name as written in task files.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -963,6 +963,7 @@ fn attend_impl<F: Arith>(
 pub mod int8;
 pub mod packed;
 pub mod train;
+pub mod varlen;
 
 #[cfg(test)]
 pub(crate) mod tests {

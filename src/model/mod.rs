@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{Architecture, ModelConfig};
 pub use device::{DeviceError, DeviceSpec};
-pub use encoder::{Encoder, Linear, OpsMode, Quantize};
+pub use encoder::{Encoder, Linear, OpsMode, Quantize, ServeDtype};
 pub use tokenizer::{Encoded, TextTokenizer, TokenizeError};
 
 /// Why a model directory could not be loaded.

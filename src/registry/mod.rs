@@ -138,12 +138,12 @@ impl Registry {
             id: id.to_string(),
             source,
         })?;
-        let model =
-            task.to_device(self.model.encoder.device())
-                .map_err(|e| RegistryError::Device {
-                    id: id.to_string(),
-                    reason: e.to_string(),
-                })?;
+        let model = task
+            .to_device(self.model.encoder.device(), self.model.encoder.dtype())
+            .map_err(|e| RegistryError::Device {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
         let bytes = crate::task::named_tensors(&model)
             .iter()
             .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)

@@ -86,9 +86,11 @@ pub struct ServeArgs {
     /// CUDA and Metal need a binary built with `--features cuda` / `metal`.
     #[arg(long, env = "SOFTPROMPT_DEVICE", default_value = "cpu")]
     pub device: crate::model::DeviceSpec,
-    /// Which forward serves: auto (our fused kernels on the CPU, candle's
-    /// ops on a GPU) or candle (candle's ops everywhere: the GPU's forward,
-    /// on the CPU for testing it; slower there).
+    /// Which forward serves: auto (our fused kernels on the CPU, the device
+    /// backend on a CUDA GPU), device (the device backend: packed rows and
+    /// our varlen attention kernel; on the CPU its host build, for testing
+    /// what the GPU runs) or candle (candle's ops over a padded grid
+    /// everywhere; the reference).
     #[arg(long, env = "SOFTPROMPT_KERNELS", value_enum, default_value_t = crate::engine::Kernels::Auto)]
     pub kernels: crate::engine::Kernels,
     /// Precision of the linear layers: none (f32) or int8 (weights
@@ -98,6 +100,11 @@ pub struct ServeArgs {
     /// (BENCHMARKS.md). CPU and --kernels auto only.
     #[arg(long, env = "SOFTPROMPT_QUANTIZE", value_enum, default_value_t = crate::model::Quantize::None)]
     pub quantize: crate::model::Quantize,
+    /// Dtype the model's weights are resident in: auto (f16 on a CUDA GPU,
+    /// f32 elsewhere), f32, f16 or bf16. 16-bit serves through the device
+    /// backend only (`--kernels auto` on a GPU, or `--kernels device`).
+    #[arg(long, env = "SOFTPROMPT_DTYPE", value_enum, default_value_t = crate::model::ServeDtype::Auto)]
+    pub dtype: crate::model::ServeDtype,
     /// Address to listen on.
     #[arg(long, env = "SOFTPROMPT_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: String,

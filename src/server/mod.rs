@@ -246,16 +246,22 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     if quantize != crate::model::Quantize::None && args.kernels != crate::engine::Kernels::Auto {
         return Err(StartError::Model {
             path: args.model.display().to_string(),
-            source: crate::model::ModelError::Unsupported(
-                "--quantize int8 with --kernels candle: only the fused CPU forward serves int8"
-                    .into(),
-            ),
+            source: crate::model::ModelError::Unsupported(format!(
+                "--quantize int8 with --kernels {}: only the fused CPU forward (--kernels auto) serves int8",
+                clap::ValueEnum::to_possible_value(&args.kernels)
+                    .map_or_else(String::new, |v| v.get_name().to_string())
+            )),
         });
     }
+    let serve_dtype = args.dtype;
     let model = tokio::task::spawn_blocking(move || {
         let mut model = Model::load(&dir, &device)?;
-        // Candle's forward reads only the checkpoint's weights.
-        if kernels == crate::engine::Kernels::Auto {
+        let device_backend = kernels == crate::engine::Kernels::Device
+            || (kernels == crate::engine::Kernels::Auto && device.is_cuda());
+        let dtype = serve_dtype.resolve(&device, device_backend)?;
+        model.encoder.cast(dtype)?;
+        // Only the fused CPU forward reads packed weights (it serves f32).
+        if kernels == crate::engine::Kernels::Auto && dtype == candle_core::DType::F32 {
             model.encoder.pack(quantize)?;
         }
         Ok(model)
@@ -270,6 +276,7 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     tracing::info!(
         model = %model.name,
         quantize = ?model.encoder.quantization(),
+        dtype = ?model.encoder.dtype(),
         packed_weight_bytes = model.encoder.packed_bytes(),
         "model loaded"
     );

@@ -162,9 +162,16 @@ impl Task {
         }
     }
 
-    /// A copy of the engine-side model on `device`.
-    pub fn to_device(&self, device: &Device) -> candle_core::Result<TaskModel> {
+    /// A copy of the engine-side model on `device`, its prompts (shallow
+    /// and deep) in `prompt_dtype`, the encoder's serving dtype, so that no
+    /// batch converts them; heads stay f32.
+    pub fn to_device(
+        &self,
+        device: &Device,
+        prompt_dtype: candle_core::DType,
+    ) -> candle_core::Result<TaskModel> {
         let mv = |t: &Tensor| t.to_device(device);
+        let prompt = |t: &Tensor| t.to_device(device)?.to_dtype(prompt_dtype);
         let lin = |l: &Linear| -> candle_core::Result<Linear> {
             Ok(Linear {
                 weight: mv(&l.weight)?,
@@ -174,12 +181,12 @@ impl Task {
         Ok(TaskModel {
             shallow: match &self.model.shallow {
                 Some(s) => Some(ShallowPrompt {
-                    embeddings: mv(&s.embeddings)?,
+                    embeddings: prompt(&s.embeddings)?,
                     template: s.template.clone(),
                 }),
                 None => None,
             },
-            deep: self.model.deep.as_ref().map(mv).transpose()?,
+            deep: self.model.deep.as_ref().map(prompt).transpose()?,
             head: match &self.model.head {
                 Head::Linear(l) => Head::Linear(lin(l)?),
                 Head::Dense2 { dense, out } => Head::Dense2 {

@@ -227,7 +227,8 @@ pub struct TrainArgs {
     /// Which training forward: auto (on the CPU our fused kernels with
     /// hand-written backward passes; elsewhere candle's composed ops) or
     /// candle (candle's composed ops everywhere: the slower reference,
-    /// what training ran before the fused backward existed).
+    /// what training ran before the fused backward existed). `device` is a
+    /// serving backend; training treats it as auto.
     #[arg(long, value_enum, default_value_t = crate::engine::Kernels::Auto)]
     pub kernels: crate::engine::Kernels,
     /// Name recorded as the task's data source (default: the training file name).
@@ -480,7 +481,9 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         progress: !args.quiet,
         eval_batch: 64,
         forward: match args.kernels {
-            crate::engine::Kernels::Auto => crate::model::OpsMode::Train,
+            crate::engine::Kernels::Auto | crate::engine::Kernels::Device => {
+                crate::model::OpsMode::Train
+            }
             crate::engine::Kernels::Candle => crate::model::OpsMode::TrainOps,
         },
     };
@@ -617,7 +620,7 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<Metrics> {
         t
     };
     validate(&task, &model, &Limits::default())?;
-    let tm = task.to_device(model.encoder.device())?;
+    let tm = task.to_device(model.encoder.device(), model.encoder.dtype())?;
     let budget = tm
         .text_budget(model.config())
         .min(args.max_tokens.unwrap_or(usize::MAX));

@@ -10,11 +10,14 @@
 //! - `ops.rs`, [`Encoder::encode`]: candle's ops, for other devices (and
 //!   training there: composed ops have a backward), with deep prompts
 //!   gathered into one padded tensor that each layer slices;
+//! - `varlen.rs`, [`Encoder::encode_varlen`]: the device backend (what a
+//!   GPU serves with): candle's ops on packed rows, our varlen attention
+//!   kernel, weights in the serving dtype;
 //! - `train.rs`, [`Encoder::encode_train`]: training on the CPU, the fused
 //!   stack as one autograd op with a hand-written backward.
 //!
-//! This file holds what both share: the weights, the layer norm, the
-//! pooler. A GPU-specific stack would be a third file beside them.
+//! This file holds what they share: the weights, the layer norm, the
+//! pooler.
 
 use candle_core::{D, DType, Device, Tensor};
 
@@ -26,6 +29,7 @@ use super::weights::Weights;
 mod fused;
 mod ops;
 mod train;
+mod varlen;
 
 pub use fused::{RowSpan, Source};
 pub use ops::Packing;
@@ -44,6 +48,9 @@ pub enum OpsMode {
     /// Serving through candle's ops on every device: the forward a GPU
     /// runs, forced on the CPU so that CI tests it (`serve --kernels candle`).
     ServeOps,
+    /// Serving through the device backend ([`Encoder::encode_varlen`]):
+    /// what a GPU runs, forced on the CPU with `serve --kernels device`.
+    ServeDevice,
     /// Training: the fused training op on the CPU, composed ops elsewhere.
     Train,
     /// Training through candle's composed ops on every device: the
@@ -142,7 +149,7 @@ impl Norm {
 
     fn forward(&self, x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
         match mode {
-            OpsMode::Serve | OpsMode::ServeOps => {
+            OpsMode::Serve | OpsMode::ServeOps | OpsMode::ServeDevice => {
                 candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
             }
             OpsMode::Train | OpsMode::TrainOps => {
@@ -252,6 +259,38 @@ pub enum Quantize {
     Int8,
 }
 
+/// The dtype the model is resident in (`serve --dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ServeDtype {
+    /// f16 on a CUDA GPU, f32 elsewhere.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ServeDtype {
+    /// The dtype to cast the encoder to on `device`; `device_backend` says
+    /// whether the device backend will serve (`--kernels device`, or auto
+    /// on a CUDA GPU), the only one that serves 16-bit weights.
+    pub fn resolve(self, device: &Device, device_backend: bool) -> Result<DType, ModelError> {
+        let dtype = match self {
+            ServeDtype::Auto if device.is_cuda() && device_backend => DType::F16,
+            ServeDtype::Auto | ServeDtype::F32 => DType::F32,
+            ServeDtype::F16 => DType::F16,
+            ServeDtype::Bf16 => DType::BF16,
+        };
+        if dtype != DType::F32 && !device_backend {
+            return Err(ModelError::Unsupported(format!(
+                "--dtype {}: 16-bit weights serve through the device backend only (--kernels device, or --kernels auto on a CUDA GPU)",
+                if dtype == DType::F16 { "f16" } else { "bf16" }
+            )));
+        }
+        Ok(dtype)
+    }
+}
+
 /// One linear weight as the fused CPU forward reads it: packed once, in
 /// the layout its kernel consumes.
 pub(crate) enum PackedLinear {
@@ -306,6 +345,8 @@ pub struct Encoder {
     /// in f32 or int8; the checkpoint's weights stay (training and candle's
     /// forward read them).
     packed: Option<(Quantize, Vec<PackedLayer>)>,
+    /// The dtype every weight is held in ([`Encoder::cast`]; f32 as loaded).
+    dtype: DType,
 }
 
 impl Encoder {
@@ -359,6 +400,7 @@ impl Encoder {
             layers,
             pooler,
             packed: None,
+            dtype: DType::F32,
             device: device.clone(),
             config,
         })
@@ -408,6 +450,62 @@ impl Encoder {
         Ok(())
     }
 
+    /// Holds every weight in `dtype` (`serve --dtype`): f16 or bf16 halve
+    /// the resident model and run on a GPU's tensor cores. Only the device
+    /// backend ([`OpsMode::ServeDevice`]) serves a 16-bit encoder: the fused
+    /// CPU forward, its packed weights and training read f32, so casting
+    /// after [`Encoder::pack`] is refused.
+    pub fn cast(&mut self, dtype: DType) -> Result<(), ModelError> {
+        if dtype == self.dtype {
+            return Ok(());
+        }
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(ModelError::Unsupported(format!(
+                "dtype {dtype:?}: the encoder serves in f32, f16 or bf16"
+            )));
+        }
+        if self.packed.is_some() {
+            return Err(ModelError::Unsupported(
+                "casting packed weights: the fused CPU forward serves f32 only".into(),
+            ));
+        }
+        let c = |t: &mut Tensor| -> Result<(), ModelError> {
+            *t = t.to_dtype(dtype)?;
+            Ok(())
+        };
+        c(&mut self.word_embeddings)?;
+        c(&mut self.position_embeddings)?;
+        c(&mut self.token_type_embeddings)?;
+        c(&mut self.embed_norm.weight)?;
+        c(&mut self.embed_norm.bias)?;
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.qkv,
+                &mut l.attn_out,
+                &mut l.intermediate,
+                &mut l.output,
+            ] {
+                c(&mut lin.weight)?;
+                c(&mut lin.bias)?;
+            }
+            for n in [&mut l.attn_norm, &mut l.out_norm] {
+                c(&mut n.weight)?;
+                c(&mut n.bias)?;
+            }
+        }
+        if let Some(p) = &mut self.pooler {
+            c(&mut p.weight)?;
+            c(&mut p.bias)?;
+        }
+        self.dtype = dtype;
+        Ok(())
+    }
+
+    /// The dtype the weights are held in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The precision the linear layers serve in.
     pub fn quantization(&self) -> Quantize {
         self.packed.as_ref().map_or(Quantize::None, |(q, _)| *q)
@@ -444,6 +542,7 @@ impl Encoder {
     pub fn fused(&self, mode: OpsMode) -> bool {
         mode == OpsMode::Serve
             && self.device.is_cpu()
+            && self.dtype == DType::F32
             && self
                 .config
                 .hidden_size

@@ -22,7 +22,9 @@ pub struct Packing<'a> {
 
 fn softmax_last(x: &Tensor, mode: OpsMode) -> candle_core::Result<Tensor> {
     match mode {
-        OpsMode::Serve | OpsMode::ServeOps => candle_nn::ops::softmax_last_dim(x),
+        OpsMode::Serve | OpsMode::ServeOps | OpsMode::ServeDevice => {
+            candle_nn::ops::softmax_last_dim(x)
+        }
         OpsMode::Train | OpsMode::TrainOps => candle_nn::ops::softmax(x, D::Minus1),
     }
 }
