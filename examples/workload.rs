@@ -33,36 +33,17 @@
 //! batch per task, tasks in order of first arrival in the window, rows in
 //! arrival order.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
-use softprompt::engine::synthetic::{Kind, random_task};
-use softprompt::engine::{Engine, Row, TaskModel};
-use softprompt::model::{Encoded, Model, ModelConfig};
-use softprompt::task::{BaseModelRef, Provenance, Task, TaskMeta, default_labels, peft};
+use serde_json::json;
+use softprompt::engine::{Engine, TaskModel};
+use softprompt::model::{Model, ModelConfig};
+use softprompt::workload::{Spec, mixed, per_task, plain_pass, prepare, row_flops};
 
-/// Tasks in the workload: half shallow (PROMPT_TUNING), half deep (PREFIX_TUNING).
-const TASKS: usize = 64;
-/// Labels of every task. One count for all: PEFT keeps one classifier
-/// module per base model and swaps in each adapter's copy, so a second
-/// shape would not load into the same `PeftModel`.
-const LABELS: usize = 2;
-/// Virtual-token range of the tasks (inclusive).
-const PROMPT_MIN: usize = 5;
-const PROMPT_MAX: usize = 32;
-/// Seeds: prompt lengths, then each task's tensors (`TASK_SEED + i`), then
-/// the task of each request.
-const LENGTH_SEED: u64 = 7001;
-const TASK_SEED: u64 = 7100;
-const REQUEST_SEED: u64 = 7002;
 /// The server's default batch budget (`BatchConfig::default`), checked
 /// against the windows so that "one window = one server batch" holds.
 const SERVER_MAX_BATCH_TOKENS: usize = 16_384;
@@ -115,7 +96,19 @@ fn main() -> Result<()> {
             requests,
             window,
             data,
-        } => prepare(&model, &args.model, &args.out, requests, window, &data),
+        } => prepare(
+            &model,
+            &args.model,
+            &args.out,
+            &Spec {
+                tasks: softprompt::workload::TASKS,
+                requests,
+                window,
+                data: &data,
+                max_batch_tokens: SERVER_MAX_BATCH_TOKENS,
+                store: None,
+            },
+        ),
         Cmd::Run { round, warmup } => {
             // The same weights served int8 (`serve --quantize int8`).
             let mut int8 = Model::load(&args.model, &Device::Cpu)?;
@@ -125,180 +118,17 @@ fn main() -> Result<()> {
     }
 }
 
-fn task_id(i: usize) -> String {
-    format!("t{i:02}")
-}
-
-fn prepare(
-    model: &Model,
-    model_dir: &Path,
-    out: &Path,
-    n_requests: usize,
-    window: usize,
-    data: &[PathBuf],
-) -> Result<()> {
-    ensure!(
-        window >= 1 && n_requests >= 1,
-        "window and requests must be ≥ 1"
-    );
-    let cfg = model.config();
-    let adapters = out.join("adapters");
-    if adapters.exists() {
-        // Stale adapters from another task count must not linger.
-        std::fs::remove_dir_all(&adapters)?;
-    }
-    let mut lengths = StdRng::seed_from_u64(LENGTH_SEED);
-    let mut tasks = Vec::with_capacity(TASKS);
-    let mut task_info = Vec::with_capacity(TASKS);
-    for i in 0..TASKS {
-        // Alternate kinds so that both halves see the same length draws.
-        let kind = if i % 2 == 0 {
-            Kind::Shallow
-        } else {
-            Kind::Deep
-        };
-        let n = lengths.random_range(PROMPT_MIN..=PROMPT_MAX);
-        let m = random_task(cfg, &Device::Cpu, kind, n, LABELS, TASK_SEED + i as u64)?;
-        let meta = TaskMeta {
-            labels: default_labels(LABELS),
-            template: None,
-            pooling: m.pooling,
-            base_model: BaseModelRef {
-                name: model.name.clone(),
-                fingerprint: Some(model.fingerprint.clone()),
-            },
-            provenance: Provenance {
-                method: "synthetic".into(),
-                ..Default::default()
-            },
-        };
-        let task = Task::new(meta, m)?;
-        let id = task_id(i);
-        peft::write_dir(&task, &adapters.join(&id))
-            .with_context(|| format!("exporting task {id} as a PEFT adapter"))?;
-        let peft_type = if kind == Kind::Shallow {
-            "PROMPT_TUNING"
-        } else {
-            "PREFIX_TUNING"
-        };
-        task_info.push(json!({"id": id, "peft_type": peft_type, "num_virtual_tokens": n}));
-        tasks.push(task.model);
-    }
-
-    let texts = read_texts(data, n_requests)?;
-    let mut pick = StdRng::seed_from_u64(REQUEST_SEED);
-    let mut lines = Vec::with_capacity(n_requests);
-    let mut costs = Vec::with_capacity(n_requests);
-    for (i, text) in texts.iter().enumerate() {
-        let t = pick.random_range(0..TASKS);
-        let budget = tasks[t].text_budget(cfg);
-        let enc = model
-            .tokenizer
-            .encode(text, None, budget, false)
-            .with_context(|| format!("request {i}: {text:?}"))?;
-        costs.push(enc.len() + tasks[t].shallow_len() + tasks[t].deep_len());
-        lines.push(json!({"text": text, "task": task_id(t), "ids": enc.ids}));
-    }
-    for (w, c) in costs.chunks(window).enumerate() {
-        let padded = c.len() * c.iter().max().copied().unwrap_or(0);
-        ensure!(
-            padded <= SERVER_MAX_BATCH_TOKENS,
-            "window {w}: {padded} padded positions exceed the server's budget of {SERVER_MAX_BATCH_TOKENS}; use a smaller --window"
-        );
-    }
-    std::fs::create_dir_all(out)?;
-    let mut f = BufWriter::new(std::fs::File::create(out.join("requests.jsonl"))?);
-    for l in &lines {
-        writeln!(f, "{l}")?;
-    }
-    f.flush()?;
-    let workload = json!({
-        "model": model_dir,
-        "tasks": task_info,
-        "labels": LABELS,
-        "requests": n_requests,
-        "window": window,
-        "data": data,
-        "data_rule": "the first `requests` lines of the data files, in order",
-        "seeds": {"lengths": LENGTH_SEED, "tasks": TASK_SEED, "requests": REQUEST_SEED},
-    });
-    std::fs::write(
-        out.join("workload.json"),
-        serde_json::to_vec_pretty(&workload)?,
-    )?;
-    println!(
-        "prepared {TASKS} tasks ({} shallow, {} deep), {n_requests} requests in windows of {window} under {}",
-        TASKS.div_ceil(2),
-        TASKS / 2,
-        out.display()
-    );
-    Ok(())
-}
-
-/// The first `n` texts of the JSONL files, in order (each line has `text`).
-fn read_texts(files: &[PathBuf], n: usize) -> Result<Vec<String>> {
-    let mut out = Vec::with_capacity(n);
-    for path in files {
-        let f = std::fs::File::open(path)
-            .with_context(|| format!("{} (run scripts/fetch_data.sh)", path.display()))?;
-        for line in std::io::BufReader::new(f).lines() {
-            if out.len() == n {
-                return Ok(out);
-            }
-            let v: Value = serde_json::from_str(&line?)?;
-            let text = v["text"].as_str().context("line without \"text\"")?;
-            out.push(text.to_string());
-        }
-    }
-    ensure!(
-        out.len() == n,
-        "only {} sentences in {files:?}, {n} asked",
-        out.len()
-    );
-    Ok(out)
-}
-
-/// One request: its tokens and the index of its task.
-struct Request {
-    input: Encoded,
-    task: usize,
-}
-
 fn run(model: Model, int8: Model, out: &Path, round: usize, warmup: usize) -> Result<()> {
-    let workload: Value = serde_json::from_slice(
-        &std::fs::read(out.join("workload.json")).context("workload.json (run `prepare` first)")?,
-    )?;
-    let window = workload["window"].as_u64().context("window")? as usize;
     let cfg = model.config().clone();
     let device = Device::Cpu;
-
-    // The tasks as PEFT sees them: read back from the exported directories.
-    let mut index = HashMap::new();
-    let mut tasks: Vec<TaskModel> = Vec::new();
-    for t in workload["tasks"].as_array().context("tasks")? {
-        let id = t["id"].as_str().context("task id")?;
-        let task = peft::read_dir(&out.join("adapters").join(id), None)?;
-        index.insert(id.to_string(), tasks.len());
-        tasks.push(task.to_device(&device, candle_core::DType::F32)?);
-    }
-    let mut requests = Vec::new();
-    let f = std::fs::File::open(out.join("requests.jsonl"))?;
-    for line in std::io::BufReader::new(f).lines() {
-        let v: Value = serde_json::from_str(&line?)?;
-        let ids: Vec<u32> = serde_json::from_value(v["ids"].clone())?;
-        let task = *index
-            .get(v["task"].as_str().context("task")?)
-            .context("unknown task")?;
-        requests.push(Request {
-            input: Encoded {
-                type_ids: vec![0; ids.len()],
-                ids,
-                pair_start: None,
-            },
-            task,
-        });
-    }
-    let windows: Vec<&[Request]> = requests.chunks(window).collect();
+    let softprompt::workload::Loaded {
+        workload,
+        window,
+        tasks,
+        index,
+        requests,
+    } = softprompt::workload::load(out, &device, candle_core::DType::F32)?;
+    let windows: Vec<&[softprompt::workload::Request]> = requests.chunks(window).collect();
     let engine = Engine::new(std::sync::Arc::new(model));
 
     // Work counts, identical for every path: text tokens are the request's
@@ -446,108 +276,6 @@ fn run(model: Model, int8: Model, out: &Path, round: usize, warmup: usize) -> Re
         serde_json::to_vec(&result)?,
     )?;
     Ok(())
-}
-
-/// (a): each window as one batch, rows in arrival order.
-fn mixed(
-    engine: &Engine,
-    tasks: &[TaskModel],
-    windows: &[&[Request]],
-) -> Result<(Vec<Vec<f32>>, usize)> {
-    let mut logits = Vec::new();
-    for w in windows {
-        let rows: Vec<Row> = w
-            .iter()
-            .map(|r| Row {
-                input: &r.input,
-                task: &tasks[r.task],
-            })
-            .collect();
-        logits.extend(engine.classify(&rows)?);
-    }
-    Ok((logits, windows.len()))
-}
-
-/// (a0): each window as one batch of plain rows (every row `plain`, a task
-/// without prompts), rows in arrival order.
-fn plain_pass(
-    engine: &Engine,
-    plain: &TaskModel,
-    windows: &[&[Request]],
-) -> Result<(Vec<Vec<f32>>, usize)> {
-    let mut logits = Vec::new();
-    for w in windows {
-        let rows: Vec<Row> = w
-            .iter()
-            .map(|r| Row {
-                input: &r.input,
-                task: plain,
-            })
-            .collect();
-        logits.extend(engine.classify(&rows)?);
-    }
-    Ok((logits, windows.len()))
-}
-
-/// (b): each window split into one batch per task, tasks in order of first
-/// arrival, rows in arrival order; logits returned in request order.
-fn per_task(
-    engine: &Engine,
-    tasks: &[TaskModel],
-    windows: &[&[Request]],
-) -> Result<(Vec<Vec<f32>>, usize)> {
-    let mut logits = Vec::new();
-    let mut batches = 0;
-    for w in windows {
-        let mut out = vec![Vec::new(); w.len()];
-        for group in groups_by_first_arrival(w) {
-            let rows: Vec<Row> = group
-                .iter()
-                .map(|&i| Row {
-                    input: &w[i].input,
-                    task: &tasks[w[i].task],
-                })
-                .collect();
-            for (&i, l) in group.iter().zip(engine.classify(&rows)?) {
-                out[i] = l;
-            }
-            batches += 1;
-        }
-        logits.extend(out);
-    }
-    Ok((logits, batches))
-}
-
-/// Indices of a window's requests grouped by task, groups in order of their
-/// task's first arrival (the rule `bench/peft_workload.py` follows too).
-fn groups_by_first_arrival(w: &[Request]) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = Vec::new();
-    let mut members: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, r) in w.iter().enumerate() {
-        members
-            .entry(r.task)
-            .or_insert_with(|| {
-                order.push(r.task);
-                Vec::new()
-            })
-            .push(i);
-    }
-    order
-        .into_iter()
-        .map(|t| members.remove(&t).unwrap_or_default())
-        .collect()
-}
-
-/// Useful FLOPs of one row, as `benches/engine.rs` counts them
-/// (`softprompt::model::cost::encoder_flops`: the last layer only for the
-/// `read` positions the head reads), plus the pooler and the classifier on
-/// one position; nothing for padding, embeddings, norms or element-wise
-/// work.
-fn row_flops(cfg: &ModelConfig, positions: usize, keys: usize, read: usize, labels: usize) -> f64 {
-    let h = cfg.hidden_size as f64;
-    softprompt::model::cost::encoder_flops(cfg, positions, keys, read)
-        + 2.0 * h * h
-        + 2.0 * h * labels as f64
 }
 
 /// f32 matmul rate (GFLOP/s) at the encoder's linear shapes with `n` rows

@@ -16,3 +16,4 @@ pub mod server;
 pub mod store;
 pub mod task;
 pub mod train;
+pub mod workload;

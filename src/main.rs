@@ -34,6 +34,10 @@ enum Command {
     Train(softprompt::train::cli::TrainArgs),
     /// Accuracy, macro-F1 and confusion matrix of a task on labeled data.
     Eval(softprompt::train::cli::EvalArgs),
+    /// The many-task benchmark workload, for machines without a Rust
+    /// toolchain (bench/gpu.sh); not a user command.
+    #[command(hide = true)]
+    Workload(softprompt::workload::WorkloadArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => softprompt::server::run(args),
         Command::Train(args) => softprompt::train::cli::train(args),
         Command::Eval(args) => softprompt::train::cli::eval(args),
+        Command::Workload(args) => softprompt::workload::cli(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
