@@ -222,12 +222,7 @@ fn run(model: Model, int8: Model, out: &Path, round: usize, warmup: usize) -> Re
     let (logits_aq, _) = mixed(&engine_q, &tasks, &windows)?;
     let secs_aq = t.elapsed().as_secs_f64();
 
-    let max_ab = logits_a
-        .iter()
-        .flatten()
-        .zip(logits_b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let max_ab = softprompt::workload::max_abs_diff(&logits_a, &logits_b);
     let threads = candle_core::utils::get_num_threads();
     println!(
         "round {round}: (a) mixed {:.0} text tokens/s ({secs_a:.2} s, {batches_a} batches); \

@@ -254,18 +254,7 @@ pub fn mixed(
     tasks: &[TaskModel],
     windows: &[&[Request]],
 ) -> Result<(Vec<Vec<f32>>, usize)> {
-    let mut logits = Vec::new();
-    for w in windows {
-        let rows: Vec<Row> = w
-            .iter()
-            .map(|r| Row {
-                input: &r.input,
-                task: &tasks[r.task],
-            })
-            .collect();
-        logits.extend(engine.classify(&rows)?);
-    }
-    Ok((logits, windows.len()))
+    by_window(engine, windows, |r| &tasks[r.task])
 }
 
 /// (a0): each window as one batch of plain rows (every row `plain`, a task
@@ -275,18 +264,36 @@ pub fn plain_pass(
     plain: &TaskModel,
     windows: &[&[Request]],
 ) -> Result<(Vec<Vec<f32>>, usize)> {
+    by_window(engine, windows, |_| plain)
+}
+
+/// One batch per window, each row with the task `task_of` gives it.
+fn by_window<'t>(
+    engine: &Engine,
+    windows: &[&[Request]],
+    task_of: impl Fn(&Request) -> &'t TaskModel,
+) -> Result<(Vec<Vec<f32>>, usize)> {
     let mut logits = Vec::new();
     for w in windows {
         let rows: Vec<Row> = w
             .iter()
             .map(|r| Row {
                 input: &r.input,
-                task: plain,
+                task: task_of(r),
             })
             .collect();
         logits.extend(engine.classify(&rows)?);
     }
     Ok((logits, windows.len()))
+}
+
+/// Largest |a − b| over two runs' logits.
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 /// (b): each window split into one batch per task, tasks in order of first
@@ -370,6 +377,17 @@ pub struct WorkloadArgs {
     pub cmd: WorkloadCmd,
 }
 
+/// Where and how the engine runs, as `serve` takes it.
+#[derive(clap::Args)]
+pub struct Serving {
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::model::DeviceSpec,
+    #[arg(long, value_enum, default_value_t = crate::model::ServeDtype::Auto)]
+    pub dtype: crate::model::ServeDtype,
+    #[arg(long, value_enum, default_value_t = crate::engine::Kernels::Auto)]
+    pub kernels: crate::engine::Kernels,
+}
+
 #[derive(clap::Subcommand)]
 pub enum WorkloadCmd {
     /// Build the tasks, export them as PEFT adapters, write the request list.
@@ -400,24 +418,16 @@ pub enum WorkloadCmd {
         /// Directory holding each case's adapter directory.
         #[arg(long)]
         adapters: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        device: crate::model::DeviceSpec,
-        #[arg(long, value_enum, default_value_t = crate::model::ServeDtype::Auto)]
-        dtype: crate::model::ServeDtype,
-        #[arg(long, value_enum, default_value_t = crate::engine::Kernels::Auto)]
-        kernels: crate::engine::Kernels,
+        #[command(flatten)]
+        serving: Serving,
         #[arg(long, default_value_t = 0.0)]
         tol: f32,
     },
     /// Time (a) mixed-task and (b) one-task batches on a device, as `serve`
     /// runs there; writes `<out>/device_<dtype>.json` with the logits.
     Run {
-        #[arg(long, default_value = "cpu")]
-        device: crate::model::DeviceSpec,
-        #[arg(long, value_enum, default_value_t = crate::model::ServeDtype::Auto)]
-        dtype: crate::model::ServeDtype,
-        #[arg(long, value_enum, default_value_t = crate::engine::Kernels::Auto)]
-        kernels: crate::engine::Kernels,
+        #[command(flatten)]
+        serving: Serving,
         /// Windows run untimed through each path first.
         #[arg(long, default_value_t = 4)]
         warmup: usize,
@@ -450,9 +460,11 @@ pub fn cli(args: WorkloadArgs) -> Result<()> {
         WorkloadCmd::Parity {
             expected,
             adapters,
-            device,
-            dtype,
-            kernels,
+            serving: Serving {
+                device,
+                dtype,
+                kernels,
+            },
             tol,
         } => {
             let device = device.open()?;
@@ -465,9 +477,11 @@ pub fn cli(args: WorkloadArgs) -> Result<()> {
             Ok(())
         }
         WorkloadCmd::Run {
-            device,
-            dtype,
-            kernels,
+            serving: Serving {
+                device,
+                dtype,
+                kernels,
+            },
             warmup,
         } => {
             let device = device.open()?;
@@ -513,12 +527,7 @@ pub fn run_device(
         candle_core::DType::BF16 => "bf16",
         _ => "f32",
     };
-    let max_ab = logits_a
-        .iter()
-        .flatten()
-        .zip(logits_b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let max_ab = max_abs_diff(&logits_a, &logits_b);
     println!(
         "{} tasks, {} requests, windows of {}, {device:?}, {name}, {:?}: (a) mixed {:.0} text tokens/s ({secs_a:.3} s, {batches_a} batches); (b) one task per batch {:.0} ({secs_b:.3} s, {batches_b} batches); a/b {:.2}; max |a-b| {max_ab:.2e}",
         l.tasks.len(),
@@ -571,10 +580,7 @@ fn open_model(
 }
 
 fn softmax(x: &[f32]) -> Vec<f32> {
-    let m = x.iter().fold(f32::MIN, |a, &b| a.max(b));
-    let e: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.iter().map(|v| v / s).collect()
+    crate::server::scores::apply(x, crate::server::api::FunctionToApply::Softmax)
 }
 
 fn argmax(x: &[f32]) -> usize {

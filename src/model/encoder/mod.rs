@@ -177,6 +177,27 @@ struct Layer {
 }
 
 impl Layer {
+    /// Everything after attention, in candle's ops on packed `[N, hidden]`
+    /// rows: output projection, residual and layer norm, feed-forward,
+    /// residual and layer norm. `ctx` is the merged heads' context, `x`
+    /// the layer's input. Shared by the candle-ops and device stacks.
+    fn after_attention(
+        &self,
+        ctx: &Tensor,
+        x: &Tensor,
+        mode: OpsMode,
+    ) -> candle_core::Result<Tensor> {
+        use crate::profile::time;
+        let attn = time("attn_out.matmul", || self.attn_out.forward(ctx))?;
+        let x1 = time("attn_out.norm", || {
+            self.attn_norm.forward(&(attn + x)?, mode)
+        })?;
+        let inter = time("ffn.in.matmul", || self.intermediate.forward(&x1))?;
+        let inter = time("ffn.gelu", || inter.gelu_erf())?;
+        let out = time("ffn.out.matmul", || self.output.forward(&inter))?;
+        time("ffn.out.norm", || self.out_norm.forward(&(out + x1)?, mode))
+    }
+
     /// The layer's tensors in the order [`LayerData::new`] reads them.
     fn tensors(&self) -> [&Tensor; 12] {
         [

@@ -93,16 +93,7 @@ impl Encoder {
                     .reshape((b * s, h))?
                     .index_select(pack.pack_index, 0)
             })?;
-            let attn = time("attn_out.matmul", || layer.attn_out.forward(&ctx))?;
-            let x1 = time("attn_out.norm", || {
-                layer.attn_norm.forward(&(attn + &x)?, mode)
-            })?;
-            let inter = time("ffn.in.matmul", || layer.intermediate.forward(&x1))?;
-            let inter = time("ffn.gelu", || inter.gelu_erf())?;
-            let out = time("ffn.out.matmul", || layer.output.forward(&inter))?;
-            x = time("ffn.out.norm", || {
-                layer.out_norm.forward(&(out + x1)?, mode)
-            })?;
+            x = layer.after_attention(&ctx, &x, mode)?;
         }
         Ok(x)
     }

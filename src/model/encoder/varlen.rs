@@ -34,7 +34,6 @@ impl Encoder {
         let head_dim = self.config.head_dim();
         let layers = self.layers.len();
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let mode = OpsMode::ServeDevice;
         let mut x = x.clone();
         for (l, layer) in self.layers.iter().enumerate() {
             let qkv = time("qkv.matmul", || layer.qkv.forward(&x))?;
@@ -48,16 +47,7 @@ impl Encoder {
             let ctx = time("attention", || {
                 varlen_attention(&qkv, prefix, index, checked, dims)
             })?;
-            let attn = time("attn_out.matmul", || layer.attn_out.forward(&ctx))?;
-            let x1 = time("attn_out.norm", || {
-                layer.attn_norm.forward(&(attn + &x)?, mode)
-            })?;
-            let inter = time("ffn.in.matmul", || layer.intermediate.forward(&x1))?;
-            let inter = time("ffn.gelu", || inter.gelu_erf())?;
-            let out = time("ffn.out.matmul", || layer.output.forward(&inter))?;
-            x = time("ffn.out.norm", || {
-                layer.out_norm.forward(&(out + x1)?, mode)
-            })?;
+            x = layer.after_attention(&ctx, &x, OpsMode::ServeDevice)?;
         }
         Ok(x)
     }

@@ -417,21 +417,15 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::tests::values;
     use candle_core::Device;
 
-    /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+    /// Largest |out − want|.
+    fn worst(out: &[f32], want: &[f64]) -> f64 {
+        out.iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max)
     }
 
     /// f64 attention of one layer, written from the definition: for each
@@ -567,13 +561,8 @@ mod tests {
         for (heads, d) in [(3, 32), (2, 20), (2, 64), (1, 128)] {
             let dims = dims(heads, d, 3, 1);
             let (out, qkv, prefix) = run(&rows, p, dims, DType::F32);
-            let want = reference(&qkv, &prefix, &rows, dims);
-            let worst = out
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0.0, f64::max);
-            assert!(worst < 1e-5, "heads {heads} d {d}: worst {worst}");
+            let w = worst(&out, &reference(&qkv, &prefix, &rows, dims));
+            assert!(w < 1e-5, "heads {heads} d {d}: worst {w}");
         }
     }
 
@@ -585,13 +574,8 @@ mod tests {
         let dims = dims(4, 32, 2, 0);
         for (dtype, tol) in [(DType::F16, 2e-3), (DType::BF16, 1.6e-2)] {
             let (out, qkv, prefix) = run(&rows, p, dims, dtype);
-            let want = reference(&qkv, &prefix, &rows, dims);
-            let worst = out
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0.0, f64::max);
-            assert!(worst < tol, "{dtype:?}: worst {worst}");
+            let w = worst(&out, &reference(&qkv, &prefix, &rows, dims));
+            assert!(w < tol, "{dtype:?}: worst {w}");
         }
     }
 
