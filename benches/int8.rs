@@ -51,10 +51,15 @@ fn main() {
         ("ffn_in", 1536, 384),
         ("ffn_out", 384, 1536),
     ];
-    let kernels: Vec<Int8Kernel> = [Int8Kernel::Vnni512, Int8Kernel::Avx2, Int8Kernel::Portable]
-        .into_iter()
-        .filter(|k| k.supported())
-        .collect();
+    let kernels: Vec<Int8Kernel> = [
+        Int8Kernel::Amx,
+        Int8Kernel::Vnni512,
+        Int8Kernel::Avx2,
+        Int8Kernel::Portable,
+    ]
+    .into_iter()
+    .filter(|k| k.supported())
+    .collect();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -460,11 +460,12 @@ pub fn cli(args: WorkloadArgs) -> Result<()> {
         WorkloadCmd::Parity {
             expected,
             adapters,
-            serving: Serving {
-                device,
-                dtype,
-                kernels,
-            },
+            serving:
+                Serving {
+                    device,
+                    dtype,
+                    kernels,
+                },
             tol,
         } => {
             let device = device.open()?;
@@ -477,11 +478,12 @@ pub fn cli(args: WorkloadArgs) -> Result<()> {
             Ok(())
         }
         WorkloadCmd::Run {
-            serving: Serving {
-                device,
-                dtype,
-                kernels,
-            },
+            serving:
+                Serving {
+                    device,
+                    dtype,
+                    kernels,
+                },
             warmup,
         } => {
             let device = device.open()?;

@@ -23,7 +23,10 @@
 //!   (u8, ≤ 128) times the weight with the sign of `qₐ − 128` (`vpsignb`):
 //!   2 · 128 · 127 < 2¹⁵, exact; the 128 · Σ q_w it leaves out is added
 //!   back with the zero point;
-//! - portable Rust loops, for every other CPU.
+//! - portable Rust loops, for every other CPU;
+//! - Intel AMX (`tdpbusd` on 16 × 64 tiles, [`amx`]) where the CPU and the
+//!   OS allow it, for weights whose inputs are a multiple of 64 (the rest
+//!   go to VNNI).
 //!
 //! Weights are packed once into panels of 16 output channels × 4 inputs
 //! (64 bytes, one 512-bit register), the layout `vpdpbusd` consumes, so a
@@ -35,12 +38,18 @@ use std::sync::OnceLock;
 
 use super::{SharedOut, Simd, matmul_blocks};
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 /// Output channels per packed panel.
 const PANEL: usize = 16;
 /// Inputs per 32-bit group of a panel (one `vpdpbusd` lane).
 const GROUP: usize = 4;
 /// Largest activation code.
 const QMAX: u8 = 255;
+/// Rows and inputs of one AMX call ([`amx::ROWS`], [`amx::STEP`]).
+const AMX_ROWS: usize = 32;
+const AMX_STEP: usize = 64;
 /// Rows of a work block quantized activations are reused across (its
 /// codes, rows × k bytes, stay in L2 while every panel passes over them).
 const ROW_BLOCK: usize = 96;
@@ -48,6 +57,9 @@ const ROW_BLOCK: usize = 96;
 /// Which integer kernel runs the products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Kernel {
+    /// Intel AMX: 32 rows × 32 channels per call, 16 × 16 sums per tile
+    /// (with VNNI for weights whose inputs are not a multiple of 64).
+    Amx,
     /// AVX-512F/BW + VNNI: 6 rows × 32 channels per tile.
     Vnni512,
     /// AVX2: 4 rows × 16 channels per tile.
@@ -58,13 +70,13 @@ pub enum Int8Kernel {
 
 impl Int8Kernel {
     /// The best kernel this CPU runs, decided once. The environment
-    /// variable `SOFTPROMPT_INT8_KERNEL` (`vnni`, `avx2`, `portable`) picks
+    /// variable `SOFTPROMPT_INT8_KERNEL` (`amx`, `vnni`, `avx2`, `portable`) picks
     /// a slower one instead, for tests and benchmarks; one the CPU lacks is
     /// ignored with a warning.
     pub fn detect() -> Int8Kernel {
         static CHOSEN: OnceLock<Int8Kernel> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
-            let best = [Int8Kernel::Vnni512, Int8Kernel::Avx2]
+            let best = [Int8Kernel::Amx, Int8Kernel::Vnni512, Int8Kernel::Avx2]
                 .into_iter()
                 .find(|k| k.supported())
                 .unwrap_or(Int8Kernel::Portable);
@@ -87,6 +99,7 @@ impl Int8Kernel {
 
     fn from_name(name: &str) -> Option<Int8Kernel> {
         match name {
+            "amx" => Some(Int8Kernel::Amx),
             "vnni" => Some(Int8Kernel::Vnni512),
             "avx2" => Some(Int8Kernel::Avx2),
             "portable" => Some(Int8Kernel::Portable),
@@ -98,6 +111,8 @@ impl Int8Kernel {
     pub fn supported(self) -> bool {
         match self {
             Int8Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::Amx => Int8Kernel::Vnni512.supported() && amx::available(),
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::Vnni512 => {
                 std::arch::is_x86_feature_detected!("avx512f")
@@ -116,7 +131,7 @@ impl Int8Kernel {
     fn code_offset(self) -> i32 {
         match self {
             Int8Kernel::Avx2 => 128,
-            Int8Kernel::Vnni512 | Int8Kernel::Portable => 0,
+            Int8Kernel::Amx | Int8Kernel::Vnni512 | Int8Kernel::Portable => 0,
         }
     }
 }
@@ -237,14 +252,23 @@ pub fn qmatmul_with_kernel(kernel: Int8Kernel, out: &mut [f32], x: &[f32], w: &Q
         kernel.supported(),
         "qmatmul: {kernel:?} on a CPU without it"
     );
+    let kernel = match kernel {
+        Int8Kernel::Amx if !w.kq.is_multiple_of(AMX_STEP) => Int8Kernel::Vnni512,
+        k => k,
+    };
+    // AMX tiles read 32 rows from any row a block starts at: room for them.
+    let rows = if kernel == Int8Kernel::Amx {
+        m + AMX_ROWS
+    } else {
+        m
+    };
     CODES.with(|codes| {
         let mut codes = codes.borrow_mut();
         let codes = &mut *codes;
-        codes.q.resize(m * w.kq, 0);
+        codes.q.resize(rows * w.kq, 0);
         codes.scale.resize(m, 0.0);
         codes.zero.resize(m, 0);
-        codes
-            .q
+        codes.q[..m * w.kq]
             .par_chunks_mut(w.kq)
             .zip(codes.scale.par_iter_mut())
             .zip(codes.zero.par_iter_mut())
@@ -354,21 +378,36 @@ fn block(
     dst: SharedOut,
 ) {
     let (mr, np) = match kernel {
+        Int8Kernel::Amx => (AMX_ROWS, 2),
         Int8Kernel::Vnni512 => (6, 2),
         Int8Kernel::Avx2 => (4, 1),
         Int8Kernel::Portable => (4, 1),
     };
-    let mut acc = [0i32; 6 * 2 * PANEL];
+    let mut acc = [0i32; AMX_ROWS * 2 * PANEL];
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `Amx` runs only where `supported()` found AMX (asserted in
+    // `qmatmul_with`); the configuration is released when `tiles` drops,
+    // on this thread, at the end of the block.
+    let tiles = (kernel == Int8Kernel::Amx).then(|| unsafe { amx::Tiles::configure() });
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiles: Option<()> = None;
     let mut p = panels.start;
     while p < panels.end {
         let np_here = np.min(panels.end - p);
         let mut r = rows.start;
         while r < rows.end {
             let mr_here = mr.min(rows.end - r);
-            let a = &codes.q[r * w.kq..(r + mr_here) * w.kq];
+            // AMX reads whole 32-row tiles (rows past m are padding codes
+            // whose sums are dropped); the others read what they need.
+            let read = if kernel == Int8Kernel::Amx {
+                AMX_ROWS
+            } else {
+                mr_here
+            };
+            let a = &codes.q[r * w.kq..(r + read) * w.kq];
             let b = &w.buf[w.start + p * w.panel_bytes()..][..np_here * w.panel_bytes()];
-            let acc = &mut acc[..mr_here * np_here * PANEL];
-            tile(kernel, a, mr_here, b, np_here, w.kq, acc);
+            let acc = &mut acc[..read * np_here * PANEL];
+            tile(kernel, tiles.as_ref(), a, read, b, np_here, w.kq, acc);
             let offset = kernel.code_offset();
             scale_out(acc, codes, r, mr_here, p, np_here, w, offset, dst);
             r += mr_here;
@@ -380,8 +419,11 @@ fn block(
 /// `acc[r][c] = Σₖ (a[r][k] − offset) · b[c][k]` (offset:
 /// [`Int8Kernel::code_offset`]) for `rows` rows of codes `a`
 /// (`[rows, kq]`) and `np` packed panels `b` (`np · 16` channels).
+#[allow(clippy::too_many_arguments)]
 fn tile(
     kernel: Int8Kernel,
+    #[cfg(target_arch = "x86_64")] tiles: Option<&amx::Tiles>,
+    #[cfg(not(target_arch = "x86_64"))] _tiles: Option<&()>,
     a: &[u8],
     rows: usize,
     b: &[i8],
@@ -394,6 +436,18 @@ fn tile(
         "int8 tile: sizes disagree"
     );
     match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Amx => {
+            assert!(
+                rows == AMX_ROWS && kq.is_multiple_of(AMX_STEP) && (np == 1 || np == 2),
+                "amx tile: {rows} rows, {kq} inputs, {np} panels"
+            );
+            let tiles = tiles.expect("amx tiles configured by the block");
+            // SAFETY: the block configured `tiles` on this thread (AMX
+            // present: `supported()`, asserted in `qmatmul_with`); the
+            // sizes are checked above and by the assert before it.
+            unsafe { amx::tile(tiles, a, b, np, kq, acc) }
+        }
         #[cfg(target_arch = "x86_64")]
         Int8Kernel::Vnni512 => {
             // SAFETY: `Vnni512` runs only where `supported()` found
@@ -450,10 +504,18 @@ fn scale_out(
         // other item writes (`gemm`); out holds m·n values.
         let out =
             unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((r0 + r) * n + c0), width) };
-        for (c, o) in out.iter_mut().enumerate() {
-            let (p, j) = (c / PANEL, c % PANEL);
-            let v = acc[(r * np + p) * PANEL + j] - za * w.sum[c0 + c];
-            *o = v as f32 * (sa * w.scale[c0 + c]);
+        // Panel by panel, 16 channels at a time, so that it vectorizes.
+        for (p, o) in out.chunks_mut(PANEL).enumerate() {
+            let (c, len) = (c0 + p * PANEL, o.len());
+            let sums = &acc[(r * np + p) * PANEL..][..len];
+            for (((o, &a), &ws), &sc) in o
+                .iter_mut()
+                .zip(sums)
+                .zip(&w.sum[c..c + len])
+                .zip(&w.scale[c..c + len])
+            {
+                *o = (a - za * ws) as f32 * (sa * sc);
+            }
         }
     }
 }
@@ -689,7 +751,12 @@ mod tests {
     }
 
     fn kernels() -> Vec<Int8Kernel> {
-        let all = [Int8Kernel::Vnni512, Int8Kernel::Avx2, Int8Kernel::Portable];
+        let all = [
+            Int8Kernel::Amx,
+            Int8Kernel::Vnni512,
+            Int8Kernel::Avx2,
+            Int8Kernel::Portable,
+        ];
         let have: Vec<_> = all.into_iter().filter(|k| k.supported()).collect();
         for k in all.iter().filter(|k| !have.contains(k)) {
             eprintln!("int8 {k:?}: not tested, this CPU lacks its instructions");
