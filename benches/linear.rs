@@ -67,7 +67,7 @@ fn main() {
         "{cpu}; threads {}; packed kernels here: {levels:?} (gemm picks its own)",
         rayon::current_num_threads()
     );
-    for m in [6usize, 24, 64, 256, 2048] {
+    for m in [6usize, 24, 64, 256, 512, 1024, 2048] {
         let mut total = vec![0f64; levels.len() + 1];
         for (name, n, k) in shapes {
             let x = values(m * k, 1);

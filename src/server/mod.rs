@@ -278,6 +278,7 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
         quantize = ?model.encoder.quantization(),
         dtype = ?model.encoder.dtype(),
         packed_weight_bytes = model.encoder.packed_bytes(),
+        gemm_from_rows = ?Some(model.encoder.gemm_from_rows()).filter(|&r| r != usize::MAX),
         "model loaded"
     );
     let budget = args.task_memory.budget(config::available_memory());

@@ -226,7 +226,7 @@ impl Encoder {
         // training's evaluation).
         let linear =
             |out: &mut [f32], x: &[f32], w: &[f32], p: Option<&PackedLinear>, k: usize| match p {
-                Some(p) => p.forward(out, x, w, k),
+                Some(p) => p.forward(out, x, w, k, self.gemm_from_rows),
                 None => kernels::matmul_wt(out, x, w, k),
             };
         let layers = w.len() / 12;

@@ -323,12 +323,22 @@ pub(crate) enum PackedLinear {
 }
 
 impl PackedLinear {
-    /// `out ← x · wᵀ`; `w` is the same weight unpacked, for the CPUs where
-    /// gemm outruns the packed f32 kernel's plain build.
-    pub(crate) fn forward(&self, out: &mut [f32], x: &[f32], w: &[f32], k: usize) {
+    /// `out ← x · wᵀ`; `w` is the same weight unpacked, for where gemm
+    /// outruns the packed f32 kernel: its plain build, and batches of
+    /// `gemm_from` rows or more ([`Encoder::pack`] measures where).
+    pub(crate) fn forward(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        gemm_from: usize,
+    ) {
         match self {
             PackedLinear::Int8(q) => kernels::int8::qmatmul_wt(out, x, q),
-            PackedLinear::F32(p) if kernels::Simd::current() > kernels::Simd::Plain => {
+            PackedLinear::F32(p)
+                if kernels::Simd::current() > kernels::Simd::Plain && x.len() / k < gemm_from =>
+            {
                 kernels::packed::pmatmul_wt(out, x, p)
             }
             PackedLinear::F32(_) => kernels::matmul_wt(out, x, w, k),
@@ -366,6 +376,9 @@ pub struct Encoder {
     /// in f32 or int8; the checkpoint's weights stay (training and candle's
     /// forward read them).
     packed: Option<(Quantize, Vec<PackedLayer>)>,
+    /// Batches of this many rows or more run the f32 linear layers on gemm
+    /// rather than the packed kernel ([`Encoder::pack`] measures it).
+    gemm_from_rows: usize,
     /// The dtype every weight is held in ([`Encoder::cast`]; f32 as loaded).
     dtype: DType,
 }
@@ -421,6 +434,7 @@ impl Encoder {
             layers,
             pooler,
             packed: None,
+            gemm_from_rows: usize::MAX,
             dtype: DType::F32,
             device: device.clone(),
             config,
@@ -466,9 +480,66 @@ impl Encoder {
                     output: pack(&l.output.weight)?,
                 })
             })
-            .collect::<Result<_, ModelError>>()?;
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        if q == Quantize::None {
+            self.gemm_from_rows = self.gemm_crossover(&layers)?;
+        }
         self.packed = Some((q, layers));
         Ok(())
+    }
+
+    /// Rows from which gemm (which packs its operands per call) beats the
+    /// packed f32 kernel on this CPU, measured once on the FFN's first
+    /// linear layer (~70 ms for MiniLM): on AMD Zen 4 the packed kernel is
+    /// as fast as gemm even at 2,048 rows; on an Intel Xeon with full-width
+    /// AVX-512, gemm is ~20% faster there (`cargo bench --bench linear`).
+    /// Both give the same answers to float rounding. Batches of 1,024 rows
+    /// or more go to gemm when it was at least 10% faster at 2,048.
+    fn gemm_crossover(&self, layers: &[PackedLayer]) -> Result<usize, ModelError> {
+        const PROBE: usize = 2048;
+        let (Some(layer), Some(packed)) = (self.layers.first(), layers.first()) else {
+            return Ok(usize::MAX);
+        };
+        if kernels::Simd::current() == kernels::Simd::Plain {
+            return Ok(usize::MAX);
+        }
+        let w = layer.intermediate.weight.flatten_all()?.to_vec1::<f32>()?;
+        let k = layer.intermediate.weight.dim(1)?;
+        let n = w.len() / k;
+        let x: Vec<f32> = (0..PROBE * k)
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.1)
+            .collect();
+        let mut out = vec![0f32; PROBE * n];
+        let mut best = |f: &mut dyn FnMut(&mut [f32])| {
+            (0..3)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f(&mut out);
+                    t.elapsed()
+                })
+                .min()
+                .unwrap_or_default()
+        };
+        let p = best(&mut |o| packed.intermediate.forward(o, &x, &w, k, usize::MAX));
+        let g = best(&mut |o| kernels::matmul_wt(o, &x, &w, k));
+        let from = if g.as_secs_f64() < 0.9 * p.as_secs_f64() {
+            PROBE / 2
+        } else {
+            usize::MAX
+        };
+        tracing::debug!(
+            packed_ms = p.as_secs_f64() * 1e3,
+            gemm_ms = g.as_secs_f64() * 1e3,
+            gemm_from_rows = from,
+            "f32 linear layers: packed kernel against gemm at {PROBE} rows"
+        );
+        Ok(from)
+    }
+
+    /// Rows from which the f32 linear layers run on gemm (`usize::MAX`:
+    /// never; see [`Encoder::pack`]).
+    pub fn gemm_from_rows(&self) -> usize {
+        self.gemm_from_rows
     }
 
     /// Holds every weight in `dtype` (`serve --dtype`): f16 or bf16 halve
