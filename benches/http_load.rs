@@ -33,7 +33,7 @@ use softprompt::engine::synthetic::{Kind, random_task};
 use softprompt::engine::{Engine, Pooling, Row, TaskModel};
 use softprompt::model::{Encoded, Model};
 use softprompt::server::{ServeArgs, Server};
-use softprompt::task::{BaseModelRef, Provenance, Task, TaskMeta, native};
+use softprompt::task::{Task, TaskMeta, native};
 
 const TASKS: usize = 64;
 const TOKEN: &str = "bench";
@@ -52,19 +52,11 @@ fn task_model(model: &Model, kind: Kind, prompt: usize, seed: u64) -> TaskModel 
 }
 
 fn task_bytes(m: TaskModel, model: &Model) -> Vec<u8> {
-    let meta = TaskMeta {
-        labels: vec!["a".into(), "b".into(), "c".into()],
-        template: None,
-        pooling: Pooling::Mean,
-        base_model: BaseModelRef {
-            name: model.name.clone(),
-            fingerprint: Some(model.fingerprint.clone()),
-        },
-        provenance: Provenance {
-            method: "synthetic".into(),
-            ..Default::default()
-        },
-    };
+    let meta = TaskMeta::synthetic(
+        model,
+        vec!["a".into(), "b".into(), "c".into()],
+        Pooling::Mean,
+    );
     native::to_bytes(&Task::new(meta, m).unwrap()).unwrap()
 }
 

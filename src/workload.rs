@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::engine::synthetic::{Kind, random_task};
 use crate::engine::{Engine, Row, TaskModel};
 use crate::model::{Encoded, Model, ModelConfig};
-use crate::task::{BaseModelRef, Provenance, Task, TaskMeta, default_labels, peft};
+use crate::task::{Task, TaskMeta, default_labels, peft};
 
 /// Tasks in the default workload: half shallow (PROMPT_TUNING), half deep
 /// (PREFIX_TUNING).
@@ -85,19 +85,7 @@ pub fn prepare(model: &Model, model_dir: &Path, out: &Path, spec: &Spec<'_>) -> 
         };
         let n = lengths.random_range(PROMPT_MIN..=PROMPT_MAX);
         let m = random_task(cfg, &Device::Cpu, kind, n, LABELS, TASK_SEED + i as u64)?;
-        let meta = TaskMeta {
-            labels: default_labels(LABELS),
-            template: None,
-            pooling: m.pooling,
-            base_model: BaseModelRef {
-                name: model.name.clone(),
-                fingerprint: Some(model.fingerprint.clone()),
-            },
-            provenance: Provenance {
-                method: "synthetic".into(),
-                ..Default::default()
-            },
-        };
+        let meta = TaskMeta::synthetic(model, default_labels(LABELS), m.pooling);
         let task = Task::new(meta, m)?;
         let id = task_id(i);
         peft::write_dir(&task, &adapters.join(&id))

@@ -115,6 +115,26 @@ pub struct TaskMeta {
     pub provenance: Provenance,
 }
 
+impl TaskMeta {
+    /// The metadata of a synthetic task (benchmarks, load tests) for
+    /// `model`: no template, provenance "synthetic".
+    pub fn synthetic(model: &crate::model::Model, labels: Vec<String>, pooling: Pooling) -> Self {
+        TaskMeta {
+            labels,
+            template: None,
+            pooling,
+            base_model: BaseModelRef {
+                name: model.name.clone(),
+                fingerprint: Some(model.fingerprint.clone()),
+            },
+            provenance: Provenance {
+                method: "synthetic".into(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
 /// What kind of prompt a task carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
