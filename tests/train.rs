@@ -237,8 +237,11 @@ fn assert_fused_gradients_match_composed(model: &std::sync::Arc<Model>, specs: V
         };
         let (l_fused, g_fused) = grads(OpsMode::Train);
         let (l_ops, g_ops) = grads(OpsMode::TrainOps);
+        // Relative: the head is random (candle's CPU RNG takes no seed), so
+        // the loss varies run to run (~4.5 on the default model, where two
+        // f32 summation orders have differed by 1.1e-5).
         assert!(
-            (l_fused - l_ops).abs() <= 1e-5,
+            (l_fused - l_ops).abs() <= 1e-5 * l_ops.abs().max(1.0),
             "{name}: loss {l_fused} vs {l_ops}"
         );
         for (vname, var) in p.named() {
