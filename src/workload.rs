@@ -512,11 +512,7 @@ pub fn run_device(
     let (logits_b, batches_b) = per_task(&engine, &l.tasks, &windows)?;
     let secs_b = t.elapsed().as_secs_f64();
     let text_tokens: usize = l.requests.iter().map(|r| r.input.len()).sum();
-    let name = match dtype {
-        candle_core::DType::F16 => "f16",
-        candle_core::DType::BF16 => "bf16",
-        _ => "f32",
-    };
+    let name = dtype.as_str();
     let max_ab = max_abs_diff(&logits_a, &logits_b);
     println!(
         "{} tasks, {} requests, windows of {}, {device:?}, {name}, {:?}: (a) mixed {:.0} text tokens/s ({secs_a:.3} s, {batches_a} batches); (b) one task per batch {:.0} ({secs_b:.3} s, {batches_b} batches); a/b {:.2}; max |a-b| {max_ab:.2e}",
@@ -548,25 +544,21 @@ pub fn run_device(
     }))
 }
 
-/// The model as `serve` holds it on `device`: cast to the serving dtype,
-/// f32 weights packed where the fused CPU forward serves.
+/// The model as `serve` holds it ([`crate::engine::load_serving_model`]).
 fn open_model(
     model_dir: &Path,
     device: &Device,
     dtype: crate::model::ServeDtype,
     kernels: crate::engine::Kernels,
 ) -> Result<Model> {
-    use crate::engine::Kernels;
-    let device_backend =
-        kernels == Kernels::Device || (kernels == Kernels::Auto && device.is_cuda());
-    let dtype = dtype.resolve(device, device_backend)?;
-    let mut model = Model::load(model_dir, device)
-        .with_context(|| format!("loading {}", model_dir.display()))?;
-    model.encoder.cast(dtype)?;
-    if kernels == Kernels::Auto && device.is_cpu() && dtype == candle_core::DType::F32 {
-        model.encoder.pack(crate::model::Quantize::None)?;
-    }
-    Ok(model)
+    crate::engine::load_serving_model(
+        model_dir,
+        device,
+        kernels,
+        dtype,
+        crate::model::Quantize::None,
+    )
+    .with_context(|| format!("loading {}", model_dir.display()))
 }
 
 fn softmax(x: &[f32]) -> Vec<f32> {

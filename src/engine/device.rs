@@ -46,8 +46,12 @@ impl Upload {
     }
 }
 
-/// Logits of every row, each with its task's label count.
-pub(super) fn classify(enc: &Encoder, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+/// Logits of every row, each with its task's label count, and the batch's
+/// rows grouped by task (as [`assemble::plan`] groups them).
+pub(super) type Classified = (Vec<Vec<f32>>, Vec<(usize, Vec<u32>)>);
+
+/// The batch's logits ([`Classified`]).
+pub(super) fn classify(enc: &Encoder, rows: &[Row<'_>]) -> Result<Classified, EngineError> {
     let pl = time("assemble", || assemble::plan(rows, &enc.config))?;
     let dev = enc.device();
     let dtype = enc.dtype();
@@ -58,18 +62,11 @@ pub(super) fn classify(enc: &Encoder, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>,
         .spans
         .iter()
         .zip(&pl.task_of_row)
-        .map(|(&(start, len), &t)| {
-            let task = pl.tasks[t];
-            VarlenRow {
-                start,
-                len,
-                prefix_start: if task.deep.is_some() {
-                    pl.deep_offset[t] as usize
-                } else {
-                    0
-                },
-                prefix_len: task.deep_len(),
-            }
+        .map(|(&(start, len), &t)| VarlenRow {
+            start,
+            len,
+            prefix_start: pl.deep_offset[t] as usize,
+            prefix_len: pl.tasks[t].deep_len(),
         })
         .collect();
     let deep_rows = 1 + pl.tasks.iter().map(|t| t.deep_len()).sum::<usize>();
@@ -157,7 +154,7 @@ pub(super) fn classify(enc: &Encoder, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>,
     let prefix = table(&pl, dev, dtype, width, |t| t.deep.clone())?;
     let hidden = enc.encode_varlen(&x, &prefix, &index, &checked)?;
 
-    time("heads", || {
+    let logits = time("heads", || {
         heads(
             enc,
             rows,
@@ -173,7 +170,8 @@ pub(super) fn classify(enc: &Encoder, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>,
                 kinds_host: &kinds,
             },
         )
-    })
+    })?;
+    Ok((logits, pl.groups))
 }
 
 /// A batch table: a zero row, then each distinct task's `part` (virtual

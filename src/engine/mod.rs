@@ -66,6 +66,35 @@ pub enum Kernels {
     Candle,
 }
 
+impl Kernels {
+    /// Whether these kernels serve through the device backend on `device`
+    /// (the only one that serves 16-bit weights).
+    pub fn device_backend(self, device: &candle_core::Device) -> bool {
+        self == Kernels::Device || (self == Kernels::Auto && device.is_cuda())
+    }
+}
+
+/// Loads the model as `serve` holds it for `kernels` on `device`: weights
+/// in the serving dtype (`dtype` resolved for the backend that will
+/// serve), and packed (f32 or `quantize`) where the fused CPU forward
+/// serves. `serve` and the hidden `workload` subcommand both load this way.
+pub fn load_serving_model(
+    dir: &std::path::Path,
+    device: &candle_core::Device,
+    kernels: Kernels,
+    dtype: crate::model::ServeDtype,
+    quantize: crate::model::Quantize,
+) -> Result<Model, ModelError> {
+    let dtype = dtype.resolve(device, kernels.device_backend(device))?;
+    let mut model = Model::load(dir, device)?;
+    model.encoder.cast(dtype)?;
+    // Only the fused CPU forward reads packed weights (it serves f32).
+    if kernels == Kernels::Auto && dtype == DType::F32 {
+        model.encoder.pack(quantize)?;
+    }
+    Ok(model)
+}
+
 /// Runs batches on the resident model. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -88,14 +117,13 @@ impl Engine {
     pub fn serve_mode(&self) -> OpsMode {
         let dev = self.model.encoder.device();
         match self.kernels {
-            Kernels::Auto if dev.is_cuda() => OpsMode::ServeDevice,
+            k if k.device_backend(dev) => OpsMode::ServeDevice,
             // A 16-bit encoder serves through the device backend only.
             Kernels::Auto if dev.is_cpu() && self.model.encoder.dtype() == DType::F32 => {
                 OpsMode::Serve
             }
             Kernels::Auto if dev.is_cpu() => OpsMode::ServeDevice,
-            Kernels::Auto | Kernels::Candle => OpsMode::ServeOps,
-            Kernels::Device => OpsMode::ServeDevice,
+            _ => OpsMode::ServeOps,
         }
     }
 
@@ -108,7 +136,7 @@ impl Engine {
     /// count).
     pub fn classify(&self, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         if self.serve_mode() == OpsMode::ServeDevice {
-            return device::classify(&self.model.encoder, rows);
+            return Ok(device::classify(&self.model.encoder, rows)?.0);
         }
         let mut out = vec![Vec::new(); rows.len()];
         for g in self.forward(rows, self.serve_mode())? {
@@ -126,8 +154,7 @@ impl Engine {
         let enc: &Encoder = &self.model.encoder;
         if mode == OpsMode::ServeDevice {
             // The device backend answers per row; group them by task.
-            let logits = device::classify(enc, rows)?;
-            let groups = assemble::plan(rows, &enc.config)?.groups;
+            let (logits, groups) = device::classify(enc, rows)?;
             return groups
                 .into_iter()
                 .map(|(_, members)| {

@@ -39,7 +39,7 @@ use state::{AppState, Core};
 
 use crate::batch::{BatchConfig, Batcher};
 use crate::engine::Engine;
-use crate::model::{Model, ModelError};
+use crate::model::ModelError;
 use crate::registry::Registry;
 use crate::store::StoreError;
 use crate::task::Limits;
@@ -255,16 +255,7 @@ async fn load(state: &Arc<AppState>, batch_config: BatchConfig) -> Result<Core, 
     }
     let serve_dtype = args.dtype;
     let model = tokio::task::spawn_blocking(move || {
-        let mut model = Model::load(&dir, &device)?;
-        let device_backend = kernels == crate::engine::Kernels::Device
-            || (kernels == crate::engine::Kernels::Auto && device.is_cuda());
-        let dtype = serve_dtype.resolve(&device, device_backend)?;
-        model.encoder.cast(dtype)?;
-        // Only the fused CPU forward reads packed weights (it serves f32).
-        if kernels == crate::engine::Kernels::Auto && dtype == candle_core::DType::F32 {
-            model.encoder.pack(quantize)?;
-        }
-        Ok(model)
+        crate::engine::load_serving_model(&dir, &device, kernels, serve_dtype, quantize)
     })
     .await
     .map_err(|e| StartError::Join(e.to_string()))?

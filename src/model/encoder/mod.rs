@@ -305,7 +305,7 @@ impl ServeDtype {
         if dtype != DType::F32 && !device_backend {
             return Err(ModelError::Unsupported(format!(
                 "--dtype {}: 16-bit weights serve through the device backend only (--kernels device, or --kernels auto on a CUDA GPU)",
-                if dtype == DType::F16 { "f16" } else { "bf16" }
+                dtype.as_str()
             )));
         }
         Ok(dtype)

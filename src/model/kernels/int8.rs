@@ -47,8 +47,10 @@ const PANEL: usize = 16;
 const GROUP: usize = 4;
 /// Largest activation code.
 const QMAX: u8 = 255;
-/// Rows and inputs of one AMX call ([`amx::ROWS`], [`amx::STEP`]).
+/// Rows of activation codes one AMX call reads (two 16-row A tiles); the
+/// codes are padded for them.
 const AMX_ROWS: usize = 32;
+/// Inputs per AMX tile step (one 64-byte A-tile row).
 const AMX_STEP: usize = 64;
 /// Rows of a work block quantized activations are reused across (its
 /// codes, rows × k bytes, stay in L2 while every panel passes over them).

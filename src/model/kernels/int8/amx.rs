@@ -15,13 +15,7 @@
 use std::arch::asm;
 use std::sync::OnceLock;
 
-use super::PANEL;
-
-/// Rows of activation codes one [`tile`] call reads (two A tiles); the
-/// caller pads its codes to a multiple of this.
-pub const ROWS: usize = 32;
-/// Inputs per tile step (one A-tile row: 64 bytes).
-pub const STEP: usize = 64;
+use super::{AMX_ROWS as ROWS, AMX_STEP as STEP, PANEL};
 
 /// Whether this CPU and OS run AMX int8 tiles, decided once (the first
 /// call asks Linux for the tile state).
