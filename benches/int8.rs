@@ -1,15 +1,16 @@
 //! Int8 against f32 linear layers at the model's shapes. Prints numbers,
 //! asserts nothing.
 //!
-//! `cargo bench --bench int8`: for rows m ∈ {24, 256, 2048} and the four
+//! `cargo bench --bench int8`: for rows m ∈ {24, 256, 2048} (or
+//! `INT8_ROWS="24 2048"`) and the four
 //! matmuls of a MiniLM layer (QKV 1152×384, attention output 384×384, FFN
-//! in 1536×384, FFN out 384×1536), the rate of `kernels::matmul_wt` (f32,
-//! gemm) and of `kernels::int8::qmatmul_wt` (activation quantization
+//! in 1536×384, FFN out 384×1536), the rate of the f32 kernel `serve` runs
+//! (`kernels::packed`, weights packed at load) and of `kernels::int8::qmatmul_wt` (activation quantization
 //! included) on every int8 kernel this CPU runs, in GFLOP/s counted as
 //! 2·m·n·k, and int8 / f32. Threads: rayon's default (`RAYON_NUM_THREADS`).
 
 use softprompt::model::kernels::int8::{Int8Kernel, QWeight, qmatmul_with_kernel};
-use softprompt::model::kernels::matmul_wt;
+use softprompt::model::kernels::packed::{PackedWeight, pmatmul_wt};
 use std::time::Instant;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -24,7 +25,8 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Seconds per call: the median of 7 timings of enough calls for ~50 ms.
+/// Seconds per call: the fastest of 7 timings of enough calls for ~50 ms
+/// (interference only ever slows a timing down; see benches/linear.rs).
 fn time(mut f: impl FnMut()) -> f64 {
     f();
     let t = Instant::now();
@@ -40,8 +42,7 @@ fn time(mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64() / reps as f64
         })
         .collect();
-    v.sort_by(f64::total_cmp);
-    v[3]
+    v.into_iter().fold(f64::INFINITY, f64::min)
 }
 
 fn main() {
@@ -87,15 +88,25 @@ fn main() {
             (m * k * 4) as f64 / t / 1e9
         );
     }
-    for m in [24usize, 256, 2048] {
+    // INT8_ROWS="24 2048" measures only those row counts.
+    let rows: Vec<usize> = std::env::var("INT8_ROWS")
+        .ok()
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|r| r.parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(|| vec![24, 256, 2048]);
+    for m in rows {
         let mut total = vec![0f64; kernels.len() + 1];
         for (name, n, k) in shapes {
             let x = values(m * k, 1);
             let w = values(n * k, 2);
             let qw = QWeight::quantize(&w, k);
+            let packed = PackedWeight::pack(&w, k);
             let mut out = vec![0f32; m * n];
             let flop = 2.0 * (m * n * k) as f64;
-            let f = time(|| matmul_wt(&mut out, &x, &w, k));
+            let f = time(|| pmatmul_wt(&mut out, &x, &packed));
             total[0] += f;
             let mut line = format!("m={m:5} {name:8} f32 {:6.1} GFLOP/s", flop / f / 1e9);
             for (i, &kern) in kernels.iter().enumerate() {
