@@ -35,7 +35,7 @@ fn time(mut f: impl FnMut()) -> f64 {
     f();
     let once = t.elapsed().as_secs_f64().max(1e-6);
     let reps = ((0.05 / once) as usize).clamp(1, 1000);
-    let mut v: Vec<f64> = (0..7)
+    let v: Vec<f64> = (0..7)
         .map(|_| {
             let t = Instant::now();
             for _ in 0..reps {
