@@ -34,6 +34,33 @@ async fn classify_through_the_device_backend_matches_the_fused_engine() {
     classify_scores_match_with(&["--kernels", "device"]).await;
 }
 
+/// `--spin-ms`: compute threads that stay awake after a batch still take
+/// the next request at once (they watch the queue, not the clock) and let
+/// the server stop, with a spin (10 minutes) far longer than the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spinning_compute_threads_take_the_next_request_at_once() {
+    let name = SHALLOW[0];
+    let store = store_with(&[name]);
+    let mut f = flags(store.path());
+    f.extend(["--spin-ms".to_string(), "600000".to_string()]);
+    let s = start(&f).await;
+    let input = sample_inputs()[0].json();
+    // A hang check, not a speed check: without the queue watch the second
+    // request would wait out the 10-minute spin.
+    let bound = std::time::Duration::from_secs(120);
+    for i in 0..3 {
+        let resp = tokio::time::timeout(bound, s.classify(name, &json!({"inputs": input})))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} waited out the spin"));
+        assert_eq!(resp.status(), 200);
+    }
+    s.server.shutdown();
+    tokio::time::timeout(bound, s.server.wait())
+        .await
+        .expect("the server stops while its compute threads spin")
+        .unwrap();
+}
+
 /// 16-bit weights are refused where they cannot serve, with a message
 /// that names the flag and the way out.
 #[test]

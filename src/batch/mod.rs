@@ -53,6 +53,10 @@ pub struct BatchConfig {
     /// runs anyway. Under load the queue fills while the engine computes, so
     /// this only matters when traffic is light.
     pub wait: Duration,
+    /// How long the compute threads spin after a batch, waiting for the
+    /// next one, before they sleep (`serve --spin-ms`): a CPU that went
+    /// idle runs the next forward much slower.
+    pub spin: Duration,
     /// Most tokens (text, virtual tokens and deep prefix positions of
     /// every row) admitted and not yet answered; past it, requests are
     /// refused before they are tokenized.
@@ -70,6 +74,7 @@ impl Default for BatchConfig {
             max_batch_tokens: 16_384,
             max_batch_rows: 64,
             wait: Duration::from_millis(2),
+            spin: Duration::ZERO,
             max_queued_tokens: DEFAULT_MAX_QUEUED_TOKENS,
             policy: BatchPolicy::Mixed,
             faults: Faults::default(),

@@ -23,6 +23,9 @@ pub(super) struct Queue {
     abandoned: AtomicU64,
     batches: AtomicU64,
     rows_run: AtomicU64,
+    /// Pushes and closes so far: what threads spinning for work watch
+    /// without taking the lock ([`Queue::events`]).
+    events: AtomicU64,
 }
 
 impl Queue {
@@ -37,7 +40,14 @@ impl Queue {
             abandoned: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             rows_run: AtomicU64::new(0),
+            events: AtomicU64::new(0),
         }
+    }
+
+    /// A counter that changes whenever rows are pushed or the queue is
+    /// closed, readable without the lock.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -55,6 +65,7 @@ impl Queue {
         s.entries.extend(entries);
         metrics::gauge!(m::QUEUE_ROWS).set(s.entries.len() as f64);
         drop(s);
+        self.events.fetch_add(1, Ordering::Release);
         self.ready.notify_all();
         Ok(())
     }
@@ -112,6 +123,7 @@ impl Queue {
     /// Refuses further pushes; queued rows are still handed out.
     pub fn close(&self) {
         self.lock().closed = true;
+        self.events.fetch_add(1, Ordering::Release);
         self.ready.notify_all();
     }
 

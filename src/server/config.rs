@@ -118,6 +118,18 @@ pub struct ServeArgs {
     /// batch when traffic is light.
     #[arg(long, env = "SOFTPROMPT_BATCH_WAIT_MS", default_value_t = 2)]
     pub batch_wait_ms: u64,
+    /// How long (ms) the compute threads stay awake after a batch, spinning
+    /// until the next request or this long, before they sleep. A CPU left
+    /// idle for 100 ms ran the next forward 1.8× slower (every op alike;
+    /// `cargo bench --bench idle`), which is why OpenMP runtimes spin
+    /// (Intel's KMP_BLOCKTIME is 200 ms). Costs up to this much CPU time per
+    /// compute thread after each batch while traffic is light, and takes
+    /// CPU from anything else on the same cores: on 2 CPUs shared with the
+    /// load generator, 100 cut requests arriving 100 ms apart from 21.5 to
+    /// 16 ms (p50) but slowed back-to-back ones from 13.7 to 15 ms. Off (0)
+    /// by default; worth trying where the server has its CPUs to itself.
+    #[arg(long, env = "SOFTPROMPT_SPIN_MS", default_value_t = 0)]
+    pub spin_ms: u64,
     /// Most tokens admitted and not yet answered (text, virtual tokens and
     /// deep prefix positions of every row). A request reserves an upper
     /// bound of its tokens before it is tokenized; past the bound it gets
@@ -270,6 +282,7 @@ impl ServeArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_batch_rows: self.max_batch_size,
             wait: Duration::from_millis(self.batch_wait_ms),
+            spin: Duration::from_millis(self.spin_ms),
             max_queued_tokens: self.max_queued_tokens,
             policy: self.batch_policy,
             faults: self.faults.clone(),
