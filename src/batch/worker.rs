@@ -98,9 +98,11 @@ fn keep_warm(queue: &Queue, spin: std::time::Duration) {
     if queue.len() > 0 {
         return;
     }
-    let deadline = Instant::now() + spin;
+    // A spin too long for the clock (any u64 of ms is a valid flag) lasts
+    // until work arrives or the queue closes.
+    let deadline = Instant::now().checked_add(spin);
     rayon::broadcast(|_| {
-        while queue.events() == seen && Instant::now() < deadline {
+        while queue.events() == seen && deadline.is_none_or(|d| Instant::now() < d) {
             for _ in 0..64 {
                 std::hint::spin_loop();
             }
