@@ -273,37 +273,40 @@ pub fn qmatmul_with_kernel(kernel: Int8Kernel, out: &mut [f32], x: &[f32], w: &Q
         codes.q.resize(rows * w.kq, 0);
         codes.scale.resize(m, 0.0);
         codes.zero.resize(m, 0);
-        codes.q[..m * w.kq]
+        let rows = codes.q[..m * w.kq]
             .par_chunks_mut(w.kq)
             .zip(codes.scale.par_iter_mut())
             .zip(codes.zero.par_iter_mut())
-            .zip(x.par_chunks(k))
-            .with_min_len(16)
-            .for_each(|(((q, s), z), row)| quantize_row(row, QMAX, q, s, z));
+            .zip(x.par_chunks(k));
         if kernel == Int8Kernel::Avx2 {
-            avx2_operands(&mut codes.q[..m * w.kq], &mut codes.mag);
+            codes.mag.resize(m * w.kq, 0);
+            rows.zip(codes.mag.par_chunks_mut(w.kq))
+                .with_min_len(16)
+                .for_each(|((((q, s), z), row), mag)| {
+                    quantize_row(row, QMAX, q, s, z);
+                    avx2_operands(q, mag);
+                });
+        } else {
+            rows.with_min_len(16)
+                .for_each(|(((q, s), z), row)| quantize_row(row, QMAX, q, s, z));
         }
         gemm(kernel, codes, m, w, out);
     });
 }
 
-/// The AVX2 kernel's operands, made once per call rather than per (row,
-/// panel) in the kernel's inner loop: `d = q − 128` (i8, in place of `q`)
-/// and `|d|` (u8, ≤ 128) in `mag`. The kernel multiplies `|d|` by the
-/// weight with the sign of `d` (see the module documentation); with both at
-/// hand its inner loop is two sign flips and the multiplies, 8 vector
-/// instructions per row and 32 inputs instead of 10.
-fn avx2_operands(q: &mut [u8], mag: &mut Vec<u8>) {
-    mag.resize(q.len(), 0);
-    q.par_chunks_mut(4096)
-        .zip(mag.par_chunks_mut(4096))
-        .for_each(|(q, mag)| {
-            for (c, m) in q.iter_mut().zip(mag) {
-                let d = (*c ^ 0x80) as i8;
-                *m = d.unsigned_abs();
-                *c = d as u8;
-            }
-        });
+/// The AVX2 kernel's operands for one row of codes, made as the row is
+/// quantized rather than per (row, panel) in the kernel's inner loop:
+/// `d = q − 128` (i8, in place of `q`) and `|d|` (u8, ≤ 128) in `mag`. The
+/// kernel multiplies `|d|` by the weight with the sign of `d` (see the
+/// module documentation); with both at hand its inner loop is two sign
+/// flips and the multiplies, 8 vector instructions per row and 32 inputs
+/// instead of 10.
+fn avx2_operands(q: &mut [u8], mag: &mut [u8]) {
+    for (c, m) in q.iter_mut().zip(mag) {
+        let d = (*c ^ 0x80) as i8;
+        *m = d.unsigned_abs();
+        *c = d as u8;
+    }
 }
 
 /// Asymmetric codes of one row: the range [min(x, 0), max(x, 0)] onto
