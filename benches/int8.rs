@@ -1,49 +1,21 @@
 //! Int8 against f32 linear layers at the model's shapes. Prints numbers,
 //! asserts nothing.
 //!
-//! `cargo bench --bench int8`: for rows m ∈ {24, 256, 2048} (or
-//! `INT8_ROWS="24 2048"`) and the four
-//! matmuls of a MiniLM layer (QKV 1152×384, attention output 384×384, FFN
-//! in 1536×384, FFN out 384×1536), the rate of the f32 kernel `serve` runs
-//! (`kernels::packed`, weights packed at load) and of `kernels::int8::qmatmul_wt` (activation quantization
-//! included) on every int8 kernel this CPU runs, in GFLOP/s counted as
-//! 2·m·n·k, and int8 / f32. Threads: rayon's default (`RAYON_NUM_THREADS`).
+//! `cargo bench --bench int8`: for rows m ∈ {24, 256, 2048} (or those in
+//! `INT8_ROWS="24 2048"`) and the four matmuls of a MiniLM layer (QKV
+//! 1152×384, attention output 384×384, FFN in 1536×384, FFN out 384×1536),
+//! the rate of the f32 kernel `serve` runs (`kernels::packed`, weights
+//! packed at load) and of `kernels::int8::qmatmul_wt` (activation
+//! quantization included) on every int8 kernel this CPU runs, in GFLOP/s
+//! counted as 2·m·n·k, and int8 / f32. Threads: rayon's default
+//! (`RAYON_NUM_THREADS`).
 
 use softprompt::model::kernels::int8::{Int8Kernel, QWeight, qmatmul_with_kernel};
 use softprompt::model::kernels::packed::{PackedWeight, pmatmul_wt};
-use std::time::Instant;
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+mod kernel_support;
 
-/// Seconds per call: the fastest of 7 timings of enough calls for ~50 ms
-/// (interference only ever slows a timing down; see benches/linear.rs).
-fn time(mut f: impl FnMut()) -> f64 {
-    f();
-    let t = Instant::now();
-    f();
-    let once = t.elapsed().as_secs_f64().max(1e-6);
-    let reps = ((0.05 / once) as usize).clamp(1, 1000);
-    let v: Vec<f64> = (0..7)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..reps {
-                f();
-            }
-            t.elapsed().as_secs_f64() / reps as f64
-        })
-        .collect();
-    v.into_iter().fold(f64::INFINITY, f64::min)
-}
+use kernel_support::{cpu_name, rows, time, values};
 
 fn main() {
     let shapes = [
@@ -61,14 +33,7 @@ fn main() {
     .into_iter()
     .filter(|k| k.supported())
     .collect();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = cpu_name();
     println!(
         "{cpu}; threads {}; int8 kernels here: {kernels:?}",
         rayon::current_num_threads()
@@ -88,16 +53,7 @@ fn main() {
             (m * k * 4) as f64 / t / 1e9
         );
     }
-    // INT8_ROWS="24 2048" measures only those row counts.
-    let rows: Vec<usize> = std::env::var("INT8_ROWS")
-        .ok()
-        .map(|v| {
-            v.split_whitespace()
-                .filter_map(|r| r.parse().ok())
-                .collect()
-        })
-        .unwrap_or_else(|| vec![24, 256, 2048]);
-    for m in rows {
+    for m in rows("INT8_ROWS", &[24, 256, 2048]) {
         let mut total = vec![0f64; kernels.len() + 1];
         for (name, n, k) in shapes {
             let x = values(m * k, 1);
