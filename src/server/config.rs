@@ -127,7 +127,12 @@ pub struct ServeArgs {
     /// CPU from anything else on the same cores: on 2 CPUs shared with the
     /// load generator, 100 cut requests arriving 100 ms apart from 21.5 to
     /// 16 ms (p50) but slowed back-to-back ones from 13.7 to 15 ms. Off (0)
-    /// by default; worth trying where the server has its CPUs to itself.
+    /// by default, because the shipped Kubernetes deployment scales on CPU
+    /// utilization and caps CPU: spinning reads as load (the autoscaler
+    /// would add replicas for idle traffic) and burns the CFS quota the
+    /// next forward needs. Worth it where the server has its CPUs to
+    /// itself (100 cut the online ladder's p99 at half the knee from 82 to
+    /// 35 ms on 2 CPUs).
     #[arg(long, env = "SOFTPROMPT_SPIN_MS", default_value_t = 0)]
     pub spin_ms: u64,
     /// Most tokens admitted and not yet answered (text, virtual tokens and
