@@ -34,7 +34,7 @@ fn main() {
         for prefix_len in [0usize, 20] {
             let prefix = values(prefix_len * layers * 2 * hidden, 3);
             let mut start = 0;
-            let rows: Vec<AttnRow> = lens
+            let attn_rows: Vec<AttnRow> = lens
                 .iter()
                 .map(|&len| {
                     let r = AttnRow {
@@ -57,7 +57,7 @@ fn main() {
                 .iter()
                 .map(|&s| 4.0 * (s * (s + prefix_len) * hidden) as f64)
                 .sum();
-            let t = time(|| attention(&mut out, &qkv, &bias, &rows, dims));
+            let t = time(|| attention(&mut out, &qkv, &bias, &attn_rows, dims));
             println!(
                 "rows {batch:3} ({n:5} tokens, mean {:4.1}), deep prefix {prefix_len:2}: \
                  {:8.1} µs per layer, {:5.1} GFLOP/s",

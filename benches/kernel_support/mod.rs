@@ -1,4 +1,4 @@
-//! What the kernel benchmarks (`linear`, `int8`) share: seeded inputs, the
+//! What the kernel benchmarks (`linear`, `int8`, `attention`) share: seeded inputs, the
 //! timing rule, the row counts to measure and the CPU's name for the
 //! printout. A module, not a bench target (Cargo only builds
 //! `benches/*.rs` and `benches/*/main.rs` as benches).
