@@ -19,7 +19,7 @@ if ! "$PY" -c "import onnxruntime, onnx" 2>/dev/null; then
     echo "error: $PY with onnxruntime and onnx is needed (bench/requirements-ort.txt; see bench/run.sh)" >&2
     exit 1
 fi
-cargo bench --bench linear --no-run --quiet 2>/dev/null
+cargo bench --bench linear --no-run --quiet
 bin="$(ls -t target/release/deps/linear-* | grep -v '\.d$' | head -n 1)"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
