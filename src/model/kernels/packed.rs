@@ -294,6 +294,7 @@ mod x86 {
         // One input: two loads of the panel row's half, then per row one
         // broadcast and two FMAs.
         let step = |s: &mut [[__m256; 2]; R], i: usize| {
+            debug_assert!(i < k);
             // SAFETY: every call below passes i < k, and half + 16 ≤ 32, so
             // the loads end within panel (32·k); each row's r·k + i < R·k =
             // a.len().
@@ -310,8 +311,9 @@ mod x86 {
         // Unrolled by four inputs, as MLAS's kernel is: the loop's own
         // counter, compare and address arithmetic otherwise share the
         // front end with 12 FMAs and 8 loads per input, and the tile ran
-        // 10–25% slower (Zen 3, 1 and 2 threads, 64 and 1,736 rows,
-        // `bench/linear_vs_ort.sh`). LLVM does not unroll it by itself.
+        // 10–25% slower (Zen 3, 1 and 2 threads, 64 and 1,736 rows, the
+        // two loops alternated in one process; bench/README.md, "Kernel to
+        // kernel"). LLVM does not unroll it by itself.
         let mut i = 0;
         while i + 4 <= k {
             step(&mut s, i);
