@@ -50,13 +50,24 @@ pub fn tool(name: &str, extra: &[&str], install: &str) -> PathBuf {
     );
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, and one this test process
+/// has not handed out before: the kernel may give the same ephemeral port
+/// to two binds in a row once the first listener is closed, and two
+/// replicas then race for it ("Address already in use", seen in CI).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `cond` every 50 ms until it holds or `limit` passes; returns how
