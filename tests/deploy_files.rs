@@ -19,6 +19,9 @@
 //! check is skipped. Each tool is also run once on a broken input, so a tool
 //! that accepts everything cannot pass for a clean result.
 
+mod s3_support;
+
+use s3_support::free_port;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -600,14 +603,6 @@ fn nginx_config_tests_ok_with_loopback_upstreams() {
         "nginx -t passed a broken file:\n{}",
         text(&out)
     );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A one-answer HTTP server on loopback: every request gets `status`; counts
