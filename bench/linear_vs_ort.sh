@@ -19,8 +19,15 @@ if ! "$PY" -c "import onnxruntime, onnx" 2>/dev/null; then
     echo "error: $PY with onnxruntime and onnx is needed (bench/requirements-ort.txt; see bench/run.sh)" >&2
     exit 1
 fi
-cargo bench --bench linear --no-run --quiet
-bin="$(ls -t target/release/deps/linear-* | grep -v '\.d$' | head -n 1)"
+# The benchmark binary's path as cargo reports it (not the newest file under
+# target/, which may be another build's).
+bin="$(cargo bench --bench linear --no-run --quiet --message-format=json |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "linear" and m.get("executable"):
+        print(m["executable"])')"
+[[ -x "$bin" ]] || { echo "error: cargo did not report the linear benchmark's binary" >&2; exit 1; }
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 ort_rows=()
