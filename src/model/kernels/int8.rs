@@ -52,6 +52,12 @@ const QMAX: u8 = 255;
 const AMX_ROWS: usize = 32;
 /// Inputs per AMX tile step (one 64-byte A-tile row).
 const AMX_STEP: usize = 64;
+/// Rows of one VNNI tile: 12 rows × 2 panels of 16 channels take 24 of
+/// AVX-512's 32 registers; against 6 rows, each 64-byte weight group is
+/// read half as often per dot instruction (7–25% faster at 64 and 256
+/// rows, about even at 1,736, on an AVX-512 Xeon with VNNI; 2 threads,
+/// alternated in one process).
+const VNNI_ROWS: usize = 12;
 /// Rows of a work block quantized activations are reused across (its
 /// codes, rows × k bytes, stay in L2 while every panel passes over them).
 const ROW_BLOCK: usize = 96;
@@ -62,7 +68,7 @@ pub enum Int8Kernel {
     /// Intel AMX: 32 rows × 32 channels per call, 16 × 16 sums per tile
     /// (with VNNI for weights whose inputs are not a multiple of 64).
     Amx,
-    /// AVX-512F/BW + VNNI: 6 rows × 32 channels per tile.
+    /// AVX-512F/BW + VNNI: 12 rows × 32 channels per tile.
     Vnni512,
     /// AVX2: 4 rows × 16 channels per tile.
     Avx2,
@@ -416,7 +422,7 @@ fn block(
 ) {
     let (mr, np) = match kernel {
         Int8Kernel::Amx => (AMX_ROWS, 2),
-        Int8Kernel::Vnni512 => (6, 2),
+        Int8Kernel::Vnni512 => (VNNI_ROWS, 2),
         Int8Kernel::Avx2 => (4, 1),
         Int8Kernel::Portable => (4, 1),
     };
@@ -677,7 +683,8 @@ mod x86 {
 
     /// [`super::tile`] with `vpdpbusd` on 512-bit registers: per group of 4
     /// inputs, one broadcast of each row's 4 codes and one dot instruction
-    /// per (row, panel). At most 6 rows × 2 panels (12 accumulators).
+    /// per (row, panel). At most [`super::VNNI_ROWS`] = 12 rows × 2 panels
+    /// (24 of the 32 registers accumulate).
     ///
     /// # Safety
     /// The CPU must have AVX-512F, AVX-512BW and AVX-512 VNNI; the sizes
@@ -691,20 +698,30 @@ mod x86 {
         kq: usize,
         acc: &mut [i32],
     ) {
-        match (rows, np) {
-            (6, 2) => tile_vnni_n::<6, 2>(a, b, kq, acc),
-            (1, 2) => tile_vnni_n::<1, 2>(a, b, kq, acc),
-            (2, 2) => tile_vnni_n::<2, 2>(a, b, kq, acc),
-            (3, 2) => tile_vnni_n::<3, 2>(a, b, kq, acc),
-            (4, 2) => tile_vnni_n::<4, 2>(a, b, kq, acc),
-            (5, 2) => tile_vnni_n::<5, 2>(a, b, kq, acc),
-            (1, 1) => tile_vnni_n::<1, 1>(a, b, kq, acc),
-            (2, 1) => tile_vnni_n::<2, 1>(a, b, kq, acc),
-            (3, 1) => tile_vnni_n::<3, 1>(a, b, kq, acc),
-            (4, 1) => tile_vnni_n::<4, 1>(a, b, kq, acc),
-            (5, 1) => tile_vnni_n::<5, 1>(a, b, kq, acc),
-            (6, 1) => tile_vnni_n::<6, 1>(a, b, kq, acc),
-            _ => unreachable!("vnni tile of {rows} rows × {np} panels"),
+        match np {
+            2 => tile_vnni_p::<2>(a, rows, b, kq, acc),
+            1 => tile_vnni_p::<1>(a, rows, b, kq, acc),
+            _ => unreachable!("vnni tile of {np} panels"),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn tile_vnni_p<const P: usize>(a: &[u8], rows: usize, b: &[i8], kq: usize, acc: &mut [i32]) {
+        match rows {
+            12 => tile_vnni_n::<12, P>(a, b, kq, acc),
+            11 => tile_vnni_n::<11, P>(a, b, kq, acc),
+            10 => tile_vnni_n::<10, P>(a, b, kq, acc),
+            9 => tile_vnni_n::<9, P>(a, b, kq, acc),
+            8 => tile_vnni_n::<8, P>(a, b, kq, acc),
+            7 => tile_vnni_n::<7, P>(a, b, kq, acc),
+            6 => tile_vnni_n::<6, P>(a, b, kq, acc),
+            5 => tile_vnni_n::<5, P>(a, b, kq, acc),
+            4 => tile_vnni_n::<4, P>(a, b, kq, acc),
+            3 => tile_vnni_n::<3, P>(a, b, kq, acc),
+            2 => tile_vnni_n::<2, P>(a, b, kq, acc),
+            1 => tile_vnni_n::<1, P>(a, b, kq, acc),
+            _ => unreachable!("vnni tile of {rows} rows"),
         }
     }
 
