@@ -164,9 +164,9 @@ pub fn pmatmul_with(simd: Simd, out: &mut [f32], x: &[f32], w: &PackedWeight) {
 /// Rows one tile of `simd`'s kernel covers. AVX-512 has 32 registers: 12
 /// rows × 2 registers of accumulators, the panel row's two registers and a
 /// broadcast. Twelve rather than six halves how often each panel row (128
-/// bytes, from L2 for most shapes) is read per FMA: 10–20% faster at 64,
-/// 256 and 1,736 rows on an AVX-512 Xeon (2 threads, the two alternated in
-/// one process). AVX2 (16 registers) fits 6 rows × 2 × 256 bits.
+/// bytes, from L2 for most shapes) is read per FMA: 10–20% faster for
+/// most shapes at 64, 256 and 1,736 rows on an AVX-512 Xeon (2 threads,
+/// the two alternated in one process; bench/README.md). AVX2 (16 registers) fits 6 rows × 2 × 256 bits.
 fn tile_rows(simd: Simd) -> usize {
     match simd {
         Simd::Avx512 => MR,
@@ -178,7 +178,7 @@ fn tile_rows(simd: Simd) -> usize {
 /// offsets into `dst`) with intent to write, before the tile runs. At a
 /// thousand rows and more the output (~8 MB for the QKV layer) is not in
 /// cache, and without this each tile ended in 24 stores that missed at
-/// once; with k = 384 inputs (a tile of ~1.5 µs) that cost 8–15% at 1,736
+/// once; with k = 384 inputs (a tile of ~1.5 µs) that cost 2–15% at 1,736
 /// rows on an AVX-512 Xeon (the two alternated in one process; not
 /// measured on an AVX2-only CPU, so only the AVX-512 path asks).
 fn prefetch_out(dst: SharedOut, at: impl Iterator<Item = usize>) {
@@ -293,8 +293,8 @@ mod x86 {
             }
         };
         // Unrolled by four inputs, as the AVX2 tile is (its comment says
-        // why): 5–15% faster at 12 rows on an AVX-512 Xeon (alternated in
-        // one process). Fragile: a variant that loaded the accumulators
+        // why): 3–8% faster at 12 rows, 64 and 1,736 rows, on an AVX-512
+        // Xeon (alternated in one process; mixed at 256 rows). Fragile: a variant that loaded the accumulators
         // from memory instead of zeroing them made LLVM hoist the next
         // inputs' broadcasts above the FMAs and spill them to the stack
         // (~45% slower); check the disassembly for zmm spills when
