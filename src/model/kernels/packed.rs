@@ -237,6 +237,30 @@ mod x86 {
     use super::{MR, PANEL};
     use std::arch::x86_64::*;
 
+    /// `step(i)` for every input `i < k`, four per turn of the loop, as
+    /// MLAS's kernels are unrolled: the loop's own counter, compare and
+    /// address arithmetic otherwise share the front end with the tile's
+    /// FMAs and loads. LLVM does not unroll the tiles' loops by itself.
+    /// Measured, each loop against its plain form alternated in one
+    /// process: the AVX2 tile 10–25% faster (Zen 3, 1 and 2 threads, 64 and
+    /// 1,736 rows), the 12-row AVX-512 tile 3–8% (Xeon, 2 threads, 64 and
+    /// 1,736 rows; mixed at 256); bench/README.md.
+    #[inline(always)]
+    fn by_fours(k: usize, mut step: impl FnMut(usize)) {
+        let mut i = 0;
+        while i + 4 <= k {
+            step(i);
+            step(i + 1);
+            step(i + 2);
+            step(i + 3);
+            i += 4;
+        }
+        while i < k {
+            step(i);
+            i += 1;
+        }
+    }
+
     /// [`super::tile`] on 512-bit registers: per input, two loads of the
     /// panel row, one broadcast per row, two FMAs per row; up to 12 rows.
     ///
@@ -280,7 +304,7 @@ mod x86 {
         let (ap, bp) = (a.as_ptr(), panel.as_ptr());
         let step = |s: &mut [[__m512; 2]; R], i: usize| {
             debug_assert!(i < k);
-            // SAFETY: every call below passes i < k, so i·32 + 32 ≤
+            // SAFETY: `by_fours(k, …)` passes only i < k, so i·32 + 32 ≤
             // panel.len() = 32·k and each row's r·k + i < R·k = a.len().
             unsafe {
                 let b0 = _mm512_loadu_ps(bp.add(i * PANEL));
@@ -292,25 +316,11 @@ mod x86 {
                 }
             }
         };
-        // Unrolled by four inputs, as the AVX2 tile is (its comment says
-        // why): 3–8% faster at 12 rows, 64 and 1,736 rows, on an AVX-512
-        // Xeon (alternated in one process; mixed at 256 rows). Fragile: a variant that loaded the accumulators
-        // from memory instead of zeroing them made LLVM hoist the next
-        // inputs' broadcasts above the FMAs and spill them to the stack
-        // (~45% slower); check the disassembly for zmm spills when
-        // changing this loop.
-        let mut i = 0;
-        while i + 4 <= k {
-            step(&mut s, i);
-            step(&mut s, i + 1);
-            step(&mut s, i + 2);
-            step(&mut s, i + 3);
-            i += 4;
-        }
-        while i < k {
-            step(&mut s, i);
-            i += 1;
-        }
+        // Fragile: a variant that loaded the accumulators from memory
+        // instead of zeroing them made LLVM hoist the unrolled inputs'
+        // broadcasts above the FMAs and spill them to the stack (~45%
+        // slower); check the disassembly for zmm spills when changing it.
+        by_fours(k, |i| step(&mut s, i));
         for (r, s) in s.iter().enumerate() {
             // SAFETY: r < R ≤ 12, so r·32 + 32 ≤ acc.len().
             unsafe {
@@ -363,7 +373,7 @@ mod x86 {
         // broadcast and two FMAs.
         let step = |s: &mut [[__m256; 2]; R], i: usize| {
             debug_assert!(i < k);
-            // SAFETY: every call below passes i < k, and half + 16 ≤ 32, so
+            // SAFETY: `by_fours(k, …)` passes only i < k, and half + 16 ≤ 32, so
             // the loads end within panel (32·k); each row's r·k + i < R·k =
             // a.len().
             unsafe {
@@ -376,24 +386,7 @@ mod x86 {
                 }
             }
         };
-        // Unrolled by four inputs, as MLAS's kernel is: the loop's own
-        // counter, compare and address arithmetic otherwise share the
-        // front end with 12 FMAs and 8 loads per input, and the tile ran
-        // 10–25% slower (Zen 3, 1 and 2 threads, 64 and 1,736 rows, the
-        // two loops alternated in one process; bench/README.md, "Kernel to
-        // kernel"). LLVM does not unroll it by itself.
-        let mut i = 0;
-        while i + 4 <= k {
-            step(&mut s, i);
-            step(&mut s, i + 1);
-            step(&mut s, i + 2);
-            step(&mut s, i + 3);
-            i += 4;
-        }
-        while i < k {
-            step(&mut s, i);
-            i += 1;
-        }
+        by_fours(k, |i| step(&mut s, i));
         for (r, s) in s.iter().enumerate() {
             // SAFETY: r < R ≤ 6 and half + 16 ≤ 32: inside acc.
             unsafe {
