@@ -54,9 +54,9 @@ const AMX_ROWS: usize = 32;
 const AMX_STEP: usize = 64;
 /// Rows of one VNNI tile: 12 rows × 2 panels of 16 channels take 24 of
 /// AVX-512's 32 registers; against 6 rows, each 64-byte weight group is
-/// read half as often per dot instruction (7–25% faster at 64 and 256
-/// rows, about even at 1,736, on an AVX-512 Xeon with VNNI; 2 threads,
-/// alternated in one process).
+/// read half as often per dot instruction (7–60%, mostly 10–25%, faster
+/// at 64 and 256 rows, about even at 1,736, on an AVX-512 Xeon with VNNI;
+/// 2 threads, alternated in one process).
 const VNNI_ROWS: usize = 12;
 /// Rows of a work block quantized activations are reused across (its
 /// codes, rows × k bytes, stay in L2 while every panel passes over them).

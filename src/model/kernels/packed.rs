@@ -30,6 +30,8 @@ use super::{SharedOut, Simd, matmul_blocks};
 const PANEL: usize = 32;
 /// Rows per tile, at most (the AVX-512 tile's; see [`tile_rows`]).
 const MR: usize = 12;
+/// Rows per tile of the AVX2 and plain kernels.
+const AVX2_ROWS: usize = 6;
 /// Rows of a work block: its activations (rows × k floats) stay in L2 while
 /// the block's panels pass over them.
 const ROW_BLOCK: usize = 96;
@@ -166,11 +168,12 @@ pub fn pmatmul_with(simd: Simd, out: &mut [f32], x: &[f32], w: &PackedWeight) {
 /// broadcast. Twelve rather than six halves how often each panel row (128
 /// bytes, from L2 for most shapes) is read per FMA: 10–20% faster for
 /// most shapes at 64, 256 and 1,736 rows on an AVX-512 Xeon (2 threads,
-/// the two alternated in one process; bench/README.md). AVX2 (16 registers) fits 6 rows × 2 × 256 bits.
+/// the two alternated in one process; bench/README.md). AVX2 (16
+/// registers) fits [`AVX2_ROWS`] = 6 rows × 2 × 256 bits.
 fn tile_rows(simd: Simd) -> usize {
     match simd {
         Simd::Avx512 => MR,
-        _ => 6,
+        _ => AVX2_ROWS,
     }
 }
 
@@ -187,7 +190,8 @@ fn prefetch_out(dst: SharedOut, at: impl Iterator<Item = usize>) {
         use std::arch::x86_64::{_MM_HINT_ET0, _mm_prefetch};
         // SAFETY: a prefetch is a hint that never faults, whatever the
         // address; `wrapping_add` computes it without claiming it is in
-        // bounds (it is: the callers pass the tile's own output cells).
+        // bounds (the first line is the tile's own output; the second may
+        // run past a narrow last panel, harmlessly).
         unsafe {
             let p = dst.ptr().wrapping_add(o) as *const i8;
             _mm_prefetch::<_MM_HINT_ET0>(p);
