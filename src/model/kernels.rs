@@ -789,6 +789,10 @@ pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>
         return;
     }
     let out = SharedOut(out.as_mut_ptr());
+    // Heads a multiple of 16 wide (MiniLM's 32, BERT-base's 64) run on the
+    // AVX-512 micro-kernels where the CPU has them.
+    #[cfg(target_arch = "x86_64")]
+    let wide = Simd::current() == Simd::Avx512 && (h / dims.heads).is_multiple_of(16);
     // Enough items for about 4 per thread, but whole rows when there are.
     let groups = (4 * rayon::current_num_threads())
         .div_ceil(rows.len())
@@ -797,7 +801,16 @@ pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>
         let (r, g) = (item / groups, item % groups);
         let heads = g * dims.heads / groups..(g + 1) * dims.heads / groups;
         SCRATCH.with(|s| {
-            attend(&mut s.borrow_mut(), out, qkv, bias, &rows[r], heads, dims);
+            let s = &mut s.borrow_mut();
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: `wide` holds only where `Simd::current()` is
+                // AVX-512, so the CPU has the features `attend512::attend`
+                // is compiled for.
+                unsafe { attend512::attend(s, out, qkv, bias, &rows[r], heads, dims) };
+                return;
+            }
+            attend(s, out, qkv, bias, &rows[r], heads, dims);
         });
     });
 }
@@ -814,39 +827,93 @@ dispatch! {
     ) => attend_impl;
 }
 
-/// One (row, heads) item of [`attention`]. Scratch layout, per head of the
-/// group: queries `[S↑MR, d]`, keys transposed `[d, T↑LANES]`, values
-/// `[T, d↑LANES]` (T = prefix + S keys), then one scores buffer
-/// `[S↑MR, T↑LANES]` reused by every head. The padding is zero so that the
-/// micro-kernel has no tails; it is the only part cleared.
+/// Where one (row, heads) item of [`attention`] keeps its operands in its
+/// thread's scratch, per head of the group: queries `[S↑mr, d]`, keys
+/// transposed `[d, T↑LANES]`, values `[T, d↑LANES]` (T = prefix + S keys);
+/// then one scores buffer `[S↑mr, T↑LANES]` reused by every head. The
+/// padding lets the micro-kernels run without tails.
+#[derive(Clone, Copy)]
+struct Layout {
+    /// Head width.
+    d: usize,
+    /// Positions of the row; deep prompt positions; keys (`p + s`).
+    s: usize,
+    p: usize,
+    t: usize,
+    /// `s`, `t` and `d` rounded up for the micro-kernels.
+    sp: usize,
+    tp: usize,
+    dp: usize,
+    /// Floats of the queries and of the transposed keys of one head, and of
+    /// all three.
+    qn: usize,
+    kn: usize,
+    per_head: usize,
+}
+
+impl Layout {
+    /// `None` when the item has nothing to compute. `mr`: the query rows of
+    /// the micro-kernel.
+    #[inline(always)]
+    fn new(row: &AttnRow<'_>, dims: AttnDims, heads: usize, mr: usize) -> Option<Layout> {
+        let d = dims.hidden / dims.heads;
+        let s = row.len;
+        if s == 0 || heads == 0 {
+            return None;
+        }
+        let p = row.prefix.len() / (dims.layers * 2 * dims.hidden);
+        let t = p + s;
+        let (sp, tp, dp) = (
+            s.next_multiple_of(mr),
+            t.next_multiple_of(LANES),
+            d.next_multiple_of(LANES),
+        );
+        let (qn, kn) = (sp * d, d * tp);
+        Some(Layout {
+            d,
+            s,
+            p,
+            t,
+            sp,
+            tp,
+            dp,
+            qn,
+            kn,
+            per_head: qn + kn + t * dp,
+        })
+    }
+}
+
+/// Fills an item's scratch as [`Layout`] describes (queries with their bias
+/// and scale, keys and values with theirs, the deep prompt's keys and values
+/// before the row's own, padding zeroed) and returns the per-head buffers
+/// and the scores buffer.
 #[inline(always)]
-fn attend_impl<F: Arith>(
-    scratch: &mut Vec<f32>,
-    out: SharedOut,
+fn fill<'s>(
+    scratch: &'s mut Vec<f32>,
     qkv: &[f32],
     bias: &[f32],
     row: &AttnRow<'_>,
     heads: std::ops::Range<usize>,
     dims: AttnDims,
-) {
+    lay: &Layout,
+) -> (&'s mut [f32], &'s mut [f32]) {
     let h = dims.hidden;
-    let d = h / dims.heads;
     let w3 = 3 * h;
     let width = dims.layers * 2 * h;
-    let s = row.len;
+    let Layout {
+        d,
+        s,
+        p,
+        t,
+        tp,
+        dp,
+        qn,
+        kn,
+        per_head,
+        sp,
+    } = *lay;
     let g = heads.len();
-    if s == 0 || g == 0 {
-        return;
-    }
-    let p = row.prefix.len() / width;
-    let t = p + s;
-    let (sp, tp, dp) = (
-        s.next_multiple_of(MR),
-        t.next_multiple_of(LANES),
-        d.next_multiple_of(LANES),
-    );
-    let (qn, kn, vn) = (sp * d, d * tp, t * dp);
-    let per_head = qn + kn + vn;
     // No clearing: every value read is written below first, padding included.
     scratch.resize(g * per_head + sp * tp, 0.0);
     let (bufs, sc) = scratch.split_at_mut(g * per_head);
@@ -917,7 +984,38 @@ fn attend_impl<F: Arith>(
             v[j * dp..][..d].copy_from_slice(&src[vcol..][..d]);
         }
     }
+    (bufs, sc)
+}
 
+/// One (row, heads) item of [`attention`] on the `MR × LANES` micro-kernel
+/// ([`Arith::block`]), scratch as in [`Layout`].
+#[inline(always)]
+fn attend_impl<F: Arith>(
+    scratch: &mut Vec<f32>,
+    out: SharedOut,
+    qkv: &[f32],
+    bias: &[f32],
+    row: &AttnRow<'_>,
+    heads: std::ops::Range<usize>,
+    dims: AttnDims,
+) {
+    let h = dims.hidden;
+    let Some(lay) = Layout::new(row, dims, heads.len(), MR) else {
+        return;
+    };
+    let Layout {
+        d,
+        s,
+        t,
+        sp,
+        tp,
+        dp,
+        qn,
+        kn,
+        per_head,
+        ..
+    } = lay;
+    let (bufs, sc) = fill(scratch, qkv, bias, row, heads.clone(), dims, &lay);
     let out = out.ptr();
     for (k, hb) in bufs.chunks_exact(per_head).enumerate() {
         let (q, rest) = hb.split_at(qn);
@@ -960,6 +1058,8 @@ fn attend_impl<F: Arith>(
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod attend512;
 pub mod int8;
 pub mod packed;
 pub mod train;
@@ -1227,114 +1327,121 @@ pub(crate) mod tests {
     /// prefix, against the padded, masked candle formulation.
     #[test]
     fn attention_matches_padded_masked_candle_ops() {
+        // Head widths: 24 (not a multiple of the lanes: the generic item on
+        // every build), 32 and 48 (the AVX-512 item's one and two column
+        // blocks, where the CPU has AVX-512); 2 layers.
         at_every_simd_level(|| {
-            let dev = Device::Cpu;
-            // head_dim 24 (not a multiple of the lanes), 2 layers.
-            let (heads, d, layers) = (3, 24, 2);
-            let h = heads * d;
-            let lens = [5usize, 1, 19, 37, 2, 3, 4, 5, 6];
-            let prefix_lens = [0usize, 3, 0, 17, 0, 1, 0, 2, 0];
-            let n: usize = lens.iter().sum();
-            let qkv = vec(&Tensor::randn(0f32, 1.0, (n, 3 * h), &dev).unwrap());
-            let bias = vec(&Tensor::randn(0f32, 1.0, 3 * h, &dev).unwrap());
-            let prefixes: Vec<Vec<f32>> = prefix_lens
-                .iter()
-                .map(|&p| {
-                    vec(&Tensor::randn(0f32, 1.0, (p.max(1), layers * 2 * h), &dev).unwrap())
-                        [..p * layers * 2 * h]
-                        .to_vec()
-                })
-                .collect();
-            let mut rows = Vec::new();
-            let mut start = 0;
-            for (i, &len) in lens.iter().enumerate() {
-                rows.push(AttnRow {
-                    start,
-                    len,
-                    prefix: &prefixes[i],
-                });
-                start += len;
-            }
-            let scale = 1.0 / (d as f32).sqrt();
-            for layer in 0..layers {
-                let mut got = vec![f32::NAN; n * h];
-                attention(
-                    &mut got,
-                    &qkv,
-                    &bias,
-                    &rows,
-                    AttnDims {
-                        hidden: h,
-                        heads,
-                        layers,
-                        layer,
-                        scale,
-                    },
-                );
-                // Reference: per row, candle ops over [heads, S, d] with the prefix concatenated.
-                let qkv_t = Tensor::from_vec(qkv.clone(), (n, 3 * h), &dev).unwrap();
-                let bias_t = Tensor::from_vec(bias.clone(), 3 * h, &dev).unwrap();
-                let full = qkv_t.broadcast_add(&bias_t).unwrap();
-                for (i, r) in rows.iter().enumerate() {
-                    let x = full.narrow(0, r.start, r.len).unwrap();
-                    let split = |k: usize| {
-                        x.narrow(1, k * h, h)
-                            .unwrap()
-                            .reshape((r.len, heads, d))
-                            .unwrap()
-                            .transpose(0, 1)
-                            .unwrap()
-                    };
-                    let q = (split(0) * scale as f64).unwrap();
-                    let (mut k, mut v) = (split(1), split(2));
-                    let p = prefix_lens[i];
-                    if p > 0 {
-                        let pre =
-                            Tensor::from_vec(prefixes[i].clone(), (p, layers * 2, heads, d), &dev)
-                                .unwrap();
-                        let pk = pre
-                            .get_on_dim(1, 2 * layer)
-                            .unwrap()
-                            .transpose(0, 1)
-                            .unwrap();
-                        let pv = pre
-                            .get_on_dim(1, 2 * layer + 1)
-                            .unwrap()
-                            .transpose(0, 1)
-                            .unwrap();
-                        k = Tensor::cat(&[&pk, &k], 1).unwrap();
-                        v = Tensor::cat(&[&pv, &v], 1).unwrap();
-                    }
-                    let scores = q
-                        .contiguous()
-                        .unwrap()
-                        .matmul(&k.t().unwrap().contiguous().unwrap())
-                        .unwrap();
-                    let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
-                    let ctx = probs.matmul(&v.contiguous().unwrap()).unwrap();
-                    let want = vec(&ctx.transpose(0, 1).unwrap().reshape((r.len, h)).unwrap());
-                    let got = &got[r.start * h..(r.start + r.len) * h];
-                    let diff = max_diff(got, &want);
-                    assert!(diff <= 2e-6, "row {i} layer {layer}: max |Δ| {diff}");
+            for (heads, d) in [(3, 24), (2, 32), (2, 48)] {
+                let dev = Device::Cpu;
+                let layers = 2;
+                let h = heads * d;
+                let lens = [5usize, 1, 19, 37, 2, 3, 4, 5, 6];
+                let prefix_lens = [0usize, 3, 0, 17, 0, 1, 0, 2, 0];
+                let n: usize = lens.iter().sum();
+                let qkv = vec(&Tensor::randn(0f32, 1.0, (n, 3 * h), &dev).unwrap());
+                let bias = vec(&Tensor::randn(0f32, 1.0, 3 * h, &dev).unwrap());
+                let prefixes: Vec<Vec<f32>> = prefix_lens
+                    .iter()
+                    .map(|&p| {
+                        vec(&Tensor::randn(0f32, 1.0, (p.max(1), layers * 2 * h), &dev).unwrap())
+                            [..p * layers * 2 * h]
+                            .to_vec()
+                    })
+                    .collect();
+                let mut rows = Vec::new();
+                let mut start = 0;
+                for (i, &len) in lens.iter().enumerate() {
+                    rows.push(AttnRow {
+                        start,
+                        len,
+                        prefix: &prefixes[i],
+                    });
+                    start += len;
                 }
-                // A row alone (its heads split over work items) gives the same bits.
-                let mut alone = vec![f32::NAN; n * h];
-                let one = [rows[3]];
-                attention(
-                    &mut alone,
-                    &qkv,
-                    &bias,
-                    &one,
-                    AttnDims {
-                        hidden: h,
-                        heads,
-                        layers,
-                        layer,
-                        scale,
-                    },
-                );
-                let span = rows[3].start * h..(rows[3].start + rows[3].len) * h;
-                assert_eq!(alone[span.clone()], got[span]);
+                let scale = 1.0 / (d as f32).sqrt();
+                for layer in 0..layers {
+                    let mut got = vec![f32::NAN; n * h];
+                    attention(
+                        &mut got,
+                        &qkv,
+                        &bias,
+                        &rows,
+                        AttnDims {
+                            hidden: h,
+                            heads,
+                            layers,
+                            layer,
+                            scale,
+                        },
+                    );
+                    // Reference: per row, candle ops over [heads, S, d] with the prefix concatenated.
+                    let qkv_t = Tensor::from_vec(qkv.clone(), (n, 3 * h), &dev).unwrap();
+                    let bias_t = Tensor::from_vec(bias.clone(), 3 * h, &dev).unwrap();
+                    let full = qkv_t.broadcast_add(&bias_t).unwrap();
+                    for (i, r) in rows.iter().enumerate() {
+                        let x = full.narrow(0, r.start, r.len).unwrap();
+                        let split = |k: usize| {
+                            x.narrow(1, k * h, h)
+                                .unwrap()
+                                .reshape((r.len, heads, d))
+                                .unwrap()
+                                .transpose(0, 1)
+                                .unwrap()
+                        };
+                        let q = (split(0) * scale as f64).unwrap();
+                        let (mut k, mut v) = (split(1), split(2));
+                        let p = prefix_lens[i];
+                        if p > 0 {
+                            let pre = Tensor::from_vec(
+                                prefixes[i].clone(),
+                                (p, layers * 2, heads, d),
+                                &dev,
+                            )
+                            .unwrap();
+                            let pk = pre
+                                .get_on_dim(1, 2 * layer)
+                                .unwrap()
+                                .transpose(0, 1)
+                                .unwrap();
+                            let pv = pre
+                                .get_on_dim(1, 2 * layer + 1)
+                                .unwrap()
+                                .transpose(0, 1)
+                                .unwrap();
+                            k = Tensor::cat(&[&pk, &k], 1).unwrap();
+                            v = Tensor::cat(&[&pv, &v], 1).unwrap();
+                        }
+                        let scores = q
+                            .contiguous()
+                            .unwrap()
+                            .matmul(&k.t().unwrap().contiguous().unwrap())
+                            .unwrap();
+                        let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+                        let ctx = probs.matmul(&v.contiguous().unwrap()).unwrap();
+                        let want = vec(&ctx.transpose(0, 1).unwrap().reshape((r.len, h)).unwrap());
+                        let got = &got[r.start * h..(r.start + r.len) * h];
+                        let diff = max_diff(got, &want);
+                        assert!(diff <= 2e-6, "d {d} row {i} layer {layer}: max |Δ| {diff}");
+                    }
+                    // A row alone (its heads split over work items) gives the same bits.
+                    let mut alone = vec![f32::NAN; n * h];
+                    let one = [rows[3]];
+                    attention(
+                        &mut alone,
+                        &qkv,
+                        &bias,
+                        &one,
+                        AttnDims {
+                            hidden: h,
+                            heads,
+                            layers,
+                            layer,
+                            scale,
+                        },
+                    );
+                    let span = rows[3].start * h..(rows[3].start + rows[3].len) * h;
+                    assert_eq!(alone[span.clone()], got[span]);
+                }
             }
         });
     }
