@@ -886,8 +886,9 @@ impl Layout {
 
 /// Fills an item's scratch as [`Layout`] describes (queries with their bias
 /// and scale, keys and values with theirs, the deep prompt's keys and values
-/// before the row's own, padding zeroed) and returns the per-head buffers
-/// and the scores buffer.
+/// before the row's own, padding zeroed) for `mr` query rows per
+/// micro-kernel step, and returns the layout, the per-head buffers and the
+/// scores buffer (`None`: the item has nothing to compute).
 #[inline(always)]
 fn fill<'s>(
     scratch: &'s mut Vec<f32>,
@@ -896,8 +897,9 @@ fn fill<'s>(
     row: &AttnRow<'_>,
     heads: std::ops::Range<usize>,
     dims: AttnDims,
-    lay: &Layout,
-) -> (&'s mut [f32], &'s mut [f32]) {
+    mr: usize,
+) -> Option<(Layout, &'s mut [f32], &'s mut [f32])> {
+    let lay = Layout::new(row, dims, heads.len(), mr)?;
     let h = dims.hidden;
     let w3 = 3 * h;
     let width = dims.layers * 2 * h;
@@ -912,7 +914,7 @@ fn fill<'s>(
         kn,
         per_head,
         sp,
-    } = *lay;
+    } = lay;
     let g = heads.len();
     // No clearing: every value read is written below first, padding included.
     scratch.resize(g * per_head + sp * tp, 0.0);
@@ -984,7 +986,7 @@ fn fill<'s>(
             v[j * dp..][..d].copy_from_slice(&src[vcol..][..d]);
         }
     }
-    (bufs, sc)
+    Some((lay, bufs, sc))
 }
 
 /// One (row, heads) item of [`attention`] on the `MR × LANES` micro-kernel
@@ -1000,7 +1002,7 @@ fn attend_impl<F: Arith>(
     dims: AttnDims,
 ) {
     let h = dims.hidden;
-    let Some(lay) = Layout::new(row, dims, heads.len(), MR) else {
+    let Some((lay, bufs, sc)) = fill(scratch, qkv, bias, row, heads.clone(), dims, MR) else {
         return;
     };
     let Layout {
@@ -1015,7 +1017,6 @@ fn attend_impl<F: Arith>(
         per_head,
         ..
     } = lay;
-    let (bufs, sc) = fill(scratch, qkv, bias, row, heads.clone(), dims, &lay);
     let out = out.ptr();
     for (k, hb) in bufs.chunks_exact(per_head).enumerate() {
         let (q, rest) = hb.split_at(qn);

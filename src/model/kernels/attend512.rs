@@ -16,12 +16,12 @@
 //! - context: 8 rows × 32 value columns per step, written straight into
 //!   the output.
 //!
-//! The scratch layout and its filling are the generic item's ([`Layout`],
-//! [`fill`]), with query rows padded to 8.
+//! The scratch layout and its filling are the generic item's
+//! ([`super::Layout`], [`fill`]), with query rows padded to 8.
 
 use std::arch::x86_64::*;
 
-use super::{AttnDims, AttnRow, Fused, LANES, Layout, SharedOut, fill, softmax_row};
+use super::{AttnDims, AttnRow, Fused, LANES, SharedOut, fill, softmax_row};
 
 /// Query rows per micro-kernel step.
 const ROWS: usize = 8;
@@ -43,26 +43,15 @@ pub(super) unsafe fn attend(
     dims: AttnDims,
 ) {
     let h = dims.hidden;
-    let Some(lay) = Layout::new(row, dims, heads.len(), ROWS) else {
+    let Some((lay, bufs, sc)) = fill(scratch, qkv, bias, row, heads.clone(), dims, ROWS) else {
         return;
     };
-    let Layout {
-        d,
-        s,
-        t,
-        sp,
-        tp,
-        qn,
-        kn,
-        per_head,
-        ..
-    } = lay;
+    let (d, s, t, sp, tp) = (lay.d, lay.s, lay.t, lay.sp, lay.tp);
     debug_assert!(d.is_multiple_of(LANES) && lay.dp == d);
-    let (bufs, sc) = fill(scratch, qkv, bias, row, heads.clone(), dims, &lay);
     let out = out.ptr();
-    for (k, hb) in bufs.chunks_exact(per_head).enumerate() {
-        let (q, rest) = hb.split_at(qn);
-        let (kt, v) = rest.split_at(kn);
+    for (k, hb) in bufs.chunks_exact(lay.per_head).enumerate() {
+        let (q, rest) = hb.split_at(lay.qn);
+        let (kt, v) = rest.split_at(lay.kn);
         scores(q, kt, sc, d, t, tp);
         for i in 0..s {
             softmax_row::<Fused>(&mut sc[i * tp..][..tp]);
