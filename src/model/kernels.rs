@@ -790,9 +790,9 @@ pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>
     }
     let out = SharedOut(out.as_mut_ptr());
     // Heads a multiple of 16 wide (MiniLM's 32, BERT-base's 64) run on the
-    // AVX-512 micro-kernels where the CPU has them.
+    // register-blocked AVX-512 or AVX2 item (`attend_wide`).
     #[cfg(target_arch = "x86_64")]
-    let wide = Simd::current() == Simd::Avx512 && (h / dims.heads).is_multiple_of(16);
+    let wide = Some(Simd::current()).filter(|_| (h / dims.heads).is_multiple_of(16));
     // Enough items for about 4 per thread, but whole rows when there are.
     let groups = (4 * rayon::current_num_threads())
         .div_ceil(rows.len())
@@ -803,12 +803,24 @@ pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>
         SCRATCH.with(|s| {
             let s = &mut s.borrow_mut();
             #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: `wide` holds only where `Simd::current()` is
-                // AVX-512, so the CPU has the features `attend512::attend`
-                // is compiled for.
-                unsafe { attend512::attend(s, out, qkv, bias, &rows[r], heads, dims) };
-                return;
+            match wide {
+                Some(Simd::Avx512) => {
+                    // SAFETY: `wide` is `Simd::current()`, which never
+                    // exceeds what the CPU has (here AVX-512, the features
+                    // `attend512` is compiled for); the head width is a
+                    // multiple of 16 and `out`'s blocks of this row and
+                    // heads are this item's (checked above).
+                    return unsafe {
+                        attend_wide::attend512(s, out, qkv, bias, &rows[r], heads, dims)
+                    };
+                }
+                Some(Simd::Avx2) => {
+                    // SAFETY: as above, with AVX2 and FMA for `attend256`.
+                    return unsafe {
+                        attend_wide::attend256(s, out, qkv, bias, &rows[r], heads, dims)
+                    };
+                }
+                _ => {}
             }
             attend(s, out, qkv, bias, &rows[r], heads, dims);
         });
@@ -1060,7 +1072,7 @@ fn attend_impl<F: Arith>(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod attend512;
+mod attend_wide;
 pub mod int8;
 pub mod packed;
 pub mod train;
@@ -1329,8 +1341,8 @@ pub(crate) mod tests {
     #[test]
     fn attention_matches_padded_masked_candle_ops() {
         // Head widths: 24 (not a multiple of the lanes: the generic item on
-        // every build), 32 and 48 (the AVX-512 item's one and two column
-        // blocks, where the CPU has AVX-512); 2 layers.
+        // every build), 32 and 48 (`attend_wide`'s AVX-512 and AVX2 items,
+        // one and two column blocks); 2 layers.
         at_every_simd_level(|| {
             for (heads, d) in [(3, 24), (2, 32), (2, 48)] {
                 let dev = Device::Cpu;
