@@ -900,9 +900,13 @@ impl Layout {
 /// and scale, keys and values with theirs, the deep prompt's keys and values
 /// before the row's own, padding zeroed) for `mr` query rows per
 /// micro-kernel step, and returns the layout, the per-head buffers and the
-/// scores buffer (`None`: the item has nothing to compute).
+/// scores buffer (`None`: the item has nothing to compute). `K` writes the
+/// keys transposed.
+///
+/// # Safety
+/// The CPU has the instructions `K` uses.
 #[inline(always)]
-fn fill<'s>(
+unsafe fn fill<'s, K: Keys>(
     scratch: &'s mut Vec<f32>,
     qkv: &[f32],
     bias: &[f32],
@@ -956,14 +960,10 @@ fn fill<'s>(
     );
     for i in 0..s {
         let src = &qkv[(row.start + i) * w3..][..w3];
-        let (sq, sk, sv) = (
-            &src[col0..][..cols],
-            &src[h + col0..][..cols],
-            &src[2 * h + col0..][..cols],
-        );
+        let (sq, sv) = (&src[col0..][..cols], &src[2 * h + col0..][..cols]);
         for (k, hb) in bufs.chunks_exact_mut(per_head).enumerate() {
             let (q, rest) = hb.split_at_mut(qn);
-            let (kt, v) = rest.split_at_mut(kn);
+            let v = &mut rest[kn..];
             let c = k * d..(k + 1) * d;
             for ((o, &x), &b) in q[i * d..][..d]
                 .iter_mut()
@@ -971,9 +971,6 @@ fn fill<'s>(
                 .zip(&qb[c.clone()])
             {
                 *o = (x + b) * dims.scale;
-            }
-            for (e, (&x, &b)) in sk[c.clone()].iter().zip(&kb[c.clone()]).enumerate() {
-                kt[e * tp + p + i] = x + b;
             }
             for ((o, &x), &b) in v[(p + i) * dp..][..d]
                 .iter_mut()
@@ -984,21 +981,80 @@ fn fill<'s>(
             }
         }
     }
-    // Deep prompt: element [j, ((2l + kv)·heads + head)·d + e], used as is.
-    for j in 0..p {
-        let src = &row.prefix[j * width..][..width];
-        for (k, hb) in bufs.chunks_exact_mut(per_head).enumerate() {
-            let head = heads.start + k;
-            let (kt, v) = hb[qn..].split_at_mut(kn);
+    // Keys, transposed, per head: the deep prompt's (element [j, ((2l +
+    // kv)·heads + head)·d + e], used as is) at 0..p, the row's (bias added)
+    // at p..t.
+    for (k, hb) in bufs.chunks_exact_mut(per_head).enumerate() {
+        let head = heads.start + k;
+        let (kt, v) = hb[qn..].split_at_mut(kn);
+        let c = col0 + k * d;
+        let rows = KeyRows {
+            src: &qkv[row.start * w3 + h + c..],
+            stride: w3,
+            n: s,
+            d,
+            bias: Some(&kb[k * d..][..d]),
+        };
+        // SAFETY: the CPU has K's instructions (the caller's contract).
+        unsafe { K::put(kt, tp, p, rows) };
+        if p > 0 {
             let kcol = (2 * dims.layer * dims.heads + head) * d;
             let vcol = ((2 * dims.layer + 1) * dims.heads + head) * d;
-            for (e, &x) in src[kcol..][..d].iter().enumerate() {
-                kt[e * tp + j] = x;
+            let rows = KeyRows {
+                src: &row.prefix[kcol..],
+                stride: width,
+                n: p,
+                d,
+                bias: None,
+            };
+            // SAFETY: as above.
+            unsafe { K::put(kt, tp, 0, rows) };
+            for j in 0..p {
+                v[j * dp..][..d].copy_from_slice(&row.prefix[j * width + vcol..][..d]);
             }
-            v[j * dp..][..d].copy_from_slice(&src[vcol..][..d]);
         }
     }
     Some((lay, bufs, sc))
+}
+
+/// `n` keys of one head as they come: key `i`'s `d` elements at
+/// `src[i·stride..]`, plus `bias` (`None`: nothing added).
+#[derive(Clone, Copy)]
+struct KeyRows<'a> {
+    src: &'a [f32],
+    stride: usize,
+    n: usize,
+    d: usize,
+    bias: Option<&'a [f32]>,
+}
+
+/// How [`fill`] writes one head's keys transposed:
+/// `kt[e·tp + j0 + i] = src[i·stride + e] + bias[e]` for `i < n`, `e < d`.
+trait Keys {
+    /// # Safety
+    /// The CPU has the implementation's instructions. (Bounds are checked.)
+    unsafe fn put(kt: &mut [f32], tp: usize, j0: usize, rows: KeyRows<'_>);
+}
+
+/// [`Keys`] one float at a time: any CPU, any head width.
+struct ScalarKeys;
+
+impl Keys for ScalarKeys {
+    #[inline(always)]
+    unsafe fn put(kt: &mut [f32], tp: usize, j0: usize, rows: KeyRows<'_>) {
+        let KeyRows {
+            src,
+            stride,
+            n,
+            d,
+            bias,
+        } = rows;
+        for i in 0..n {
+            for (e, &x) in src[i * stride..][..d].iter().enumerate() {
+                kt[e * tp + j0 + i] = x + bias.map_or(0.0, |b| b[e]);
+            }
+        }
+    }
 }
 
 /// One (row, heads) item of [`attention`] on the `MR × LANES` micro-kernel
@@ -1014,7 +1070,9 @@ fn attend_impl<F: Arith>(
     dims: AttnDims,
 ) {
     let h = dims.hidden;
-    let Some((lay, bufs, sc)) = fill(scratch, qkv, bias, row, heads.clone(), dims, MR) else {
+    // SAFETY: `ScalarKeys` uses no particular instructions.
+    let filled = unsafe { fill::<ScalarKeys>(scratch, qkv, bias, row, heads.clone(), dims, MR) };
+    let Some((lay, bufs, sc)) = filled else {
         return;
     };
     let Layout {
