@@ -3,14 +3,16 @@
 # arrivals of single-input requests over many tasks with Zipf popularity, the
 # offered load stepped up to saturation, once with the server's mixed-task
 # batching and once with one task per batch (the hidden, benchmark-only
-# `serve --batch-policy one-task`).
+# `serve --batch-policy one-task`). Both servers run side by side and their
+# steps take turns (one at a time), so a host whose speed drifts over minutes
+# weighs on both ladders alike.
 #
 # Usage: bench/online.sh            (env below; defaults in brackets)
 #   TASKS [1000]       tasks in the store, ids t0000..: in turn sentiment (shallow,
 #                      10 virtual tokens), topic (deep, 10-token prefix in 6 layers)
 #                      and spam (shallow), hard links to prompts/*.safetensors
 #   ZIPF [1.1]         task popularity Zipf(ZIPF) over a seeded ranking (SEED [7])
-#   POLICIES ["mixed one-task"]  the servers measured, one after the other
+#   POLICIES ["mixed one-task"]  the servers measured, their steps alternating
 #   DURATION [20]      seconds of arrivals per step
 #   RATE0 [10]         first offered load (requests/s); each next one is FACTOR [1.25] times it,
 #   MAX_STEPS [30]     at most MAX_STEPS, until the first step whose p99 exceeds LIMIT_MS [250];
@@ -26,7 +28,8 @@
 #
 # For each policy: `serve --prompts $STORE --task-memory unlimited
 # --sync-interval-ms 0 --batch-policy <policy>` (every task resident, no store
-# polling), wait for /ready, then bench/online_load.py: the unloaded latency,
+# polling), wait for /ready; then bench/online_load.py over all of them, each
+# server its own ladder, one measurement at a time: the unloaded latency,
 # then the steps; one JSON line per step (offered and achieved load, goodput,
 # p50/p99 from the scheduled send time, errors, client send lag and CPU). Then
 # the report: each policy's knee (highest load with p99 <= LIMIT_MS), the knee
@@ -94,32 +97,33 @@ echo "# bench/online.sh $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD)
      "$TASKS tasks, Zipf $ZIPF, $DURATION s/step, p99 limit $LIMIT_MS ms;" \
      "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
 
-pid=
-trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null || true' EXIT
-results=()
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+ports=() results=()
 for policy in $POLICIES; do
     port=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
     log="$OUT/serve-$policy.log"
     # shellcheck disable=SC2086 # SERVE_FLAGS is a list of flags
     "$BIN" serve --prompts "$STORE" --addr "127.0.0.1:$port" --task-memory unlimited \
         --sync-interval-ms 0 --batch-policy "$policy" $SERVE_FLAGS > "$log" 2>&1 &
-    pid=$!
+    pids+=($!)
     s=$(date +%s%N)
     until curl -sf "127.0.0.1:$port/ready" >/dev/null; do
-        kill -0 "$pid" 2>/dev/null || { echo "error: serve exited; see $log" >&2; exit 1; }
+        kill -0 "${pids[-1]}" 2>/dev/null || { echo "error: serve exited; see $log" >&2; exit 1; }
         sleep 0.1
     done
     echo "{\"policy\": \"$policy\", \"ready_ms\": $((($(date +%s%N) - s) / 1000000))}"
-    rates=()
-    [[ -n $STEPS ]] && read -r -a rates <<< "$STEPS"
-    "$PY" bench/online_load.py run --port "$port" --tasks "$TASKS" --policy "$policy" \
-        --out "$OUT/$policy.json" --sentences "$SENTENCES" --zipf "$ZIPF" --seed "$SEED" \
-        --duration "$DURATION" --rate0 "$RATE0" --factor "$FACTOR" --max-steps "$MAX_STEPS" \
-        ${rates[@]+--rates "${rates[@]}"} --past "$PAST" --refine "$REFINE" --limit-ms "$LIMIT_MS" \
-        --unloaded "$UNLOADED" \
-        --server-info "{\"flags\": \"--task-memory unlimited --sync-interval-ms 0 --batch-policy $policy $SERVE_FLAGS\"}"
-    kill "$pid"; wait "$pid" 2>/dev/null || true
-    pid=
-    results+=("$OUT/$policy.json")
+    ports+=("$port") results+=("$OUT/$policy.json")
 done
+rates=()
+[[ -n $STEPS ]] && read -r -a rates <<< "$STEPS"
+# shellcheck disable=SC2086 # POLICIES is a list of words
+"$PY" bench/online_load.py run --port "${ports[@]}" --policy $POLICIES --out "${results[@]}" \
+    --tasks "$TASKS" --sentences "$SENTENCES" --zipf "$ZIPF" --seed "$SEED" \
+    --duration "$DURATION" --rate0 "$RATE0" --factor "$FACTOR" --max-steps "$MAX_STEPS" \
+    ${rates[@]+--rates "${rates[@]}"} --past "$PAST" --refine "$REFINE" --limit-ms "$LIMIT_MS" \
+    --unloaded "$UNLOADED" \
+    --server-info "{\"flags\": \"--task-memory unlimited --sync-interval-ms 0 --batch-policy {policy} $SERVE_FLAGS\"}"
+for p in "${pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+pids=()
 "$PY" bench/online_load.py report --png "$PNG" --summary "$OUT/summary.json" "${results[@]}"

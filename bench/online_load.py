@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
 """Open-loop online latency against a running `softprompt serve` (bench/online.sh drives it).
 
-    python bench/online_load.py run --port 18095 --tasks 1000 --policy mixed --out mixed.json
+    python bench/online_load.py run --port 18095 18096 --policy mixed one-task --tasks 1000 \
+        --out mixed.json one-task.json
     python bench/online_load.py report --png bench/online.png mixed.json one-task.json
 
-`run` measures one server:
+`run` measures one or more running servers (one --port, --policy label and --out each). With
+several, their sweeps take turns: one step (or unloaded measurement) at a time, each server's
+next step right after the other's, so the servers are compared minute by minute on a host
+whose speed drifts (1.5-1.7x within minutes on the 2-CPU VMs of BENCHMARKS.md), not one
+ladder of ~7 minutes after the other. Each server runs its own ladder:
   1. unloaded latency: UNLOADED single-input requests one after another (one in flight);
   2. steps of offered load: for DURATION seconds, single-input classify requests arrive as a
      Poisson process of the step's rate; each goes to a task drawn Zipf(ZIPF) over the task ids
@@ -294,31 +299,35 @@ def good(s, limit_ms):
     return s["p99_ms"] is not None and s["p99_ms"] <= limit_ms
 
 
-async def sweep(args):
+async def sweep(args, port, policy, turn):
+    """One server's ladder; every measurement holds `turn` (shared by the servers measured)."""
     width = max(4, len(str(args.tasks - 1)))
     work = Workload(args.tasks, args.zipf, args.seed, args.sentences, width)
-    pool = Pool("127.0.0.1", args.port)
+    pool = Pool("127.0.0.1", port)
     limit_s = args.limit_ms / 1000
     seed = args.seed * 1000
 
-    # Warm-up, not recorded: connections, caches, the allocator.
-    await unloaded(pool, work, args.warmup, seed, args.timeout, limit_s)
-    base = await unloaded(pool, work, args.unloaded, seed + 1, args.timeout, limit_s)
-    print(json.dumps({"policy": args.policy, "unloaded": base}), flush=True)
+    async with turn:
+        # Warm-up, not recorded: connections, caches, the allocator.
+        await unloaded(pool, work, args.warmup, seed, args.timeout, limit_s)
+        base = await unloaded(pool, work, args.unloaded, seed + 1, args.timeout, limit_s)
+    print(json.dumps({"policy": policy, "unloaded": base}), flush=True)
 
     steps = []
 
     async def measure(rate, role):
         nonlocal seed
         seed += 10
-        await asyncio.sleep(args.pause)
-        before = scrape(args.port)
-        s = await step(pool, work, rate, args.duration, seed, args.timeout, limit_s)
-        s["batching"] = batching(before, scrape(args.port), s["span_s"])
+        # asyncio.Lock wakes its waiters in order, so with two servers the steps alternate.
+        async with turn:
+            await asyncio.sleep(args.pause)
+            before = scrape(port)
+            s = await step(pool, work, rate, args.duration, seed, args.timeout, limit_s)
+            s["batching"] = batching(before, scrape(port), s["span_s"])
         s["role"] = role
         s["good"] = good(s, args.limit_ms)
         steps.append(s)
-        print(json.dumps({"policy": args.policy, **s}), flush=True)
+        print(json.dumps({"policy": policy, **s}), flush=True)
         return s
 
     rates = args.rates or [args.rate0 * args.factor**k for k in range(args.max_steps)]
@@ -349,13 +358,14 @@ async def sweep(args):
     # 2026-12-07), so the ratio that isolates queueing compares two measurements of one minute.
     again = None
     if knee:
-        await asyncio.sleep(args.pause)
-        again = await unloaded(pool, work, args.unloaded, seed + 2, args.timeout, limit_s)
-        print(json.dumps({"policy": args.policy, "unloaded_before_half_knee": again}), flush=True)
+        async with turn:
+            await asyncio.sleep(args.pause)
+            again = await unloaded(pool, work, args.unloaded, seed + 2, args.timeout, limit_s)
+        print(json.dumps({"policy": policy, "unloaded_before_half_knee": again}), flush=True)
     half = await measure(knee / 2, "half_knee") if knee else None
     pool.close()
     return {
-        "policy": args.policy,
+        "policy": policy,
         "tasks": args.tasks,
         "zipf": args.zipf,
         "seed": args.seed,
@@ -367,10 +377,18 @@ async def sweep(args):
         "first_bad_rps": round(first_bad, 2) if first_bad else None,
         "half_knee": half,
         "unloaded_before_half_knee": again,
-        "server": args.server_info,
+        "server": {k: v.replace("{policy}", policy) if isinstance(v, str) else v
+                   for k, v in args.server_info.items()},
+        "interleaved_with": [p for p in args.policy if p != policy],
         "machine": machine(),
         "started_utc": args.started,
     }
+
+
+async def sweeps(args):
+    turn = asyncio.Lock()
+    return await asyncio.gather(*(sweep(args, port, policy, turn)
+                                  for port, policy in zip(args.port, args.policy)))
 
 
 def machine():
@@ -388,12 +406,17 @@ def run(args):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+    if not len(args.port) == len(args.policy) == len(args.out):
+        sys.exit("error: give as many --port, --policy and --out values as servers")
+    if len(set(args.policy)) != len(args.policy):
+        sys.exit("error: --policy labels must differ")
     args.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out = asyncio.run(sweep(args))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(json.dumps({"policy": args.policy, "knee_rps": out["knee_rps"], "unloaded_p50_ms": out["unloaded"]["p50_ms"]}), flush=True)
+    for out, path in zip(asyncio.run(sweeps(args)), args.out):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+        print(json.dumps({"policy": out["policy"], "knee_rps": out["knee_rps"],
+                          "unloaded_p50_ms": out["unloaded"]["p50_ms"]}), flush=True)
 
 
 # ---------------------------------------------------------------- report
@@ -523,11 +546,11 @@ def plot(runs, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="measure one running server")
-    r.add_argument("--port", type=int, required=True)
+    r = sub.add_parser("run", help="measure running servers, their steps taking turns")
+    r.add_argument("--port", type=int, nargs="+", required=True, help="one per server")
     r.add_argument("--tasks", type=int, required=True, help="ids t0000 .. t{tasks-1}")
-    r.add_argument("--policy", required=True, help="label of the server's --batch-policy")
-    r.add_argument("--out", required=True, help="results JSON")
+    r.add_argument("--policy", nargs="+", required=True, help="label of each server's --batch-policy")
+    r.add_argument("--out", nargs="+", required=True, help="results JSON, one per server")
     r.add_argument("--sentences", default="data/sentiment/test.jsonl")
     r.add_argument("--zipf", type=float, default=1.1)
     r.add_argument("--seed", type=int, default=7)
@@ -543,7 +566,8 @@ def main():
     r.add_argument("--warmup", type=int, default=50)
     r.add_argument("--timeout", type=float, default=60.0, help="client timeout per request (s)")
     r.add_argument("--pause", type=float, default=1.0, help="idle seconds before each step")
-    r.add_argument("--server-info", type=json.loads, default={}, help="JSON recorded with the results")
+    r.add_argument("--server-info", type=json.loads, default={},
+                   help="JSON recorded with the results ({policy} in a string: each server's label)")
     p = sub.add_parser("report", help="knees, targets and the plot from run results")
     p.add_argument("results", nargs="+")
     p.add_argument("--png")
