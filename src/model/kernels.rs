@@ -1042,16 +1042,10 @@ struct ScalarKeys;
 impl Keys for ScalarKeys {
     #[inline(always)]
     unsafe fn put(kt: &mut [f32], tp: usize, j0: usize, rows: KeyRows<'_>) {
-        let KeyRows {
-            src,
-            stride,
-            n,
-            d,
-            bias,
-        } = rows;
-        for i in 0..n {
-            for (e, &x) in src[i * stride..][..d].iter().enumerate() {
-                kt[e * tp + j0 + i] = x + bias.map_or(0.0, |b| b[e]);
+        for i in 0..rows.n {
+            let x = &rows.src[i * rows.stride..][..rows.d];
+            for (e, &x) in x.iter().enumerate() {
+                kt[e * tp + j0 + i] = x + rows.bias.map_or(0.0, |b| b[e]);
             }
         }
     }
