@@ -23,7 +23,9 @@
 //! rows; AVX2 (`SOFTPROMPT_SIMD=avx2`) about 1.1×.
 //!
 //! The scratch layout and its filling are the generic item's
-//! ([`super::Layout`], [`fill`]), with query rows padded to `R`.
+//! ([`super::Layout`], [`fill`]), with query rows padded to `R`; the keys
+//! are transposed 8 × 8 in registers ([`Keys8`]) rather than one float at
+//! a time.
 
 use std::arch::x86_64::*;
 
