@@ -86,6 +86,8 @@ def main() -> int:
         "a/c": statistics.median(p["a"] / p["c"] for p in per_round),
         "a/b": statistics.median(p["a"] / p["b"] for p in per_round),
         "a/d": statistics.median(p["a"] / p["d"] for p in per_round),
+        "b/c": statistics.median(p["b"] / p["c"] for p in per_round),
+        "b/d": statistics.median(p["b"] / p["d"] for p in per_round),
     }
     if plain:
         # Like for like: the engine's plain encoder against ONNX Runtime's
@@ -157,12 +159,15 @@ def main() -> int:
     for name, k, batches in rows:
         print(f"| {name} | {med[k]:,.0f} | {'' if batches is None else batches} | {tokens / med[k]:.2f} |")
     print()
-    targets = {"a/c": 1.5, "a/b": 2.0, "a/d": 0.6}
+    # The first workload issue's targets, then issue 15's point 3 for one-task batches. a/b >= 2.0
+    # is bounded by the roofline once (b) is efficient (bench/README.md, "Why (a)/(b) >= 2.0").
+    targets = {"a/c": 1.5, "a/b": 2.0, "a/d": 0.6, "b/c": 1.0, "b/d": 0.6}
     for k, want in targets.items():
         verdict = "met" if ratio[k] >= want else "NOT met"
         print(f"{k}: {ratio[k]:.2f} (target >= {want}; {verdict})")
     if plain:
-        print(f"a0/e: {ratio['a0/e']:.2f} (like for like: the engine's plain encoder / ONNX Runtime f32, its faster batching)")
+        v = "met" if ratio["a0/e"] >= 1.2 else "NOT met"
+        print(f"a0/e: {ratio['a0/e']:.2f} (like for like: the engine's plain encoder / ONNX Runtime f32, its faster batching; target >= 1.2, {v})")
         print(f"a0/f: {ratio['a0/f']:.2f} (the engine's plain encoder, f32 / ONNX Runtime int8, its faster batching)")
     if int8:
         v = "met" if ratio["a0q/f"] >= 1.0 else "NOT met"
