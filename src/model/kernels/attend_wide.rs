@@ -420,7 +420,8 @@ impl Keys for Keys8 {
             return;
         }
         assert!(
-            d.is_multiple_of(8)
+            d > 0
+                && d.is_multiple_of(8)
                 && bias.is_none_or(|b| b.len() >= d)
                 && src.len() >= (n - 1) * stride + d
                 && j0 + n <= tp
@@ -431,7 +432,7 @@ impl Keys for Keys8 {
         for i0 in (0..n).step_by(8) {
             let m = (n - i0).min(8);
             // SAFETY: token rows i0..i0 + m < n of `src` and their columns
-            // e0..e0 + 8 ≤ d, `b`'s columns e0..e0 + 8, and in `kt` row e0 +
+            // e0..e0 + 8 ≤ d, `bias`'s columns e0..e0 + 8, and in `kt` row e0 +
             // e < d the columns j0 + i0 .. j0 + i0 + m ≤ j0 + n ≤ tp (lanes
             // m.. are masked off): all inside the slices (asserted above);
             // AVX2 present (the contract).
