@@ -815,6 +815,14 @@ pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>
     (0..rows.len() * groups).into_par_iter().for_each(|item| {
         let (r, g) = (item / groups, item % groups);
         let heads = g * dims.heads / groups..(g + 1) * dims.heads / groups;
+        let item = Item {
+            out,
+            qkv,
+            bias,
+            row: &rows[r],
+            heads,
+            dims,
+        };
         SCRATCH.with(|s| {
             let s = &mut s.borrow_mut();
             #[cfg(target_arch = "x86_64")]
@@ -825,33 +833,33 @@ pub fn attention(out: &mut [f32], qkv: &[f32], bias: &[f32], rows: &[AttnRow<'_>
                     // `attend512` is compiled for); the head width is a
                     // multiple of 16 and `out`'s blocks of this row and
                     // heads are this item's (checked above).
-                    return unsafe {
-                        attend_wide::attend512(s, out, qkv, bias, &rows[r], heads, dims)
-                    };
+                    return unsafe { attend_wide::attend512(s, item) };
                 }
                 Some(Simd::Avx2) => {
                     // SAFETY: as above, with AVX2 and FMA for `attend256`.
-                    return unsafe {
-                        attend_wide::attend256(s, out, qkv, bias, &rows[r], heads, dims)
-                    };
+                    return unsafe { attend_wide::attend256(s, item) };
                 }
                 _ => {}
             }
-            attend(s, out, qkv, bias, &rows[r], heads, dims);
+            attend(s, item);
         });
     });
 }
 
 dispatch! {
-    fn attend(
-        scratch: &mut Vec<f32>,
-        out: SharedOut,
-        qkv: &[f32],
-        bias: &[f32],
-        row: &AttnRow<'_>,
-        heads: std::ops::Range<usize>,
-        dims: AttnDims,
-    ) => attend_impl;
+    fn attend(scratch: &mut Vec<f32>, item: Item<'_>) => attend_impl;
+}
+
+/// One work item of [`attention`]: heads `heads` of one row, what they read
+/// and where they write. Carried whole through the item's entry points (the
+/// generic and wide builds, [`fill`]) so that they share one parameter list.
+struct Item<'a> {
+    out: SharedOut,
+    qkv: &'a [f32],
+    bias: &'a [f32],
+    row: &'a AttnRow<'a>,
+    heads: std::ops::Range<usize>,
+    dims: AttnDims,
 }
 
 /// Where one (row, heads) item of [`attention`] keeps its operands in its
@@ -923,13 +931,17 @@ impl Layout {
 #[inline(always)]
 unsafe fn fill<'s, K: Keys>(
     scratch: &'s mut Vec<f32>,
-    qkv: &[f32],
-    bias: &[f32],
-    row: &AttnRow<'_>,
-    heads: std::ops::Range<usize>,
-    dims: AttnDims,
+    item: &Item<'_>,
     mr: usize,
 ) -> Option<(Layout, &'s mut [f32], &'s mut [f32])> {
+    let Item {
+        qkv,
+        bias,
+        row,
+        ref heads,
+        dims,
+        ..
+    } = *item;
     let lay = Layout::new(row, dims, heads.len(), mr)?;
     let h = dims.hidden;
     let w3 = 3 * h;
@@ -1069,18 +1081,17 @@ impl Keys for ScalarKeys {
 /// One (row, heads) item of [`attention`] on the `MR × LANES` micro-kernel
 /// ([`Arith::block`]), scratch as in [`Layout`].
 #[inline(always)]
-fn attend_impl<F: Arith>(
-    scratch: &mut Vec<f32>,
-    out: SharedOut,
-    qkv: &[f32],
-    bias: &[f32],
-    row: &AttnRow<'_>,
-    heads: std::ops::Range<usize>,
-    dims: AttnDims,
-) {
+fn attend_impl<F: Arith>(scratch: &mut Vec<f32>, item: Item<'_>) {
+    let Item {
+        out,
+        row,
+        ref heads,
+        dims,
+        ..
+    } = item;
     let h = dims.hidden;
     // SAFETY: `ScalarKeys` uses no particular instructions.
-    let filled = unsafe { fill::<ScalarKeys>(scratch, qkv, bias, row, heads.clone(), dims, MR) };
+    let filled = unsafe { fill::<ScalarKeys>(scratch, &item, MR) };
     let Some((lay, bufs, sc)) = filled else {
         return;
     };
@@ -1440,20 +1451,15 @@ pub(crate) mod tests {
                 }
                 let scale = 1.0 / (d as f32).sqrt();
                 for layer in 0..layers {
+                    let dims = AttnDims {
+                        hidden: h,
+                        heads,
+                        layers,
+                        layer,
+                        scale,
+                    };
                     let mut got = vec![f32::NAN; n * h];
-                    attention(
-                        &mut got,
-                        &qkv,
-                        &bias,
-                        &rows,
-                        AttnDims {
-                            hidden: h,
-                            heads,
-                            layers,
-                            layer,
-                            scale,
-                        },
-                    );
+                    attention(&mut got, &qkv, &bias, &rows, dims);
                     // Reference: per row, candle ops over [heads, S, d] with the prefix concatenated.
                     let qkv_t = Tensor::from_vec(qkv.clone(), (n, 3 * h), &dev).unwrap();
                     let bias_t = Tensor::from_vec(bias.clone(), 3 * h, &dev).unwrap();
@@ -1506,19 +1512,7 @@ pub(crate) mod tests {
                     // A row alone (its heads split over work items) gives the same bits.
                     let mut alone = vec![f32::NAN; n * h];
                     let one = [rows[3]];
-                    attention(
-                        &mut alone,
-                        &qkv,
-                        &bias,
-                        &one,
-                        AttnDims {
-                            hidden: h,
-                            heads,
-                            layers,
-                            layer,
-                            scale,
-                        },
-                    );
+                    attention(&mut alone, &qkv, &bias, &one, dims);
                     let span = rows[3].start * h..(rows[3].start + rows[3].len) * h;
                     assert_eq!(alone[span.clone()], got[span]);
                 }

@@ -29,7 +29,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{AttnDims, AttnRow, Fused, KeyRows, Keys, LANES, SharedOut, fill, softmax_row};
+use super::{Fused, Item, KeyRows, Keys, LANES, fill, softmax_row};
 
 /// 16 f32 lanes as one instruction set holds them. Every method is
 /// `#[inline(always)]` and runs inside a function compiled for that set.
@@ -140,17 +140,9 @@ impl Wide for Y {
 /// same columns (as [`super::attention`] guarantees); the head width a
 /// multiple of 16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-pub(super) unsafe fn attend512(
-    scratch: &mut Vec<f32>,
-    out: SharedOut,
-    qkv: &[f32],
-    bias: &[f32],
-    row: &AttnRow<'_>,
-    heads: std::ops::Range<usize>,
-    dims: AttnDims,
-) {
+pub(super) unsafe fn attend512(scratch: &mut Vec<f32>, item: Item<'_>) {
     // SAFETY: the caller's contract, which is `attend`'s.
-    unsafe { attend::<Z, 8>(scratch, out, qkv, bias, row, heads, dims) }
+    unsafe { attend::<Z, 8>(scratch, item) }
 }
 
 /// [`attend512`] on AVX2: 6 rows × 16 keys or value columns per step
@@ -159,17 +151,9 @@ pub(super) unsafe fn attend512(
 /// # Safety
 /// The CPU must have AVX2 and FMA; the rest as for [`attend512`].
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn attend256(
-    scratch: &mut Vec<f32>,
-    out: SharedOut,
-    qkv: &[f32],
-    bias: &[f32],
-    row: &AttnRow<'_>,
-    heads: std::ops::Range<usize>,
-    dims: AttnDims,
-) {
+pub(super) unsafe fn attend256(scratch: &mut Vec<f32>, item: Item<'_>) {
     // SAFETY: the caller's contract, which is `attend`'s.
-    unsafe { attend::<Y, 6>(scratch, out, qkv, bias, row, heads, dims) }
+    unsafe { attend::<Y, 6>(scratch, item) }
 }
 
 /// The item on `V` registers, `R` query rows per step.
@@ -177,19 +161,18 @@ pub(super) unsafe fn attend256(
 /// # Safety
 /// The CPU has `V`'s instruction set; `out` as for [`attend512`].
 #[inline(always)]
-unsafe fn attend<V: Wide, const R: usize>(
-    scratch: &mut Vec<f32>,
-    out: SharedOut,
-    qkv: &[f32],
-    bias: &[f32],
-    row: &AttnRow<'_>,
-    heads: std::ops::Range<usize>,
-    dims: AttnDims,
-) {
+unsafe fn attend<V: Wide, const R: usize>(scratch: &mut Vec<f32>, item: Item<'_>) {
+    let Item {
+        out,
+        row,
+        ref heads,
+        dims,
+        ..
+    } = item;
     let h = dims.hidden;
     // SAFETY: `V`'s instruction sets all include AVX2, which `Keys8` uses
     // (the caller's contract).
-    let filled = unsafe { fill::<Keys8>(scratch, qkv, bias, row, heads.clone(), dims, R) };
+    let filled = unsafe { fill::<Keys8>(scratch, &item, R) };
     let Some((lay, bufs, sc)) = filled else {
         return;
     };
