@@ -162,16 +162,16 @@ def main() -> int:
     # The first workload issue's targets, then issue 15's point 3 for one-task batches. a/b >= 2.0
     # is bounded by the roofline once (b) is efficient (bench/README.md, "Why (a)/(b) >= 2.0").
     targets = {"a/c": 1.5, "a/b": 2.0, "a/d": 0.6, "b/c": 1.0, "b/d": 0.6}
+    def verdict(k, want):
+        return "met" if ratio[k] >= want else "NOT met"
+
     for k, want in targets.items():
-        verdict = "met" if ratio[k] >= want else "NOT met"
-        print(f"{k}: {ratio[k]:.2f} (target >= {want}; {verdict})")
+        print(f"{k}: {ratio[k]:.2f} (target >= {want}; {verdict(k, want)})")
     if plain:
-        v = "met" if ratio["a0/e"] >= 1.2 else "NOT met"
-        print(f"a0/e: {ratio['a0/e']:.2f} (like for like: the engine's plain encoder / ONNX Runtime f32, its faster batching; target >= 1.2, {v})")
+        print(f"a0/e: {ratio['a0/e']:.2f} (like for like: the engine's plain encoder / ONNX Runtime f32, its faster batching; target >= 1.2, {verdict('a0/e', 1.2)})")
         print(f"a0/f: {ratio['a0/f']:.2f} (the engine's plain encoder, f32 / ONNX Runtime int8, its faster batching)")
     if int8:
-        v = "met" if ratio["a0q/f"] >= 1.0 else "NOT met"
-        print(f"a0q/f: {ratio['a0q/f']:.2f} (like for like: the engine's plain encoder int8 / ONNX Runtime int8, its faster batching; target >= 1.0, {v})")
+        print(f"a0q/f: {ratio['a0q/f']:.2f} (like for like: the engine's plain encoder int8 / ONNX Runtime int8, its faster batching; target >= 1.0, {verdict('a0q/f', 1.0)})")
         print(f"a0q/a0: {ratio['a0q/a0']:.2f}, aq/a: {ratio['aq/a']:.2f} (int8 / f32, the engine)")
     ok = diff_ac <= TOL
     print(f"correctness: max |logit (a) - (c)| = {diff_ac:.2e} over {len(rounds)} x {workload['requests']} requests "
