@@ -11,12 +11,16 @@
 //! of 10–40 tokens, 160 rows over 64 tasks, 32 shallow and 32 deep with
 //! 20-token prompts) run as mixed batches of 64 rows and as one-task batches
 //! of 1–4 rows, where per-batch fixed costs show.
+//!
+//! The model is loaded as `serve` holds it (`load_serving_model`: weights
+//! packed once for the fused forward); `SOFTPROMPT_QUANTIZE=int8` measures
+//! `serve --quantize int8`'s forward instead of f32.
 
 use candle_core::Device;
 use softprompt::engine::synthetic::{Kind, random_input, random_task};
-use softprompt::engine::{Engine, Row, TaskModel};
+use softprompt::engine::{Engine, Kernels, Row, TaskModel, load_serving_model};
 use softprompt::model::kernels::matmul_wt;
-use softprompt::model::{Model, ModelConfig};
+use softprompt::model::{ModelConfig, Quantize, ServeDtype};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,10 +32,24 @@ fn main() -> anyhow::Result<()> {
     let dir =
         std::env::var("SOFTPROMPT_MODEL").unwrap_or_else(|_| "models/all-MiniLM-L6-v2".into());
     let device = Device::Cpu;
-    let model = Arc::new(Model::load(std::path::Path::new(&dir), &device)?);
+    let quantize = match std::env::var("SOFTPROMPT_QUANTIZE").as_deref() {
+        Ok("int8") => Quantize::Int8,
+        Ok("" | "none") | Err(_) => Quantize::None,
+        Ok(other) => anyhow::bail!("SOFTPROMPT_QUANTIZE={other}: expected int8 or none"),
+    };
+    let model = Arc::new(load_serving_model(
+        std::path::Path::new(&dir),
+        &device,
+        Kernels::Auto,
+        ServeDtype::F32,
+        quantize,
+    )?);
     let cfg = model.config().clone();
     let engine = Engine::new(model);
-    println!("model {dir}; threads {}", rayon_threads());
+    println!(
+        "model {dir}; threads {}; linear layers {quantize:?}",
+        rayon_threads()
+    );
 
     let inputs: Vec<_> = (0..ROWS)
         .map(|i| random_input(&cfg, TEXT, i as u64))
