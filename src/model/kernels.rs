@@ -621,7 +621,7 @@ fn matmul(out: &mut [f32], x: &[f32], w: &[f32], k: usize, transposed: bool) {
     if m == 0 || n == 0 {
         return;
     }
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = pool_threads();
     let own_threads = threads > 2 && m >= 256 * threads;
     let (pm, pn) = if own_threads {
         (1, 1)
@@ -689,6 +689,18 @@ fn matmul(out: &mut [f32], x: &[f32], w: &[f32], k: usize, transposed: bool) {
     } else {
         (0..pn * pm).into_par_iter().for_each(run);
     }
+}
+
+/// The threads a kernel splits its work over: those of the rayon pool it
+/// runs in (the batch worker's compute pool when serving, sized by
+/// `candle_core::utils::get_num_threads` once at start).
+///
+/// Not `get_num_threads` per call: without `RAYON_NUM_THREADS` set, it asks
+/// `num_cpus::get_physical`, which reads and parses /proc/cpuinfo every time
+/// (16 µs on a 2-CPU VM): 24 matmuls made that ~0.4 ms of every forward, a
+/// fifth of a one-row int8 forward, and it showed in `perf` of the server.
+pub(crate) fn pool_threads() -> usize {
+    rayon::current_num_threads().max(1)
 }
 
 /// How [`matmul_wt`] splits an `m × n` output over `threads`: `(row

@@ -36,7 +36,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use super::{SharedOut, Simd, matmul_blocks};
+use super::{SharedOut, Simd, matmul_blocks, pool_threads};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -389,7 +389,7 @@ fn codes_simd(x: &[f32], inv: f32, off: f32, qmax: f32, q: &mut [u8]) -> usize {
 fn gemm(kernel: Int8Kernel, codes: &Codes, m: usize, w: &QWeight, out: &mut [f32]) {
     let n = w.n;
     let panels = n.div_ceil(PANEL);
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = pool_threads();
     let (pm, pn) = matmul_blocks(m, n, threads);
     let pn = pn.min(panels);
     let dst = SharedOut(out.as_mut_ptr());

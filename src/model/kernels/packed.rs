@@ -24,7 +24,7 @@
 
 use rayon::prelude::*;
 
-use super::{SharedOut, Simd, matmul_blocks};
+use super::{SharedOut, Simd, matmul_blocks, pool_threads};
 
 /// Output channels per packed panel.
 const PANEL: usize = 32;
@@ -120,7 +120,7 @@ pub fn pmatmul_with(simd: Simd, out: &mut [f32], x: &[f32], w: &PackedWeight) {
         return;
     }
     let panels = n.div_ceil(PANEL);
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = pool_threads();
     let (pm, pn) = matmul_blocks(m, n, threads);
     let pn = pn.min(panels);
     let dst = SharedOut(out.as_mut_ptr());
