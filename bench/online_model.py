@@ -11,9 +11,11 @@ work on. This replays the benchmark's traffic (Poisson arrivals, tasks Zipf(1.1)
 task count) through an ideal single inference thread:
 - a batch of n rows costs A + B*n ms, fitted by least squares to every step of the run
   (batch time = engine busy share x span / batches, against rows per batch, both policies);
-- mixed takes every waiting request (up to --cap), one-task only the oldest one's task;
+- mixed takes every waiting request (up to --cap rows), one-task only the oldest one's task;
+  the oldest waits up to --wait ms for company unless --cap rows wait (the server's
+  --max-batch-size and --batch-wait-ms, read from the run's flags; defaults 64 and 2);
 - each request also pays a fixed cost outside the engine (HTTP, tokenizing) of the unloaded
-  p50 minus one one-row batch.
+  p50 minus one one-row batch and the batch wait.
 It prints the model's knees (highest load with p99 <= the run's limit, searched on a grid of
 --step req/s) and p99 at half the knee beside the run's. --sweep keeps A + B (a one-row
 forward) and moves the share of it that is fixed per batch, which is what batching saves.
@@ -40,7 +42,7 @@ def fit(runs):
     return float(A), float(B)
 
 
-def p99(rate, policy, a, b, over, tasks, zipf, cap, n, seed):
+def p99(rate, policy, a, b, over, tasks, zipf, cap, wait, n, seed):
     rng = np.random.default_rng(seed)
     weights = np.arange(1, tasks + 1) ** -zipf
     t = np.cumsum(rng.exponential(1000 / rate, n))
@@ -53,6 +55,14 @@ def p99(rate, policy, a, b, over, tasks, zipf, cap, n, seed):
         while i < n and t[i] <= free:
             waiting.append(i)
             i += 1
+        # The server's --batch-wait-ms: the oldest row waits that long for
+        # company unless the queue already holds a full batch.
+        if wait > 0 and len(waiting) < cap and t[waiting[0]] + wait > free:
+            full = i + cap - len(waiting) - 1
+            free = min(t[waiting[0]] + wait, t[full] if full < n else np.inf)
+            while i < n and t[i] <= free:
+                waiting.append(i)
+                i += 1
         if policy == "mixed":
             batch = [waiting.popleft() for _ in range(min(cap, len(waiting)))]
         else:
@@ -70,7 +80,7 @@ def knee(policy, a, b, over, args, limit):
     last = None
     rate = args.step
     while rate <= args.max_rate:
-        if p99(rate, policy, a, b, over, args.tasks, args.zipf, args.cap, args.requests, args.seed) > limit:
+        if p99(rate, policy, a, b, over, args.tasks, args.zipf, args.cap, args.wait, args.requests, args.seed) > limit:
             break
         last = rate
         rate += args.step
@@ -81,7 +91,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("dir", help="a bench/online.sh OUT directory (mixed.json, one-task.json)")
     ap.add_argument("--sweep", action="store_true", help="also other shares of fixed cost per batch")
-    ap.add_argument("--cap", type=int, default=128, help="most rows per batch")
+    ap.add_argument("--cap", type=int, help="most rows per batch (default: the run's --max-batch-size, else 64)")
+    ap.add_argument("--wait", type=float,
+                    help="ms the oldest row waits for company (default: the run's --batch-wait-ms, else 2)")
     ap.add_argument("--requests", type=int, default=100000, help="simulated requests per load")
     ap.add_argument("--step", type=float, default=10.0, help="req/s between loads tried")
     ap.add_argument("--max-rate", type=float, default=3000.0)
@@ -97,12 +109,20 @@ def main():
         raise SystemExit(f"error: no mixed.json or one-task.json under {args.dir}")
     any_run = next(iter(runs.values()))
     args.tasks, args.zipf, limit = any_run["tasks"], any_run["zipf"], any_run["limit_ms"]
+    flags = (any_run.get("server") or {}).get("flags", "").split()
+
+    def flag(name, default):
+        return float(flags[flags.index(name) + 1]) if name in flags[:-1] else default
+
+    args.cap = args.cap or int(flag("--max-batch-size", 64))
+    args.wait = flag("--batch-wait-ms", 2.0) if args.wait is None else args.wait
     a, b = fit(runs.values())
     unloaded = float(np.mean([r["unloaded"]["p50_ms"] for r in runs.values()]))
-    over = max(0.0, unloaded - (a + b))
+    # A lone request waits the full batch wait: not a cost outside the engine.
+    over = max(0.0, unloaded - (a + b) - args.wait)
     print(f"fit over {args.dir}: a batch of n rows costs {a:.2f} + {b:.2f} n ms "
           f"(fixed share of a one-row forward {a / (a + b):.0%}); outside the engine {over:.2f} ms; "
-          f"unloaded p50 {unloaded:.2f} ms")
+          f"unloaded p50 {unloaded:.2f} ms; at most {args.cap} rows per batch, batch wait {args.wait:g} ms")
 
     def report(a, b, label):
         knees = {}
@@ -112,14 +132,15 @@ def main():
             if k is None:
                 print(f"  {label} {policy}: no load within {limit} ms")
                 continue
-            half = p99(k / 2, policy, a, b, over, args.tasks, args.zipf, args.cap, args.requests, args.seed)
+            half = p99(k / 2, policy, a, b, over, args.tasks, args.zipf, args.cap, args.wait, args.requests,
+                       args.seed)
             seen = ""
             r = runs.get(policy)
             if r and label == "measured costs" and r.get("knee_rps"):
                 h = (r.get("half_knee") or {}).get("p99_ms")
                 seen = f"; the run: knee {r['knee_rps']}, half-knee p99 {h} ms"
             print(f"  {label} {policy}: knee {k:.0f} req/s, p99 at half the knee {half:.1f} ms "
-                  f"= {half / (a + b + over):.2f}x unloaded{seen}")
+                  f"= {half / (a + b + args.wait + over):.2f}x unloaded{seen}")
         if knees["mixed"] and knees["one-task"]:
             print(f"  {label}: knee ratio {knees['mixed'] / knees['one-task']:.2f}")
 
