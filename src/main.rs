@@ -4,6 +4,26 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// Sets `RAYON_NUM_THREADS` to candle's own default when it is unset, so
+/// that the count is worked out once. candle asks for it on every matmul
+/// (the task heads run several per batch) and, with the variable unset,
+/// `num_cpus::get_physical` reads and parses /proc/cpuinfo each time
+/// (16 µs on a 2-CPU VM; `perf` of the server under load showed it). The
+/// value is the one candle would compute, so thread counts do not change,
+/// except that rayon's global pool (tokenizing) now also uses physical
+/// cores, as the compute pool does. The binary's one unsafe block (the
+/// library keeps its own to the kernels).
+#[allow(unsafe_code)]
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: called first thing in `main`, before any thread exists
+        // (the runtime, the pools and the logger start later), so nothing
+        // can read the environment while it changes.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "softprompt",
@@ -41,6 +61,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    pin_thread_count();
     let cli = Cli::parse();
     let format = if cli.log_json {
         softprompt::logging::LogFormat::Json
