@@ -93,7 +93,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also other shares of fixed cost per batch")
     ap.add_argument("--cap", type=int, help="most rows per batch (default: the run's --max-batch-size, else 64)")
     ap.add_argument("--wait", type=float,
-                    help="ms the oldest row waits for company (default: the run's --batch-wait-ms, else 2)")
+                    help="ms the oldest row waits for company (default: the run's --batch-wait-ms, else 2; "
+                         "another value models that server with the run's other costs)")
     ap.add_argument("--requests", type=int, default=100000, help="simulated requests per load")
     ap.add_argument("--step", type=float, default=10.0, help="req/s between loads tried")
     ap.add_argument("--max-rate", type=float, default=3000.0)
@@ -115,11 +116,12 @@ def main():
         return float(flags[flags.index(name) + 1]) if name in flags[:-1] else default
 
     args.cap = args.cap or int(flag("--max-batch-size", 64))
-    args.wait = flag("--batch-wait-ms", 2.0) if args.wait is None else args.wait
+    run_wait = flag("--batch-wait-ms", 2.0)
+    args.wait = run_wait if args.wait is None else args.wait
     a, b = fit(runs.values())
     unloaded = float(np.mean([r["unloaded"]["p50_ms"] for r in runs.values()]))
     # A lone request waits the full batch wait: not a cost outside the engine.
-    over = max(0.0, unloaded - (a + b) - args.wait)
+    over = max(0.0, unloaded - (a + b) - run_wait)
     print(f"fit over {args.dir}: a batch of n rows costs {a:.2f} + {b:.2f} n ms "
           f"(fixed share of a one-row forward {a / (a + b):.0%}); outside the engine {over:.2f} ms; "
           f"unloaded p50 {unloaded:.2f} ms; at most {args.cap} rows per batch, batch wait {args.wait:g} ms")

@@ -10,7 +10,9 @@
 //! (4 shallow, 4 deep, prompt lengths 5–32); and for short rows (sentences
 //! of 10–40 tokens, 160 rows over 64 tasks, 32 shallow and 32 deep with
 //! 20-token prompts) run as mixed batches of 64 rows and as one-task batches
-//! of 1–4 rows, where per-batch fixed costs show.
+//! of 1–4 rows, where per-batch fixed costs show; and the same short rows
+//! in mixed batches of 1, 2, 4 … 64 rows (the cost of a batch against its
+//! size, which `bench/online_model.py` fits as A + B·rows).
 //!
 //! The model is loaded as `serve` holds it (`load_serving_model`: weights
 //! packed once for the fused forward); `SOFTPROMPT_QUANTIZE=int8` measures
@@ -125,6 +127,14 @@ fn main() -> anyhow::Result<()> {
         interleaved.extend(per_task.iter().filter_map(|b| b.get(k).copied()));
     }
     let short_mixed: Vec<Vec<Row>> = interleaved.chunks(64).map(<[Row]>::to_vec).collect();
+    // The same rows in mixed batches of each size: the cost of a batch
+    // against its rows, what the online queue model fits as A + B * rows.
+    let sizes = [1usize, 2, 4, 8, 16, 32, 64];
+    let by_size: Vec<Vec<Vec<Row>>> = sizes
+        .iter()
+        .map(|&n| interleaved.chunks(n).map(<[Row]>::to_vec).collect())
+        .collect();
+    let mut curve = vec![Vec::new(); sizes.len()];
 
     // Interleave the measurements over several rounds and report medians,
     // so that load from other processes hits all of them alike.
@@ -155,6 +165,10 @@ fn main() -> anyhow::Result<()> {
         took(2);
         sp.push(measure(&engine, &per_task, &cfg, 1)?);
         took(3);
+        for (c, batches) in curve.iter_mut().zip(&by_size) {
+            c.push(measure(&engine, batches, &cfg, 1)?.0);
+            softprompt::profile::take();
+        }
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -209,6 +223,16 @@ fn main() -> anyhow::Result<()> {
     short("one task per batch", &sp, per_task.len());
     let per_batch = median(sp.iter().zip(&sm).map(|(a, b)| a.0 / b.0).collect());
     println!("short rows, one-task batches / mixed batches throughput: {per_batch:.3}");
+    let text: usize = interleaved.iter().map(|r| r.input.len()).sum();
+    println!("short rows in mixed batches of n rows: ms per batch, ms per row, text tokens/s");
+    for (&n, c) in sizes.iter().zip(curve) {
+        let rate = median(c);
+        let per_row = 1e3 * text as f64 / rate / interleaved.len() as f64;
+        println!(
+            "  n = {n:>2}: {:7.2} ms per batch, {per_row:.3} ms per row, {rate:.0} text tokens/s",
+            per_row * n as f64
+        );
+    }
     if softprompt::profile::on() {
         let names = [
             "single task",

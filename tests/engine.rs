@@ -122,6 +122,63 @@ fn default_model_rows_are_batch_invariant_across_64_tasks() {
     }
 }
 
+/// A large batch on several threads runs as chunks of rows, one whole
+/// forward each (engine/split.rs); its logits must be the ones the same
+/// batch gets as one forward on one thread, for f32 and int8 weights alike.
+#[test]
+fn batches_split_between_threads_give_the_logits_of_one_forward() {
+    use softprompt::engine::split;
+    use softprompt::engine::synthetic::{Kind, random_input, random_task};
+    use softprompt::model::Quantize;
+    for quantize in [Quantize::None, Quantize::Int8] {
+        let mut model = Model::load(&default_model_dir(), &Device::Cpu).unwrap();
+        model.encoder.pack(quantize).unwrap();
+        let cfg = model.config().clone();
+        let engine = Engine::new(std::sync::Arc::new(model));
+        let tasks: Vec<TaskModel> = (0..6)
+            .map(|i| {
+                let kind = [Kind::Shallow, Kind::Deep][i % 2];
+                random_task(
+                    &cfg,
+                    &Device::Cpu,
+                    kind,
+                    4 + 5 * i,
+                    2 + i % 3,
+                    50 + i as u64,
+                )
+                .unwrap()
+            })
+            .collect();
+        let inputs: Vec<Encoded> = (0..40)
+            .map(|i| random_input(&cfg, 6 + (i * 13) % 50, 300 + i as u64))
+            .collect();
+        let rows: Vec<Row> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| Row {
+                input,
+                task: &tasks[i % tasks.len()],
+            })
+            .collect();
+        let positions: Vec<usize> = rows
+            .iter()
+            .map(|r| r.input.len() + r.task.shallow_len())
+            .collect();
+        let parts = split::chunks(&positions, 4, split::CHUNK_POSITIONS);
+        assert!(parts.len() >= 4, "the batch splits: {parts:?}");
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        };
+        let whole = pool(1).install(|| engine.classify(&rows)).unwrap();
+        let split = pool(4).install(|| engine.classify(&rows)).unwrap();
+        let d = max_abs_diff(&whole, &split);
+        assert!(d <= 1e-5, "{quantize:?}: |Δlogit| {d} split vs one forward");
+    }
+}
+
 /// The fused forward finishes the last layer only for the tokens the heads
 /// read (a row's first position for CLS and pooler heads, every position
 /// for mean pooling). A batch mixing the three poolings, shallow and deep

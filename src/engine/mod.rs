@@ -3,6 +3,7 @@
 
 pub mod assemble;
 mod device;
+pub mod split;
 pub mod synthetic;
 pub mod task_model;
 pub mod template;
@@ -31,6 +32,31 @@ pub enum EngineError {
     Model(#[from] ModelError),
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl EngineError {
+    /// This error with its row index counted from `start`: for a chunk of a
+    /// batch run as its own forward.
+    fn rows_from(self, start: usize) -> Self {
+        match self {
+            EngineError::RowTooLong { row, len, max } => EngineError::RowTooLong {
+                row: row + start,
+                len,
+                max,
+            },
+            EngineError::BadToken { row, id, vocab } => EngineError::BadToken {
+                row: row + start,
+                id,
+                vocab,
+            },
+            EngineError::BadTokenType { row, ty, types } => EngineError::BadTokenType {
+                row: row + start,
+                ty,
+                types,
+            },
+            other => other,
+        }
+    }
 }
 
 /// One row of a batch: a tokenized input and the task it is for.
@@ -138,6 +164,40 @@ impl Engine {
         if self.serve_mode() == OpsMode::ServeDevice {
             return Ok(device::classify(&self.model.encoder, rows)?.0);
         }
+        if self.serve_mode() == OpsMode::Serve {
+            // The fused CPU forward: large batches as several whole forwards
+            // taken by the threads as they come free (engine/split.rs says why).
+            let positions: Vec<usize> = rows
+                .iter()
+                .map(|r| r.input.len() + r.task.shallow_len())
+                .collect();
+            let parts = split::chunks(
+                &positions,
+                rayon::current_num_threads(),
+                split::CHUNK_POSITIONS,
+            );
+            if parts.len() > 1 {
+                use rayon::prelude::*;
+                let outs: Vec<Result<Vec<Vec<f32>>, EngineError>> = parts
+                    .into_par_iter()
+                    .map(|r| {
+                        let start = r.start;
+                        self.classify_whole(&rows[r])
+                            .map_err(|e| e.rows_from(start))
+                    })
+                    .collect();
+                let mut out = Vec::with_capacity(rows.len());
+                for o in outs {
+                    out.extend(o?);
+                }
+                return Ok(out);
+            }
+        }
+        self.classify_whole(rows)
+    }
+
+    /// [`Engine::classify`] as one forward over every row.
+    fn classify_whole(&self, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let mut out = vec![Vec::new(); rows.len()];
         for g in self.forward(rows, self.serve_mode())? {
             let values: Vec<Vec<f32>> = g.logits.to_vec2()?;
