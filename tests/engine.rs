@@ -509,6 +509,22 @@ fn rows_longer_than_the_position_table_are_refused() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("64"), "{err}");
+    // In a batch large enough to run as chunks (engine/split.rs), the error
+    // still names the row by its place in the whole batch.
+    let mut rows = vec![
+        Row {
+            input: &cut,
+            task: &task,
+        };
+        12
+    ];
+    rows[10].input = &too_long;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    let err = pool.install(|| engine.classify(&rows)).err().unwrap();
+    assert!(err.to_string().starts_with("row 10:"), "{err}");
 }
 
 #[test]
