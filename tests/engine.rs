@@ -87,33 +87,64 @@ fn rows_do_not_depend_on_what_else_is_in_the_batch_roberta() {
     assert_batch_invariant("tiny-roberta", &["roberta_pt_2", "roberta_prefix_3"]);
 }
 
-#[test]
-fn default_model_rows_are_batch_invariant_across_64_tasks() {
-    use softprompt::engine::synthetic::{Kind, random_input, random_task};
-    let model = load_model(&default_model_dir());
-    let cfg = model.config().clone();
-    let engine = Engine::new(model);
-    let tasks: Vec<TaskModel> = (0..8)
+/// `count` random tasks for `cfg`, shallow and deep in turn, task i with
+/// `prompt(i)` virtual tokens and 2–4 labels (seeds from `seed`).
+fn synthetic_tasks(
+    cfg: &softprompt::model::ModelConfig,
+    count: usize,
+    prompt: fn(usize) -> usize,
+    seed: u64,
+) -> Vec<TaskModel> {
+    use softprompt::engine::synthetic::{Kind, random_task};
+    (0..count)
         .map(|i| {
-            let kind = if i % 2 == 0 {
-                Kind::Shallow
-            } else {
-                Kind::Deep
-            };
-            random_task(&cfg, &Device::Cpu, kind, 5 + 3 * i, 2 + i % 3, i as u64).unwrap()
+            let kind = [Kind::Shallow, Kind::Deep][i % 2];
+            random_task(
+                cfg,
+                &Device::Cpu,
+                kind,
+                prompt(i),
+                2 + i % 3,
+                seed + i as u64,
+            )
+            .unwrap()
         })
-        .collect();
-    let inputs: Vec<Encoded> = (0..16)
-        .map(|i| random_input(&cfg, 4 + 5 * i, i as u64))
-        .collect();
-    let rows: Vec<Row> = inputs
+        .collect()
+}
+
+/// `count` random inputs, input i of `len(i)` tokens (seeds from `seed`).
+fn synthetic_inputs(
+    cfg: &softprompt::model::ModelConfig,
+    count: usize,
+    len: fn(usize) -> usize,
+    seed: u64,
+) -> Vec<Encoded> {
+    use softprompt::engine::synthetic::random_input;
+    (0..count)
+        .map(|i| random_input(cfg, len(i), seed + i as u64))
+        .collect()
+}
+
+/// Row i pairs input i with task i mod the task count.
+fn round_robin<'a>(inputs: &'a [Encoded], tasks: &'a [TaskModel]) -> Vec<Row<'a>> {
+    inputs
         .iter()
         .enumerate()
         .map(|(i, input)| Row {
             input,
-            task: &tasks[i % 8],
+            task: &tasks[i % tasks.len()],
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn default_model_rows_are_batch_invariant_across_64_tasks() {
+    let model = load_model(&default_model_dir());
+    let cfg = model.config().clone();
+    let engine = Engine::new(model);
+    let tasks = synthetic_tasks(&cfg, 8, |i| 5 + 3 * i, 0);
+    let inputs = synthetic_inputs(&cfg, 16, |i| 4 + 5 * i, 0);
+    let rows = round_robin(&inputs, &tasks);
     let mixed = engine.classify(&rows).unwrap();
     for (r, row) in rows.iter().enumerate() {
         let alone = engine.classify(std::slice::from_ref(row)).unwrap();
@@ -128,38 +159,15 @@ fn default_model_rows_are_batch_invariant_across_64_tasks() {
 #[test]
 fn batches_split_between_threads_give_the_logits_of_one_forward() {
     use softprompt::engine::split;
-    use softprompt::engine::synthetic::{Kind, random_input, random_task};
     use softprompt::model::Quantize;
     for quantize in [Quantize::None, Quantize::Int8] {
         let mut model = Model::load(&default_model_dir(), &Device::Cpu).unwrap();
         model.encoder.pack(quantize).unwrap();
         let cfg = model.config().clone();
         let engine = Engine::new(std::sync::Arc::new(model));
-        let tasks: Vec<TaskModel> = (0..6)
-            .map(|i| {
-                let kind = [Kind::Shallow, Kind::Deep][i % 2];
-                random_task(
-                    &cfg,
-                    &Device::Cpu,
-                    kind,
-                    4 + 5 * i,
-                    2 + i % 3,
-                    50 + i as u64,
-                )
-                .unwrap()
-            })
-            .collect();
-        let inputs: Vec<Encoded> = (0..40)
-            .map(|i| random_input(&cfg, 6 + (i * 13) % 50, 300 + i as u64))
-            .collect();
-        let rows: Vec<Row> = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, input)| Row {
-                input,
-                task: &tasks[i % tasks.len()],
-            })
-            .collect();
+        let tasks = synthetic_tasks(&cfg, 6, |i| 4 + 5 * i, 50);
+        let inputs = synthetic_inputs(&cfg, 40, |i| 6 + (i * 13) % 50, 300);
+        let rows = round_robin(&inputs, &tasks);
         let positions: Vec<usize> = rows
             .iter()
             .map(|r| r.input.len() + r.task.shallow_len())
