@@ -273,9 +273,14 @@ pub fn qmatmul_with_kernel(kernel: Int8Kernel, out: &mut [f32], x: &[f32], w: &Q
     } else {
         m
     };
-    CODES.with(|codes| {
-        let mut codes = codes.borrow_mut();
-        let codes = &mut *codes;
+    // Taken out of the thread's slot for the call and put back after, not
+    // borrowed across it: the parallel loops below let this thread run
+    // other queued work while it waits, and that work may be another
+    // chunk's int8 product (engine/split.rs), which would borrow the same
+    // slot again. A nested call finds the slot empty and grows its own.
+    let mut codes = CODES.with(|c| c.take());
+    {
+        let codes = &mut codes;
         codes.q.resize(rows * w.kq, 0);
         codes.scale.resize(m, 0.0);
         codes.zero.resize(m, 0);
@@ -297,7 +302,8 @@ pub fn qmatmul_with_kernel(kernel: Int8Kernel, out: &mut [f32], x: &[f32], w: &Q
                 .for_each(|(((q, s), z), row)| quantize_row(row, QMAX, q, s, z));
         }
         gemm(kernel, codes, m, w, out);
-    });
+    }
+    CODES.with(|c| c.replace(codes));
 }
 
 /// The AVX2 kernel's operands for one row of codes, made as the row is
@@ -1050,6 +1056,48 @@ mod tests {
                 q[len..].iter().all(|&c| c as i32 == z),
                 "len {len}: padding"
             );
+        }
+    }
+
+    /// Products running concurrently on one pool, as the chunks of a split
+    /// batch do (engine/split.rs): a thread waiting inside one product's
+    /// parallel loop runs another queued product, so the per-thread codes
+    /// must not stay borrowed across a call (they did: "RefCell already
+    /// borrowed" under `cargo test --test engine`). A race, so not certain
+    /// to show: with the borrow back, 5 runs of 6 failed. Every product must
+    /// also equal the same product run alone.
+    #[test]
+    fn nested_products_on_one_thread_neither_panic_nor_mix_codes() {
+        // Large enough that every product's own loops run in parallel.
+        let (n, k) = (384, 64);
+        let qw = QWeight::quantize(&values(n * k, 5), k);
+        let inputs: Vec<Vec<f32>> = (0..32)
+            .map(|i| values((130 + i % 7) * k, 100 + i as u64))
+            .collect();
+        let alone: Vec<Vec<f32>> = inputs
+            .iter()
+            .map(|x| {
+                let mut out = vec![0f32; x.len() / k * n];
+                qmatmul_wt(&mut out, x, &qw);
+                out
+            })
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        for _ in 0..200 {
+            let together: Vec<Vec<f32>> = pool.install(|| {
+                inputs
+                    .par_iter()
+                    .map(|x| {
+                        let mut out = vec![0f32; x.len() / k * n];
+                        qmatmul_wt(&mut out, x, &qw);
+                        out
+                    })
+                    .collect()
+            });
+            assert_eq!(together, alone);
         }
     }
 
