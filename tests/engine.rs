@@ -168,10 +168,7 @@ fn batches_split_between_threads_give_the_logits_of_one_forward() {
         let tasks = synthetic_tasks(&cfg, 6, |i| 4 + 5 * i, 50);
         let inputs = synthetic_inputs(&cfg, 40, |i| 6 + (i * 13) % 50, 300);
         let rows = round_robin(&inputs, &tasks);
-        let positions: Vec<usize> = rows
-            .iter()
-            .map(|r| r.input.len() + r.task.shallow_len())
-            .collect();
+        let positions: Vec<usize> = rows.iter().map(Row::positions).collect();
         let parts = split::chunks(&positions, 4, split::CHUNK_POSITIONS);
         assert!(parts.len() >= 4, "the batch splits: {parts:?}");
         let pool = |n| {

@@ -66,6 +66,15 @@ pub struct Row<'a> {
     pub task: &'a TaskModel,
 }
 
+impl Row<'_> {
+    /// Positions the row runs through every layer: its text and its task's
+    /// virtual tokens (a deep prefix adds keys, not positions). What
+    /// [`split::chunks`] divides a batch by.
+    pub fn positions(&self) -> usize {
+        self.input.len() + self.task.shallow_len()
+    }
+}
+
 /// Logits of the rows of one task (all rows of a task share a head).
 pub struct TaskLogits {
     /// Row indices into the batch, in batch order.
@@ -161,16 +170,14 @@ impl Engine {
     /// Logits for every row, in row order (each row has its task's label
     /// count).
     pub fn classify(&self, rows: &[Row<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
-        if self.serve_mode() == OpsMode::ServeDevice {
+        let mode = self.serve_mode();
+        if mode == OpsMode::ServeDevice {
             return Ok(device::classify(&self.model.encoder, rows)?.0);
         }
-        if self.serve_mode() == OpsMode::Serve {
+        if mode == OpsMode::Serve {
             // The fused CPU forward: large batches as several whole forwards
             // taken by the threads as they come free (engine/split.rs says why).
-            let positions: Vec<usize> = rows
-                .iter()
-                .map(|r| r.input.len() + r.task.shallow_len())
-                .collect();
+            let positions: Vec<usize> = rows.iter().map(Row::positions).collect();
             let parts = split::chunks(
                 &positions,
                 rayon::current_num_threads(),

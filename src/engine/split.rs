@@ -47,6 +47,7 @@ pub fn chunks(positions: &[usize], threads: usize, min_positions: usize) -> Vec<
         return vec![0..rows];
     }
     let n = by_work.max(threads).min(rows);
+    let half = (min_positions / 2).max(1);
     let mut out = Vec::with_capacity(n);
     let (mut start, mut acc, mut chunk) = (0, 0, 0);
     for (i, &p) in positions.iter().enumerate() {
@@ -63,7 +64,6 @@ pub fn chunks(positions: &[usize], threads: usize, min_positions: usize) -> Vec<
             || positions
                 .get(i + 1)
                 .is_some_and(|&next| (acc + next).saturating_sub(target) > target - acc);
-        let half = (min_positions / 2).max(1);
         if k < n && nearest && chunk >= half && total - acc >= half {
             out.push(start..i + 1);
             (start, chunk) = (i + 1, 0);
