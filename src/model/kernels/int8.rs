@@ -36,7 +36,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use super::{SharedOut, Simd, matmul_blocks, pool_threads};
+use super::{Fused, Plain, SharedOut, Simd, matmul_blocks, pool_threads};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -475,8 +475,14 @@ fn block(
                 w.kq,
                 acc,
             );
-            let offset = kernel.code_offset();
-            scale_out(acc, codes, r, mr_here, p, np_here, w, offset, dst);
+            let at = TileAt {
+                r0: r,
+                rows: mr_here,
+                p0: p,
+                np: np_here,
+                offset: kernel.code_offset(),
+            };
+            scale_out(acc, codes, w, at, dst);
             r += mr_here;
         }
         p += np_here;
@@ -562,43 +568,52 @@ fn tile_portable(a: &[u8], rows: usize, b: &[i8], np: usize, kq: usize, acc: &mu
     }
 }
 
-/// Scales a tile's integer sums into `out` (see the module documentation).
-#[allow(clippy::too_many_arguments)]
-fn scale_out(
-    acc: &[i32],
-    codes: &Codes,
+/// Where a tile's sums go: rows `r0..r0 + rows` of the output, channels
+/// from panel `p0` on (`np` panels), and the code offset its kernel left
+/// in the sums ([`Int8Kernel::code_offset`]).
+#[derive(Clone, Copy)]
+struct TileAt {
     r0: usize,
     rows: usize,
     p0: usize,
     np: usize,
-    w: &QWeight,
     offset: i32,
-    dst: SharedOut,
-) {
+}
+
+/// Scales a tile's integer sums into `out` (see the module documentation).
+/// A row's sums for its `np` panels lie side by side in `acc`, so each row
+/// is one run of up to 32 channels.
+// `dispatch!` names every body with its build's marker type; this one
+// needs no arithmetic of its own (no FMA, no exp), so it ignores it.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+fn scale_out_impl<F>(acc: &[i32], codes: &Codes, w: &QWeight, at: TileAt, dst: SharedOut) {
     let n = w.n;
-    let c0 = p0 * PANEL;
-    let width = (np * PANEL).min(n - c0);
-    for r in 0..rows {
-        let (sa, za) = (codes.scale[r0 + r], codes.zero[r0 + r] - offset);
+    let c0 = at.p0 * PANEL;
+    let width = (at.np * PANEL).min(n - c0);
+    let (sums, scales) = (&w.sum[c0..c0 + width], &w.scale[c0..c0 + width]);
+    for r in 0..at.rows {
+        let row = at.r0 + r;
+        let (sa, za) = (codes.scale[row], codes.zero[row] - at.offset);
+        let acc = &acc[r * at.np * PANEL..][..width];
         // SAFETY: row r0 + r < m and channels c0..c0 + width ≤ n lie in the
         // (rows × channels) block of the work item calling this, which no
         // other item writes (`gemm`); out holds m·n values.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut(dst.ptr().add((r0 + r) * n + c0), width) };
-        // Panel by panel, 16 channels at a time, so that it vectorizes.
-        for (p, o) in out.chunks_mut(PANEL).enumerate() {
-            let (c, len) = (c0 + p * PANEL, o.len());
-            let sums = &acc[(r * np + p) * PANEL..][..len];
-            for (((o, &a), &ws), &sc) in o
-                .iter_mut()
-                .zip(sums)
-                .zip(&w.sum[c..c + len])
-                .zip(&w.scale[c..c + len])
-            {
-                *o = (a - za * ws) as f32 * (sa * sc);
-            }
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(row * n + c0), width) };
+        for (((o, &a), &ws), &sc) in out.iter_mut().zip(acc).zip(sums).zip(scales) {
+            // Wrapping: the same i32 arithmetic as the kernels' exact sums
+            // (no overflow: |a|, |za · ws| < 2^26), and it vectorizes.
+            *o = a.wrapping_sub(za.wrapping_mul(ws)) as f32 * (sa * sc);
         }
     }
+}
+
+dispatch! {
+    /// [`scale_out_impl`] on the widest vectors this CPU has: the sums of a
+    /// 32-row AMX tile pair are scaled in 16-lane integer multiplies rather
+    /// than the baseline build's emulated 4-lane ones (SSE2 has no 32-bit
+    /// `pmulld`), which took a quarter of the int8 products' time.
+    fn scale_out(acc: &[i32], codes: &Codes, w: &QWeight, at: TileAt, dst: SharedOut) => scale_out_impl;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1020,6 +1035,38 @@ mod tests {
                 qmatmul_with_kernel(kernel, &mut got, &x, &qw);
                 qmatmul_with_kernel(Int8Kernel::Portable, &mut want, &x, &qw);
                 assert_eq!(got, want, "{kernel:?} {m}×{n}×{k}");
+            }
+        }
+    }
+
+    /// The sums are scaled to f32 by the widest build of `scale_out` the
+    /// CPU has: every build gives the same bits as the baseline's scalar
+    /// loop, for every kernel, including channels that end mid-panel.
+    #[test]
+    fn scaled_outputs_do_not_depend_on_the_kernel_build() {
+        let shapes = [(3, 40, 64), (33, 48, 384), (70, 1536, 384)];
+        let runs = std::sync::Mutex::new(Vec::new());
+        crate::model::kernels::tests::at_every_simd_level(|| {
+            let mut outs = Vec::new();
+            for &(m, n, k) in &shapes {
+                let x = values(m * k, 3 + m as u64);
+                let qw = QWeight::quantize(&values(n * k, 17 + n as u64), k);
+                for kernel in kernels() {
+                    let mut out = vec![0f32; m * n];
+                    qmatmul_with_kernel(kernel, &mut out, &x, &qw);
+                    outs.push((format!("{kernel:?} {m}×{n}×{k}"), out));
+                }
+            }
+            runs.lock().unwrap().push((Simd::current(), outs));
+        });
+        let runs = runs.into_inner().unwrap();
+        let (_, plain) = runs.last().expect("the baseline build always runs");
+        for (level, outs) in &runs {
+            for ((what, got), (_, want)) in outs.iter().zip(plain) {
+                assert!(
+                    got == want,
+                    "{level:?} build differs from the baseline: {what}"
+                );
             }
         }
     }
