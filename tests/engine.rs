@@ -169,7 +169,7 @@ fn batches_split_between_threads_give_the_logits_of_one_forward() {
         let inputs = synthetic_inputs(&cfg, 40, |i| 6 + (i * 13) % 50, 300);
         let rows = round_robin(&inputs, &tasks);
         let positions: Vec<usize> = rows.iter().map(Row::positions).collect();
-        let parts = split::chunks(&positions, 4, split::CHUNK_POSITIONS);
+        let parts = split::chunks(&positions, 4, split::SERVE);
         assert!(parts.len() >= 4, "the batch splits: {parts:?}");
         let pool = |n| {
             rayon::ThreadPoolBuilder::new()

@@ -178,11 +178,7 @@ impl Engine {
             // The fused CPU forward: large batches as several whole forwards
             // taken by the threads as they come free (engine/split.rs says why).
             let positions: Vec<usize> = rows.iter().map(Row::positions).collect();
-            let parts = split::chunks(
-                &positions,
-                rayon::current_num_threads(),
-                split::CHUNK_POSITIONS,
-            );
+            let parts = split::chunks(&positions, rayon::current_num_threads(), split::SERVE);
             if parts.len() > 1 {
                 use rayon::prelude::*;
                 let outs: Vec<Result<Vec<Vec<f32>>, EngineError>> = parts
