@@ -30,7 +30,9 @@ p50/p99 count every request of the step: a failed one (not 200: 429 busy, 503 ti
 client timeout or a broken connection) counts as infinitely slow, so a p99 within the limit
 means at least 99% of the requests were answered 200 within it; when the quantile falls on
 a failure it is reported as null. The knee is the highest load whose p99 is within the limit
-and below which no measured load failed it. Goodput is 200s per second over the step's span
+and below which no measured load failed it. A single 20-s step can fail on a transient (a
+hiccup of the shared host) while a higher one passes; `report` then also prints the highest
+load that passed at all, and the ratio of those, so that a reader sees both. Goodput is 200s per second over the step's span
 (first arrival to last answer, at least DURATION).
 
 `report` reads the `run` results, prints the knees, mixed / one-task, and p99 at half the knee
@@ -453,6 +455,12 @@ def report(args):
             entry["unloaded_p50_before_half_knee_ms"] = near
             entry["half_knee_p99_over_adjacent_unloaded_p50"] = p99 and round(p99 / near, 2)
             entry["half_knee_ok_adjacent"] = p99 is not None and p99 <= 3 * near
+        # The highest load within the limit at all: above the knee when a
+        # step failed on a transient and a later, higher one passed.
+        passed = [s["offered_rps"] for s in r["steps"]
+                  if s.get("role") != "half_knee" and s["p99_ms"] is not None
+                  and s["p99_ms"] <= r["limit_ms"]]
+        entry["highest_within_limit_rps"] = max(passed) if passed else None
         summary["policies"][r["policy"]] = entry
         print(
             f"{r['policy']}: knee {'>= ' if lower_bound else ''}{r['knee_rps']} req/s (p99 <= {r['limit_ms']} ms"
@@ -461,6 +469,9 @@ def report(args):
             f"{entry['half_knee_p99_ms']} ms vs 3 x unloaded p50 = {base and round(3 * base, 2)} ms: "
             f"{'ok' if entry.get('half_knee_ok') else 'NOT met'} (target <= 3x)"
         )
+        if r["knee_rps"] and passed and max(passed) > r["knee_rps"]:
+            print(f"{r['policy']}: a higher load passed after a failed step: "
+                  f"{max(passed)} req/s within the limit")
         if "unloaded_p50_before_half_knee_ms" in entry:
             near = entry["unloaded_p50_before_half_knee_ms"]
             print(
@@ -478,6 +489,12 @@ def report(args):
         if summary["policies"]["mixed"]["knee_is_lower_bound"] or summary["policies"]["one-task"]["knee_is_lower_bound"]:
             caveat = "; a knee is only a lower bound, so the ratio is too uncertain to judge"
         print(f"knee mixed / one-task: {ratio:.2f} ({'ok' if ratio >= 1.5 else 'NOT met'}; target >= 1.5{caveat})")
+        hm = summary["policies"]["mixed"]["highest_within_limit_rps"]
+        ho = summary["policies"]["one-task"]["highest_within_limit_rps"]
+        if (hm, ho) != (m["knee_rps"], o["knee_rps"]) and hm and ho:
+            summary["highest_within_limit_ratio"] = round(hm / ho, 3)
+            print(f"highest load within the limit, mixed / one-task: {hm} / {ho} = {hm / ho:.2f} "
+                  f"(a step below it failed on one side: read both ratios)")
     elif m and o:
         print("knee mixed / one-task: undefined (a policy has no load within the limit)")
     if args.summary:
