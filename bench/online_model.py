@@ -11,9 +11,14 @@ work on. This replays the benchmark's traffic (Poisson arrivals, tasks Zipf(1.1)
 task count) through an ideal single inference thread:
 - a batch of n rows costs A + B*n ms, fitted by least squares to every step of the run
   (batch time = engine busy share x span / batches, against rows per batch, both policies);
+  or, with --curve, the cost a batch of each size had in `cargo bench --bench engine`'s
+  "short rows in mixed batches of n rows" (ms per batch at n = 1, 2, 4 ... 64; straight lines
+  between the sizes given). The line overstates small batches: measured costs fall steeply from
+  1 to 4 rows and are flat after, and a one-task server lives on 1-2 row batches near its knee;
 - mixed takes every waiting request (up to --cap rows), one-task only the oldest one's task;
   the oldest waits up to --wait ms for company unless --cap rows wait (the server's
-  --max-batch-size and --batch-wait-ms, read from the run's flags; defaults 64 and 2);
+  --max-batch-size and --batch-wait-ms, read from the run's flags; defaults 64, and 0 for runs
+  since 2026-12-08, 2 before);
 - each request also pays a fixed cost outside the engine (HTTP, tokenizing) of the unloaded
   p50 minus one one-row batch and the batch wait.
 It prints the model's knees (highest load with p99 <= the run's limit, searched on a grid of
@@ -42,7 +47,24 @@ def fit(runs):
     return float(A), float(B)
 
 
-def p99(rate, policy, a, b, over, tasks, zipf, cap, wait, n, seed):
+def parse_curve(text):
+    """`n:ms,n:ms,...` (ms per batch of n rows) as a cost function of n, straight lines between
+    the sizes given, on from the last two past the largest."""
+    pts = sorted((int(n), float(ms)) for n, ms in (p.split(":") for p in text.split(",")))
+    if len(pts) < 2 or pts[0][0] != 1:
+        raise SystemExit("error: --curve needs n:ms pairs from n=1 and at least two sizes")
+    ns, ms = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts])
+    slope = (ms[-1] - ms[-2]) / (ns[-1] - ns[-2])
+
+    def cost(rows):
+        if rows <= ns[-1]:
+            return float(np.interp(rows, ns, ms))
+        return float(ms[-1] + slope * (rows - ns[-1]))
+
+    return cost
+
+
+def p99(rate, policy, cost, over, tasks, zipf, cap, wait, n, seed):
     rng = np.random.default_rng(seed)
     weights = np.arange(1, tasks + 1) ** -zipf
     t = np.cumsum(rng.exponential(1000 / rate, n))
@@ -70,17 +92,17 @@ def p99(rate, policy, a, b, over, tasks, zipf, cap, wait, n, seed):
             batch = [j for j in waiting if task[j] == k][:cap]
             taken = set(batch)
             waiting = collections.deque(j for j in waiting if j not in taken)
-        free += a + b * len(batch)
+        free += cost(len(batch))
         lat[batch] = free - t[batch] + over
         done += len(batch)
     return float(np.percentile(lat, 99))
 
 
-def knee(policy, a, b, over, args, limit):
+def knee(policy, cost, over, args, limit):
     last = None
     rate = args.step
     while rate <= args.max_rate:
-        if p99(rate, policy, a, b, over, args.tasks, args.zipf, args.cap, args.wait, args.requests, args.seed) > limit:
+        if p99(rate, policy, cost, over, args.tasks, args.zipf, args.cap, args.wait, args.requests, args.seed) > limit:
             break
         last = rate
         rate += args.step
@@ -93,8 +115,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also other shares of fixed cost per batch")
     ap.add_argument("--cap", type=int, help="most rows per batch (default: the run's --max-batch-size, else 64)")
     ap.add_argument("--wait", type=float,
-                    help="ms the oldest row waits for company (default: the run's --batch-wait-ms, else 2; "
+                    help="ms the oldest row waits for company (default: the run's --batch-wait-ms, else the server default of the run's date; "
                          "another value models that server with the run's other costs)")
+    ap.add_argument("--curve", help="n:ms,... batch costs from the engine bench instead of the run's A + B*n fit")
     ap.add_argument("--requests", type=int, default=100000, help="simulated requests per load")
     ap.add_argument("--step", type=float, default=10.0, help="req/s between loads tried")
     ap.add_argument("--max-rate", type=float, default=3000.0)
@@ -116,7 +139,8 @@ def main():
         return float(flags[flags.index(name) + 1]) if name in flags[:-1] else default
 
     args.cap = args.cap or int(flag("--max-batch-size", 64))
-    run_wait = flag("--batch-wait-ms", 2.0)
+    # The server's default wait was 2 ms until 2026-12-08, 0 since.
+    run_wait = flag("--batch-wait-ms", 2.0 if any_run.get("started_utc", "") < "2026-12-08" else 0.0)
     args.wait = run_wait if args.wait is None else args.wait
     a, b = fit(runs.values())
     unloaded = float(np.mean([r["unloaded"]["p50_ms"] for r in runs.values()]))
@@ -126,15 +150,16 @@ def main():
           f"(fixed share of a one-row forward {a / (a + b):.0%}); outside the engine {over:.2f} ms; "
           f"unloaded p50 {unloaded:.2f} ms; at most {args.cap} rows per batch, batch wait {args.wait:g} ms")
 
-    def report(a, b, label):
+    def report(cost, label):
         knees = {}
+        one = cost(1)
         for policy in ("mixed", "one-task"):
-            k = knee(policy, a, b, over, args, limit)
+            k = knee(policy, cost, over, args, limit)
             knees[policy] = k
             if k is None:
                 print(f"  {label} {policy}: no load within {limit} ms")
                 continue
-            half = p99(k / 2, policy, a, b, over, args.tasks, args.zipf, args.cap, args.wait, args.requests,
+            half = p99(k / 2, policy, cost, over, args.tasks, args.zipf, args.cap, args.wait, args.requests,
                        args.seed)
             seen = ""
             r = runs.get(policy)
@@ -142,15 +167,20 @@ def main():
                 h = (r.get("half_knee") or {}).get("p99_ms")
                 seen = f"; the run: knee {r['knee_rps']}, half-knee p99 {h} ms"
             print(f"  {label} {policy}: knee {k:.0f} req/s, p99 at half the knee {half:.1f} ms "
-                  f"= {half / (a + b + args.wait + over):.2f}x unloaded{seen}")
+                  f"= {half / (one + args.wait + over):.2f}x unloaded{seen}")
         if knees["mixed"] and knees["one-task"]:
             print(f"  {label}: knee ratio {knees['mixed'] / knees['one-task']:.2f}")
 
-    report(a, b, "measured costs")
+    report(lambda rows: a + b * rows, "measured costs")
+    if args.curve:
+        curve = parse_curve(args.curve)
+        print(f"the engine bench's curve: ms per row at " + ", ".join(
+            f"{n} rows {curve(n) / n:.2f}" for n in (1, 2, 4, 8, 16, 64)))
+        report(curve, "bench curve")
     if args.sweep:
         one = a + b
         for share in (0.1, 0.3, 0.5, 0.7):
-            report(share * one, (1 - share) * one, f"fixed share {share:.0%}")
+            report(lambda rows, s=share: s * one + (1 - s) * one * rows, f"fixed share {share:.0%}")
 
 
 if __name__ == "__main__":

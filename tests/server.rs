@@ -579,6 +579,40 @@ async fn rows_of_different_tasks_and_lengths_share_one_forward_pass() {
     );
 }
 
+/// `--batch-wait-ms` (0 by default): with a wait, a lone row waits for
+/// company while the engine idles, and a full batch ends the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_wait_holds_a_lone_row_until_company_fills_the_batch() {
+    let name = SHALLOW[0];
+    let store = store_with(&[name]);
+    let mut f = flags(store.path());
+    let at = f.iter().position(|a| a == "--batch-wait-ms").unwrap();
+    // A wait no test outlives: only the full batch (2 rows) can end it.
+    f[at + 1] = "600000".into();
+    f.extend(["--max-batch-size", "2"].map(String::from));
+    let s = Arc::new(start(&f).await);
+    s.until("warm", |srv| srv.batcher().is_warm()).await;
+    let before = s.server.batcher().stats();
+    let inputs = sample_inputs();
+    let send = |i: usize| {
+        let (s, body) = (s.clone(), json!({"inputs": inputs[i].json()}));
+        tokio::spawn(async move { s.classify(name, &body).await })
+    };
+    let first = send(0);
+    s.until("the first row queued", |srv| srv.batcher().waiting() == 1)
+        .await;
+    let second = send(1);
+    for h in [first, second] {
+        assert_eq!(h.await.unwrap().status(), 200);
+    }
+    let after = s.server.batcher().stats();
+    assert_eq!(
+        (after.batches - before.batches, after.rows - before.rows),
+        (1, 2),
+        "the lone row waited and rode with the next"
+    );
+}
+
 // ---------------------------------------------------------------- tasks
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,8 +50,9 @@ pub struct BatchConfig {
     /// Most rows in one forward pass.
     pub max_batch_rows: usize,
     /// How long the oldest waiting row may wait for company before its batch
-    /// runs anyway. Under load the queue fills while the engine computes, so
-    /// this only matters when traffic is light.
+    /// runs anyway (`serve --batch-wait-ms`, 0 by default). Under load the
+    /// queue fills while the engine computes, so this only matters when
+    /// traffic is light, where it is added latency.
     pub wait: Duration,
     /// How long the compute threads spin after a batch, waiting for the
     /// next one, before they sleep (`serve --spin-ms`): a CPU that went
@@ -73,7 +74,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_batch_tokens: 16_384,
             max_batch_rows: 64,
-            wait: Duration::from_millis(2),
+            wait: Duration::ZERO,
             spin: Duration::ZERO,
             max_queued_tokens: DEFAULT_MAX_QUEUED_TOKENS,
             policy: BatchPolicy::Mixed,

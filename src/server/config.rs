@@ -115,8 +115,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SOFTPROMPT_MAX_BATCH_SIZE", default_value_t = 64)]
     pub max_batch_size: usize,
     /// How long (ms) the oldest waiting row may wait for others to join its
-    /// batch when traffic is light.
-    #[arg(long, env = "SOFTPROMPT_BATCH_WAIT_MS", default_value_t = 2)]
+    /// batch while the engine is idle. 0 (the default, as Triton's
+    /// `max_queue_delay`): a row runs as soon as the engine is free, and
+    /// under load batches still form from what queues while the previous
+    /// one runs. A wait only delays a lone request: on a 2-CPU Xeon (int8,
+    /// 1,000 tasks, BENCHMARKS.md "What the batch wait costs") 2 ms made
+    /// the unloaded p50 5.1 ms against 1.8, with no more capacity (knee
+    /// 564 against 596 req/s, alternated steps of one run).
+    #[arg(long, env = "SOFTPROMPT_BATCH_WAIT_MS", default_value_t = 0)]
     pub batch_wait_ms: u64,
     /// How long (ms) the compute threads stay awake after a batch, spinning
     /// until the next request or this long, before they sleep. A CPU left
