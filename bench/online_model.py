@@ -174,7 +174,7 @@ def main():
     report(lambda rows: a + b * rows, "measured costs")
     if args.curve:
         curve = parse_curve(args.curve)
-        print(f"the engine bench's curve: ms per row at " + ", ".join(
+        print("the engine bench's curve: ms per row at " + ", ".join(
             f"{n} rows {curve(n) / n:.2f}" for n in (1, 2, 4, 8, 16, 64)))
         report(curve, "bench curve")
     if args.sweep:

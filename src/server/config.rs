@@ -119,9 +119,9 @@ pub struct ServeArgs {
     /// `max_queue_delay`): a row runs as soon as the engine is free, and
     /// under load batches still form from what queues while the previous
     /// one runs. A wait only delays a lone request: on a 2-CPU Xeon (int8,
-    /// 1,000 tasks, BENCHMARKS.md, "The batch wait, measured on a ladder") 2 ms made
-    /// the unloaded p50 5.1 ms against 1.8, with no more capacity (knee
-    /// 564 against 596 req/s, alternated steps of one run).
+    /// 1,000 tasks, BENCHMARKS.md, "The batch wait, measured on a ladder")
+    /// 2 ms made the unloaded p50 5.1 ms against 1.8, with no more capacity
+    /// (knee 564 against 596 req/s, alternated steps of one run).
     #[arg(long, env = "SOFTPROMPT_BATCH_WAIT_MS", default_value_t = 0)]
     pub batch_wait_ms: u64,
     /// How long (ms) the compute threads stay awake after a batch, spinning
